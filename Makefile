@@ -1,0 +1,28 @@
+# One-line entry points for a fresh machine. Each installs what it needs first, once:
+#   make demo    generate the shapes set and run the pipeline on it (CPU)
+#   make test    run the test suite (the slow end-to-end tests included)
+#   make bench   print the benchmark tables
+# Override TORCH to install another torch build, e.g. make demo TORCH="torch torchvision".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/rcnn data shapes --out data/shapes --images 200 --seed 0
+	$(BIN)/rcnn run --config demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/proposals_scaling.py

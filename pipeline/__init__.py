@@ -1,0 +1,1 @@
+"""The engine every stage shares: config, cache, graph, CLI, data sets, boxes and metrics."""

@@ -1,0 +1,194 @@
+"""`rcnn`: one subcommand per stage, plus `run`, `status` and `data shapes`.
+
+Every stage command runs what it needs upstream, reuses what is cached and resumes what was cut off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import DEFAULT_PRESET, load_config
+from pipeline.data.voc import ON_BAD_INPUT, VOCDataset
+from pipeline.errors import BadInputError, ConfigError, UserError
+from pipeline.runner import plan_stages, run_stages
+from pipeline.stage import RunContext
+from stages import REGISTRY
+
+log = logging.getLogger("rcnn")
+
+SCHEDULER_HELP = ("Dask engine: 'threads' or 'threads:N' (in-process threads; the default), 'local:N' (a "
+                  "dask.distributed LocalCluster of N worker processes) or 'tcp://host:port' (an existing "
+                  "dask.distributed cluster whose workers see the same --cache and --data paths). "
+                  "Default: the config's 'scheduler'.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except BadInputError as error:
+        print(f"rcnn: error: {error} (to leave such items out, pass --on-bad-input skip)", file=sys.stderr)
+    except UserError as error:
+        print(f"rcnn: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rcnn: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rcnn", description="The R-CNN family of detectors as a staged, cached, resumable pipeline.",
+        epilog="Typical use: `rcnn data shapes --out data/shapes`, then `rcnn run`. "
+               "`rcnn COMMAND --help` explains each command's options.")
+    parser.set_defaults(log_level=logging.INFO)
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                           help="log more detail")
+    verbosity.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                           help="log only warnings and errors")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="generate a data set in the VOC layout",
+                               description="Generate a data set in the PASCAL VOC layout.")
+    data_kinds = data.add_subparsers(title="data sets", metavar="KIND", required=True)
+    shapes = data_kinds.add_parser(
+        "shapes", help="the synthetic shapes set (detection boxes and segmentation masks)",
+        description="Write the deterministic synthetic shapes set in the VOC layout: six shape classes, "
+                    "1-6 objects per image over textured backgrounds, with occlusion, truncated and "
+                    "difficult objects, per-pixel masks and train/val/trainval/test splits. The same seed "
+                    "gives the same bytes; an identical set already at --out is left as it is.")
+    shapes.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default: data/shapes)")
+    shapes.add_argument("--images", type=int, default=200, help="number of images (default: 200)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    shapes.set_defaults(handler=command_data_shapes)
+
+    for stage in REGISTRY.values():
+        summary = (stage.__doc__ or sys.modules[type(stage).__module__].__doc__ or stage.name).strip().splitlines()[0]
+        stage_parser = commands.add_parser(stage.name, help=summary, description=(
+            f"{summary} Runs the stages it reads from first when they are not cached, reuses what is "
+            f"cached and resumes from the first missing shard after an interruption."))
+        add_common_options(stage_parser, force_help="recompute these stages even if cached (no names: this stage)")
+        stage_parser.set_defaults(handler=command_run, targets=[stage.name])
+
+    run = commands.add_parser("run", help="run every stage through one Dask graph",
+                              description="Run the whole pipeline through one Dask graph, reusing cached "
+                                          "stages and resuming interrupted ones; prints where the reports are.")
+    add_common_options(run, force_help="recompute these stages even if cached (no names: every stage)")
+    run.set_defaults(handler=command_run, targets=list(REGISTRY))
+
+    status = commands.add_parser("status", help="what is cached, stale, partial or missing",
+                                 description="List each stage as cached (its current key is complete), "
+                                             "partial (some shards done), running (another run holds its "
+                                             "lock), stale (only results for other params or data exist) "
+                                             "or missing, with its key and size.")
+    add_common_options(status, force_help=None)
+    status.add_argument("--json", action="store_true", help="print JSON, including each stage's metrics")
+    status.set_defaults(handler=command_status, targets=list(REGISTRY))
+    return parser
+
+
+def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
+    parser.add_argument("--config", default=None, metavar="NAME|PATH",
+                        help=f"a preset in configs/ (demo, voc2007) or a YAML file (default: {DEFAULT_PRESET})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set proposals.max_proposals=300 (repeatable; "
+                             "the value is read as YAML)")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="a VOC-layout data set root (default: data.root)")
+    parser.add_argument("--cache", type=Path, metavar="DIR", help="the cache folder (default: cache_dir)")
+    parser.add_argument("--reports", type=Path, metavar="DIR", help="where reports go (default: reports_dir)")
+    parser.add_argument("--on-bad-input", choices=ON_BAD_INPUT,
+                        help="on an unreadable image or bad annotation: stop with an error naming the file, "
+                             "or skip the item and list it in the stage report (default: data.on_bad_input)")
+    parser.add_argument("--scheduler", metavar="SPEC", help=SCHEDULER_HELP)
+    if force_help:
+        parser.add_argument("--force", nargs="*", metavar="STAGE", default=None, help=force_help)
+
+
+def make_context(args) -> RunContext:
+    config = load_config(args.config, args.set)
+    for key in ("data", "cache_dir", "reports_dir", "scheduler"):
+        if key not in config:
+            raise ConfigError(f"config {config['config_name']}: missing the top-level key {key!r}")
+    data = config["data"]
+    if args.data:
+        data["root"] = str(args.data)
+    if args.on_bad_input:
+        data["on_bad_input"] = args.on_bad_input
+    config["cache_dir"] = str(args.cache or config["cache_dir"])
+    config["reports_dir"] = str(args.reports or config["reports_dir"])
+    config["scheduler"] = args.scheduler or config["scheduler"]
+    dataset = VOCDataset(data["root"], classes=data["classes"], class_split=data["train_split"],
+                         on_bad_input=data["on_bad_input"])
+    return RunContext(config, dataset, Path(config["cache_dir"]), Path(config["reports_dir"]))
+
+
+def command_data_shapes(args) -> int:
+    from pipeline.data.shapes import write_shapes
+    written = write_shapes(args.out, args.images, args.seed)
+    print(f"{'wrote' if written else 'up to date:'} {args.images} images to {args.out}")
+    return 0
+
+
+def command_run(args) -> int:
+    ctx = make_context(args)
+    plans = plan_stages(args.targets, REGISTRY, ctx)
+    force = set()
+    if args.force is not None:
+        force = set(args.force or args.targets)
+        unknown = force - {plan.stage.name for plan in plans}
+        if unknown:
+            raise ConfigError(f"--force {' '.join(sorted(unknown))}: not a stage of this command "
+                              f"(stages: {', '.join(plan.stage.name for plan in plans)})")
+    for summary in run_stages(plans, ctx, ctx.config["scheduler"], force):
+        stage = REGISTRY[summary["stage"]]
+        headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
+                            for name in stage.headline_metrics if name in summary["metrics"])
+        print(f"{summary['stage']:<12} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
+    print(f"reports: {ctx.reports_root.resolve()}")
+    return 0
+
+
+def command_status(args) -> int:
+    ctx = make_context(args)
+    rows = []
+    for plan in plan_stages(args.targets, REGISTRY, ctx):
+        state = plan.state()
+        rows.append({
+            "stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
+            "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
+            "stale_keys": plan.cache.other_keys(), "running_pid": plan.cache.holder_pid(),
+            "metrics": plan.cache.manifest().get("metrics", {}) if state == "cached" else {},
+        })
+    if args.json:
+        print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
+                          "cache": str(ctx.cache_root), "stages": rows}, indent=2))
+        return 0
+    print(f"{'stage':<12} {'state':<8} {'key':<16}  {'size':>9}  shards")
+    for row in rows:
+        print(f"{row['stage']:<12} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
+              f"{row['shards_done']}/{row['shards']}")
+    return 0
+
+
+def _short(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _size(size_bytes: float) -> str:
+    if size_bytes < 1024:
+        return f"{size_bytes:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        size_bytes /= 1024
+        if size_bytes < 1024 or unit == "GiB":
+            return f"{size_bytes:.1f} {unit}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Config presets (YAML) with `--set key=value` overrides.
+
+A config is a plain nested dict. Presets live in `configs/<name>.yaml`; `--config` takes a preset
+name or a path. Overrides may only set keys the preset already has, so a typo is an error rather
+than a silently ignored setting.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "demo"
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A path as given, else the preset `configs/<name>.yaml` shipped with the project."""
+    name_or_path = name_or_path or DEFAULT_PRESET
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such config file or preset (presets: {known})")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> dict:
+    path = resolve_config_path(name_or_path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    config["config_name"] = path.stem
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: dict, override: str) -> None:
+    """Set one dotted key from `key=value`; the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. proposals.mode=opencv-fast")
+    *parents, leaf = key.split(".")
+    section = config
+    for depth, part in enumerate(parents):
+        section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {key}: no config section {'.'.join(parents[:depth + 1])!r}")
+    if leaf not in section:
+        known = ", ".join(sorted(section))
+        raise ConfigError(f"--set {key}: unknown key {leaf!r} (known here: {known})")
+    try:
+        section[leaf] = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML") from None
+

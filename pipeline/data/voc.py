@@ -1,0 +1,216 @@
+"""A reader for the PASCAL VOC layout, strict about bad input.
+
+    <root>/Annotations/<id>.xml          name, bndbox (1-based, inclusive), difficult, truncated
+    <root>/JPEGImages/<id>.jpg
+    <root>/ImageSets/Main/<split>.txt    one image id per line
+    <root>/SegmentationClass/<id>.png    optional per-pixel class masks (255 = void)
+
+It reads a real VOCdevkit/VOC2007 unchanged. Every problem with an item raises a BadInputError naming
+the file; with on_bad_input="skip" the item is left out instead and listed in `skipped`.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.boxes import voc_to_box
+from pipeline.errors import BadInputError, ConfigError
+
+ON_BAD_INPUT = ("error", "skip")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class VOCObject:
+    name: str
+    box: tuple[float, float, float, float]  # (x1, y1, x2, y2), pipeline convention (pipeline.boxes)
+    difficult: bool
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class VOCAnnotation:
+    image_id: str
+    width: int
+    height: int
+    objects: tuple[VOCObject, ...]
+
+
+class VOCDataset:
+    """One VOC-layout root. Classes come from `classes`, or else from `class_split`'s annotations."""
+
+    def __init__(self, root, classes=None, class_split: str = "trainval", on_bad_input: str = "error"):
+        if on_bad_input not in ON_BAD_INPUT:
+            raise ConfigError(f"on_bad_input must be one of {ON_BAD_INPUT}, not {on_bad_input!r}")
+        self.root = Path(root)
+        if not (self.root / "Annotations").is_dir():
+            raise BadInputError(self.root, "not a VOC-layout data set (no Annotations/ folder); "
+                                "generate one with `rcnn data shapes --out DIR` or pass --data VOCdevkit/VOC2007")
+        self.class_split = class_split
+        self.on_bad_input = on_bad_input
+        self.skipped: dict[str, str] = {}  # file -> problem, for the stage report
+        self._given_classes = list(classes) if classes else None
+        self._classes: list[str] | None = None
+        self._annotations: dict[str, VOCAnnotation | None] = {}
+
+    def __getstate__(self):  # workers re-read what they need rather than receive every annotation
+        return {**self.__dict__, "_annotations": {}}
+
+    # ---- splits and classes -------------------------------------------------------------------
+    def split_file(self, split: str) -> Path:
+        return self.root / "ImageSets" / "Main" / f"{split}.txt"
+
+    def image_ids(self, split: str) -> list[str]:
+        """The split's image ids, in file order, without those skipped for bad input."""
+        return [image_id for image_id in self.listed_ids(split) if self.annotation(image_id) is not None]
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            self._classes = self._given_classes or self._classes_in_split(self.class_split)
+        return self._classes
+
+    def _classes_in_split(self, split: str) -> list[str]:
+        names = set()
+        for image_id in self.listed_ids(split):
+            annotation = self._guard(lambda: parse_annotation(self.annotation_path(image_id), image_id))
+            if annotation is not None:
+                names.update(obj.name for obj in annotation.objects)
+        if not names:
+            raise BadInputError(self.split_file(split), "no annotated objects to take the class list from")
+        return sorted(names)
+
+    def listed_ids(self, split: str) -> list[str]:
+        """Every id the split file lists, in order, bad items included."""
+        path = self.split_file(split)
+        if not path.is_file():
+            raise BadInputError(path, f"split file is missing (expected one image id per line for split {split!r})")
+        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return list(dict.fromkeys(ids))
+
+    # ---- annotations --------------------------------------------------------------------------
+    def annotation(self, image_id: str) -> VOCAnnotation | None:
+        """The parsed, checked annotation, or None when it is bad and on_bad_input is 'skip'."""
+        if image_id not in self._annotations:
+            self._annotations[image_id] = self._guard(lambda: self._checked_annotation(image_id))
+        return self._annotations[image_id]
+
+    def _checked_annotation(self, image_id: str) -> VOCAnnotation:
+        path = self.annotation_path(image_id)
+        annotation = parse_annotation(path, image_id)
+        known = set(self.classes)
+        for index, obj in enumerate(annotation.objects, start=1):
+            if obj.name not in known:
+                raise BadInputError(path, f"object {index}: unknown class {obj.name!r} "
+                                          f"(classes: {', '.join(self.classes)})")
+        return annotation
+
+    def annotation_path(self, image_id: str) -> Path:
+        return self.root / "Annotations" / f"{image_id}.xml"
+
+    def ground_truth(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """boxes float32[N, 4] (x1, y1, x2, y2), class indices int64[N], difficult bool[N]."""
+        objects = self.annotation(image_id).objects
+        class_index = {name: index for index, name in enumerate(self.classes)}
+        boxes = np.array([obj.box for obj in objects], dtype=np.float32).reshape(-1, 4)
+        labels = np.array([class_index[obj.name] for obj in objects], dtype=np.int64)
+        difficult = np.array([obj.difficult for obj in objects], dtype=bool)
+        return boxes, labels, difficult
+
+    # ---- images -------------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        stem = self.root / "JPEGImages" / image_id
+        for suffix in IMAGE_SUFFIXES:
+            if stem.with_suffix(suffix).is_file():
+                return stem.with_suffix(suffix)
+        return stem.with_suffix(IMAGE_SUFFIXES[0])
+
+    def read_image(self, image_id: str) -> np.ndarray | None:
+        """The image as RGB uint8[H, W, 3], or None when it is bad and on_bad_input is 'skip'."""
+        annotation = self.annotation(image_id)
+        if annotation is None:
+            return None
+        return self._guard(lambda: read_rgb(self.image_path(image_id), annotation.width, annotation.height))
+
+    def segmentation_path(self, image_id: str) -> Path:
+        return self.root / "SegmentationClass" / f"{image_id}.png"
+
+    def _guard(self, read):
+        try:
+            return read()
+        except BadInputError as error:
+            if self.on_bad_input == "error":
+                raise
+            self.skipped[error.path] = error.problem
+            return None
+
+
+def parse_annotation(path: Path, image_id: str) -> VOCAnnotation:
+    """Parse and check one VOC annotation file; raises BadInputError naming the file."""
+    if not path.is_file():
+        raise BadInputError(path, "annotation file is missing")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise BadInputError(path, f"malformed XML ({exc})") from None
+    width = _number(path, root, "size/width", "the image size")
+    height = _number(path, root, "size/height", "the image size")
+    if width < 1 or height < 1:
+        raise BadInputError(path, f"image size {width}x{height} is empty")
+    objects = tuple(_parse_object(path, element, index, int(width), int(height))
+                    for index, element in enumerate(root.findall("object"), start=1))
+    return VOCAnnotation(image_id, int(width), int(height), objects)
+
+
+def _parse_object(path: Path, element, index: int, width: int, height: int) -> VOCObject:
+    name = (element.findtext("name") or "").strip()
+    if not name:
+        raise BadInputError(path, f"object {index} has no <name>")
+    what = f"object {index} ({name})"
+    xmin, ymin, xmax, ymax = (_number(path, element, f"bndbox/{tag}", what)
+                              for tag in ("xmin", "ymin", "xmax", "ymax"))
+    if xmax < xmin or ymax < ymin:
+        raise BadInputError(path, f"{what}: box has xmax < xmin or ymax < ymin "
+                                  f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})")
+    if xmin < 1 or ymin < 1 or xmax > width or ymax > height:
+        raise BadInputError(path, f"{what}: box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) lies outside "
+                                  f"the {width}x{height} image (VOC boxes are 1-based and inclusive)")
+    return VOCObject(name=name, box=voc_to_box(xmin, ymin, xmax, ymax),
+                     difficult=_flag(element, "difficult"), truncated=_flag(element, "truncated"))
+
+
+def _number(path: Path, element, tag: str, what: str) -> float:
+    text = element.findtext(tag)
+    if text is None:
+        raise BadInputError(path, f"{what}: missing <{tag.replace('/', '><')}>")
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInputError(path, f"{what}: <{tag.split('/')[-1]}> is not a number: {text.strip()!r}") from None
+
+
+def _flag(element, tag: str) -> bool:
+    return (element.findtext(tag) or "0").strip() == "1"
+
+
+def read_rgb(path: Path, expected_width: int | None = None, expected_height: int | None = None) -> np.ndarray:
+    """Decode an image fully (so a truncated file is caught here) into RGB uint8[H, W, 3]."""
+    if not path.is_file():
+        raise BadInputError(path, "image file is missing")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise BadInputError(path, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInputError(path, f"image is truncated or corrupt ({exc})") from None
+    height, width = rgb.shape[:2]
+    if expected_width is not None and (width, height) != (expected_width, expected_height):
+        raise BadInputError(path, f"image is {width}x{height} but its annotation says "
+                                  f"{expected_width}x{expected_height}")
+    return rgb

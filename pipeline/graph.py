@@ -1,0 +1,135 @@
+"""The Dask graph: one task per (stage, missing shard), one finalize task per stage.
+
+Edges: a stage's finalize waits for its shards; a stage's shards wait for the finalize of every
+upstream stage being computed in the same run. The same graph runs on the threaded scheduler
+(`threads` or `threads:N`), on a dask.distributed LocalCluster of N worker processes (`local:N`) or on
+an existing cluster (`tcp://host:port`; its workers must see the same cache directory).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import dask
+from dask.callbacks import Callback
+from tqdm import tqdm
+
+from pipeline.cache import temporary_path
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def build(plans, ctx, finalize) -> list:
+    """Delayed tasks for every missing shard and every stage's finalize (`finalize(plan, ctx)`)."""
+    finals, tasks = {}, []
+    for plan in plans:
+        name = plan.stage.name
+        upstream = [finals[input_name] for input_name in plan.stage.inputs if input_name in finals]
+        shard_tasks = [dask.delayed(run_shard_task, pure=False)(plan, ctx, shard, *upstream,
+                                                               dask_key_name=f"{name}:shard:{shard.id}")
+                       for shard in plan.missing_shards]
+        finals[name] = dask.delayed(finalize_task, pure=False)(finalize, plan, ctx, *shard_tasks, *upstream,
+                                                              dask_key_name=f"{name}:finalize")
+        tasks += shard_tasks + [finals[name]]
+    return tasks
+
+
+def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
+    """Run one shard into a temporary file, then commit it and its record."""
+    temporary = temporary_path(plan.cache.shard_path(shard.id))
+    started = time.perf_counter()
+    metrics = plan.stage.run_shard(ctx, shard, plan.inputs, temporary)
+    plan.cache.commit_shard(shard.id, temporary, {"seconds": time.perf_counter() - started, "metrics": metrics})
+    return shard.id
+
+
+def finalize_task(finalize, plan, ctx, *_shards_done) -> str:
+    return finalize(plan, ctx)
+
+
+def execute(tasks: list, scheduler: str) -> None:
+    """Run the tasks on the named scheduler, with one progress bar per stage."""
+    progress = StageProgress(tasks)
+    try:
+        with dask_client(scheduler) as client:
+            if client is None:
+                with ProgressCallback(progress):
+                    dask.compute(*tasks, scheduler="threads", num_workers=thread_count(scheduler))
+            else:
+                from distributed import as_completed
+                futures = client.compute(tasks)
+                for future in as_completed(futures):
+                    future.result()  # re-raises a task's exception here
+                    progress.done(future.key)
+    finally:
+        progress.close()
+
+
+def thread_count(scheduler: str) -> int:
+    _, _, count = scheduler.partition(":")
+    return _positive_int(count, scheduler) if count else os.cpu_count()
+
+
+@contextmanager
+def dask_client(scheduler: str):
+    """None for the threaded scheduler, else a dask.distributed Client (closed afterwards)."""
+    if scheduler == "threads" or scheduler.startswith("threads:"):
+        thread_count(scheduler)
+        yield None
+    elif scheduler.startswith("local:"):
+        from distributed import Client, LocalCluster
+        workers = _positive_int(scheduler.partition(":")[2], scheduler)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+    elif scheduler.startswith("tcp://"):
+        from distributed import Client
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({exc})") from None
+        with client:
+            yield client
+    else:
+        raise ConfigError(f"--scheduler {scheduler!r}: expected threads, threads:N, local:N or tcp://host:port")
+
+
+def _positive_int(text: str, scheduler: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--scheduler {scheduler!r}: the worker count must be a positive whole number")
+    return int(text)
+
+
+class StageProgress:
+    """A tqdm bar per stage, counting its shards (shown only on a terminal)."""
+
+    def __init__(self, tasks: list):
+        totals: dict[str, int] = {}
+        for task in tasks:
+            stage, _, kind = task.key.partition(":")
+            totals[stage] = totals.get(stage, 0) + kind.startswith("shard:")
+        self.bars = {stage: tqdm(total=total, desc=stage, unit="shard", disable=None, leave=True)
+                     for stage, total in totals.items()}
+
+    def done(self, key) -> None:
+        stage, _, kind = str(key).partition(":")
+        if kind.startswith("shard:") and stage in self.bars:
+            self.bars[stage].update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+class ProgressCallback(Callback):
+    """Feeds the threaded scheduler's finished tasks to a StageProgress."""
+
+    def __init__(self, progress: StageProgress):
+        super().__init__()
+        self.progress = progress
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.progress.done(key)

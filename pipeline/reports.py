@@ -1,0 +1,26 @@
+"""Small helpers for the files stages write for people: markdown tables and matplotlib figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table; floats are shown with 3 decimals."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def new_figure(width: float = 6.0, height: float = 4.0):
+    """A matplotlib figure on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def save_figure(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path)

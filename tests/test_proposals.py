@@ -1,0 +1,63 @@
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.data.voc import VOCDataset
+from stages.proposals import MODES, propose, rank_rects, recall_curve
+
+
+@pytest.fixture(scope="module")
+def image(shapes_root):
+    dataset = VOCDataset(shapes_root)
+    return dataset.read_image(dataset.image_ids("test")[0])
+
+
+def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
+    rects = [(0, 0, 30, 30), (5, 5, 40, 40), (1, 2, 3, 4), (9, 9, 21, 21)]
+    votes = Counter({rects[0]: 1, rects[1]: 3, rects[2]: 1, rects[3]: 2})
+    reversed_votes = Counter(dict(reversed(list(votes.items()))))
+    assert rank_rects(votes)[:2] == [rects[1], rects[3]]
+    assert rank_rects(votes) == rank_rects(reversed_votes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
+    boxes = propose(image, mode, search_side=0, min_size=20, max_proposals=100)
+    height, width = image.shape[:2]
+    assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and 0 < len(boxes) <= 100
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
+    assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
+    assert len(np.unique(boxes, axis=0)) == len(boxes)
+
+
+def test_same_image_gives_same_boxes_on_concurrent_threads(image):
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: propose(image, "rcnn-fast", 0, 20, 2000), range(4)))
+    assert all(np.array_equal(runs[0], other) for other in runs[1:])
+
+
+def test_search_on_a_smaller_copy_returns_boxes_in_original_pixels(image):
+    height, width = image.shape[:2]
+    boxes = propose(image, "rcnn-fast", search_side=max(height, width) // 2, min_size=20, max_proposals=2000)
+    assert boxes[:, 2].max() > 0.75 * width and boxes[:, 3].max() > 0.75 * height  # not left at half size
+    assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert np.array_equal(boxes, np.round(boxes))
+
+
+def test_recall_curve_on_a_hand_worked_example():
+    gt_boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], np.float32)
+    difficult = np.array([False, False, True])
+    dataset = SimpleNamespace(ground_truth=lambda image_id: (gt_boxes, np.zeros(3, np.int64), difficult))
+    ranked = np.array([[20, 20, 40, 40],   # IoU 1.0 with the second box
+                       [0, 0, 10, 16],     # IoU 100/160 = 0.625 with the first
+                       [50, 50, 60, 60]],  # the difficult box: never counted
+                      np.float32)
+    curve = recall_curve(SimpleNamespace(dataset=dataset), {"img": ranked}, [1, 2, 3])
+    assert [row["gt_boxes"] for row in curve] == [2, 2, 2]
+    assert [row["recall@0.5"] for row in curve] == [0.5, 1.0, 1.0]
+    assert [row["recall@0.7"] for row in curve] == [0.5, 0.5, 0.5]
+    assert curve[1]["mean_best_iou"] == pytest.approx((1.0 + 0.625) / 2)
