@@ -61,7 +61,7 @@ def test_changing_a_proposals_param_gives_a_new_key_and_keeps_the_old(rcnn, tmp_
 
 def test_bad_image_stops_with_one_line_naming_it_and_damages_nothing(rcnn, shapes_copy, tmp_path, capsys):
     assert rcnn("proposals", data=shapes_copy) == 0
-    good_dir = next((tmp_path / "cache" / "proposals").iterdir())
+    (good_dir,) = [path for path in (tmp_path / "cache" / "proposals").iterdir() if path.is_dir()]
     good_files = {path.name: sha256_of(path) for path in good_dir.iterdir() if path.is_file()}
     image_id = (shapes_copy / "ImageSets/Main/test.txt").read_text().split()[-1]
     image = shapes_copy / "JPEGImages" / f"{image_id}.jpg"
