@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.config import DEFAULT_PRESET, load_config
 from pipeline.data.voc import ON_BAD_INPUT, VOCDataset
 from pipeline.errors import BadInputError, ConfigError, UserError
+from pipeline.graph import parse_scheduler
 from pipeline.runner import plan_stages, run_stages
 from pipeline.stage import RunContext
 from stages import REGISTRY
@@ -124,6 +125,7 @@ def make_context(args) -> RunContext:
     config["cache_dir"] = str(args.cache or config["cache_dir"])
     config["reports_dir"] = str(args.reports or config["reports_dir"])
     config["scheduler"] = args.scheduler or config["scheduler"]
+    parse_scheduler(config["scheduler"])  # a bad spec fails now, before any planning
     dataset = VOCDataset(data["root"], classes=data["classes"], class_split=data["train_split"],
                          on_bad_input=data["on_bad_input"])
     return RunContext(config, dataset, Path(config["cache_dir"]), Path(config["reports_dir"]))

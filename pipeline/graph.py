@@ -52,55 +52,49 @@ def finalize_task(finalize, plan, ctx, *_shards_done) -> str:
 
 def execute(tasks: list, scheduler: str) -> None:
     """Run the tasks on the named scheduler, with one progress bar per stage."""
+    kind, workers_or_address = parse_scheduler(scheduler)
     progress = StageProgress(tasks)
     try:
-        with dask_client(scheduler) as client:
-            if client is None:
-                with ProgressCallback(progress):
-                    dask.compute(*tasks, scheduler="threads", num_workers=thread_count(scheduler))
-            else:
-                from distributed import as_completed
-                futures = client.compute(tasks)
-                for future in as_completed(futures):
-                    future.result()  # re-raises a task's exception here
-                    progress.done(future.key)
+        if kind == "threads":
+            with ProgressCallback(progress):
+                dask.compute(*tasks, scheduler="threads", num_workers=workers_or_address)
+            return
+        with dask_client(kind, workers_or_address) as client:
+            from distributed import as_completed
+            for future in as_completed(client.compute(tasks)):
+                future.result()  # re-raises a task's exception here
+                progress.done(future.key)
     finally:
         progress.close()
 
 
-def thread_count(scheduler: str) -> int:
-    _, _, count = scheduler.partition(":")
-    return _positive_int(count, scheduler) if count else os.cpu_count()
+def parse_scheduler(spec: str) -> tuple[str, int | str]:
+    """('threads', N), ('local', N) or ('tcp', address); a ConfigError for anything else."""
+    if spec.startswith("tcp://"):
+        return "tcp", spec
+    kind, _, count = spec.partition(":")
+    if kind == "threads" and not count:
+        return kind, os.cpu_count() or 1
+    if kind in ("threads", "local") and count.isdigit() and int(count) >= 1:
+        return kind, int(count)
+    raise ConfigError(f"--scheduler {spec!r}: expected threads, threads:N, local:N (N >= 1) or tcp://host:port")
 
 
 @contextmanager
-def dask_client(scheduler: str):
-    """None for the threaded scheduler, else a dask.distributed Client (closed afterwards)."""
-    if scheduler == "threads" or scheduler.startswith("threads:"):
-        thread_count(scheduler)
-        yield None
-    elif scheduler.startswith("local:"):
-        from distributed import Client, LocalCluster
-        workers = _positive_int(scheduler.partition(":")[2], scheduler)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+def dask_client(kind: str, workers_or_address: int | str):
+    """A dask.distributed Client on a new LocalCluster ('local') or an existing cluster ('tcp')."""
+    from distributed import Client, LocalCluster
+    if kind == "local":
+        with LocalCluster(n_workers=workers_or_address, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client
-    elif scheduler.startswith("tcp://"):
-        from distributed import Client
-        try:
-            client = Client(scheduler, timeout="20s")
-        except OSError as exc:
-            raise ConfigError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({exc})") from None
-        with client:
-            yield client
-    else:
-        raise ConfigError(f"--scheduler {scheduler!r}: expected threads, threads:N, local:N or tcp://host:port")
-
-
-def _positive_int(text: str, scheduler: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"--scheduler {scheduler!r}: the worker count must be a positive whole number")
-    return int(text)
+        return
+    try:
+        client = Client(workers_or_address, timeout="20s")
+    except OSError as exc:
+        raise ConfigError(f"--scheduler {workers_or_address}: cannot reach the dask scheduler ({exc})") from None
+    with client:
+        yield client
 
 
 class StageProgress:

@@ -126,14 +126,13 @@ def finalize_stage(plan: StagePlan, ctx: RunContext) -> str:
     return plan.key
 
 
-def publish_report(plan: StagePlan, reports_root: Path) -> Path | None:
+def publish_report(plan: StagePlan, reports_root: Path) -> None:
     """Copy the stage's cached report to `<reports>/<stage>/`, replacing the previous one."""
     if not plan.cache.report_dir.is_dir():
-        return None
+        return
     destination = reports_root / plan.stage.name
     reports_root.mkdir(parents=True, exist_ok=True)
     staging = temporary_path(destination)
     shutil.copytree(plan.cache.report_dir, staging)
     shutil.rmtree(destination, ignore_errors=True)
     staging.rename(destination)
-    return destination

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.data.voc import VOCDataset
 from pipeline.errors import ConfigError
-from pipeline.graph import dask_client, thread_count
+from pipeline.graph import parse_scheduler
 from pipeline.runner import plan_stages, run_stages, upstream_order
 from pipeline.stage import RunContext, Shard, Stage
 
@@ -141,9 +141,10 @@ def test_upstream_order_puts_inputs_first_and_rejects_unknown_stages():
 @pytest.mark.parametrize("spec", ["thread", "threads:0", "local:x", "local:", "udp://x:1"])
 def test_bad_scheduler_spec_is_a_config_error(spec):
     with pytest.raises(ConfigError, match="--scheduler"):
-        with dask_client(spec):
-            pass
+        parse_scheduler(spec)
 
 
-def test_thread_count_from_spec():
-    assert thread_count("threads:3") == 3 and thread_count("threads") >= 1
+def test_scheduler_specs():
+    assert parse_scheduler("threads:3") == ("threads", 3) and parse_scheduler("threads")[1] >= 1
+    assert parse_scheduler("local:2") == ("local", 2)
+    assert parse_scheduler("tcp://10.0.0.1:8786") == ("tcp", "tcp://10.0.0.1:8786")

@@ -44,6 +44,12 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_shapes_set(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_refuses_to_write_over_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        write_shapes(tmp_path / "afile", images=2, seed=0)
+
+
 def test_splits_partition_the_images():
     ids = [f"{i:06d}" for i in range(200)]
     splits = split_ids(ids)

@@ -45,6 +45,8 @@ def write_shapes(out: Path, images: int, seed: int) -> bool:
         raise UserError(f"--images must be at least 1, not {images}")
     out = Path(out)
     marker = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed, "classes": list(CLASSES)}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists():
         existing = out / MARKER
         if existing.is_file() and json.loads(existing.read_text()) == marker:
