@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/rcnn data shapes --out data/shapes --images 200 --seed 0
+	$(BIN)/rcnn data shapes --out data/shapes --images 400 --seed 0
 	$(BIN)/rcnn run --config demo
 
 test: $(VENV)/.installed

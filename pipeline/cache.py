@@ -86,6 +86,9 @@ class StageCache:
     def shard_path(self, shard_id: str) -> Path:
         return self.dir / f"{shard_id}{self.shard_suffix}"
 
+    def checkpoint_path(self, shard_id: str) -> Path:
+        return self.dir / f"{shard_id}.checkpoint"
+
     def record_path(self, shard_id: str) -> Path:
         return self.dir / f"{shard_id}{RECORD_SUFFIX}"
 
@@ -112,6 +115,7 @@ class StageCache:
         commit_file(temporary, final)
         record = {"file": final.name, "bytes": final.stat().st_size, "sha256": sha256_of(final), **record}
         write_json_atomic(self.record_path(shard_id), record)
+        self.checkpoint_path(shard_id).unlink(missing_ok=True)
         return record
 
     def write_manifest(self, manifest: dict) -> None:

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "difficult objects, per-pixel masks and train/val/trainval/test splits. The same seed "
                     "gives the same bytes; an identical set already at --out is left as it is.")
     shapes.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default: data/shapes)")
-    shapes.add_argument("--images", type=int, default=200, help="number of images (default: 200)")
+    shapes.add_argument("--images", type=int, default=400, help="number of images (default: 400, what the demo preset is tuned for)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     shapes.set_defaults(handler=command_data_shapes)
 
@@ -108,6 +108,9 @@ def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) 
                         help="on an unreadable image or bad annotation: stop with an error naming the file, "
                              "or skip the item and list it in the stage report (default: data.on_bad_input)")
     parser.add_argument("--scheduler", metavar="SPEC", help=SCHEDULER_HELP)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where the networks run: cuda when one is visible (auto), or cpu/cuda explicitly "
+                             "(default: the config's device)")
     if force_help:
         parser.add_argument("--force", nargs="*", metavar="STAGE", default=None, help=force_help)
 
@@ -125,6 +128,7 @@ def make_context(args) -> RunContext:
     config["cache_dir"] = str(args.cache or config["cache_dir"])
     config["reports_dir"] = str(args.reports or config["reports_dir"])
     config["scheduler"] = args.scheduler or config["scheduler"]
+    config["device"] = args.device or config.get("device", "auto")
     parse_scheduler(config["scheduler"])  # a bad spec fails now, before any planning
     dataset = VOCDataset(data["root"], classes=data["classes"], class_split=data["train_split"],
                          on_bad_input=data["on_bad_input"])

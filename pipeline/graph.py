@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import dask
 from dask.callbacks import Callback
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.cache import temporary_path
 from pipeline.errors import ConfigError
+from pipeline.stage import ShardOutput
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ def build(plans, ctx, finalize) -> list:
     finals, tasks = {}, []
     for plan in plans:
         name = plan.stage.name
-        upstream = [finals[input_name] for input_name in plan.stage.inputs if input_name in finals]
-        shard_tasks = [dask.delayed(run_shard_task, pure=False)(plan, ctx, shard, *upstream,
-                                                               dask_key_name=f"{name}:shard:{shard.id}")
-                       for shard in plan.missing_shards]
+        upstream = [finals[input_name] for input_name in plan.inputs if input_name in finals]
+        resources = plan.stage.resources(ctx)
+        with dask.annotate(resources=resources) if resources else nullcontext():
+            shard_tasks = [dask.delayed(run_shard_task, pure=False)(plan, ctx, shard, *upstream,
+                                                                   dask_key_name=f"{name}:shard:{shard.id}")
+                           for shard in plan.missing_shards]
         finals[name] = dask.delayed(finalize_task, pure=False)(finalize, plan, ctx, *shard_tasks, *upstream,
                                                               dask_key_name=f"{name}:finalize")
         tasks += shard_tasks + [finals[name]]
@@ -41,7 +44,7 @@ def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
     temporary = temporary_path(plan.cache.shard_path(shard.id))
     started = time.perf_counter()
-    metrics = plan.stage.run_shard(ctx, shard, plan.inputs, temporary)
+    metrics = plan.stage.run_shard(ctx, shard, plan.inputs, ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
     plan.cache.commit_shard(shard.id, temporary, {"seconds": time.perf_counter() - started, "metrics": metrics})
     return shard.id
 
@@ -50,8 +53,13 @@ def finalize_task(finalize, plan, ctx, *_shards_done) -> str:
     return finalize(plan, ctx)
 
 
-def execute(tasks: list, scheduler: str) -> None:
-    """Run the tasks on the named scheduler, with one progress bar per stage."""
+def execute(tasks: list, scheduler: str, resources: set[str] = frozenset()) -> None:
+    """Run the tasks on the named scheduler, with one progress bar per stage.
+
+    `resources` names the dask.distributed resources some tasks ask for (e.g. "GPU"): a LocalCluster's
+    workers are given one of each; an existing cluster must have a worker offering each, else the
+    tasks would wait forever, so that is an error up front.
+    """
     kind, workers_or_address = parse_scheduler(scheduler)
     progress = StageProgress(tasks)
     try:
@@ -59,7 +67,7 @@ def execute(tasks: list, scheduler: str) -> None:
             with ProgressCallback(progress):
                 dask.compute(*tasks, scheduler="threads", num_workers=workers_or_address)
             return
-        with dask_client(kind, workers_or_address) as client:
+        with dask_client(kind, workers_or_address, resources) as client:
             from distributed import as_completed
             for future in as_completed(client.compute(tasks)):
                 future.result()  # re-raises a task's exception here
@@ -81,19 +89,30 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
 
 
 @contextmanager
-def dask_client(kind: str, workers_or_address: int | str):
+def dask_client(kind: str, workers_or_address: int | str, resources: set[str] = frozenset()):
     """A dask.distributed Client on a new LocalCluster ('local') or an existing cluster ('tcp')."""
     from distributed import Client, LocalCluster
     if kind == "local":
-        with LocalCluster(n_workers=workers_or_address, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            yield client
+        environment = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 etc. here and leaves them set
+        try:
+            with LocalCluster(n_workers=workers_or_address, threads_per_worker=1, processes=True,
+                              resources={name: 1 for name in resources}, dashboard_address=None,
+                              silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                yield client
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
         return
     try:
         client = Client(workers_or_address, timeout="20s")
     except OSError as exc:
         raise ConfigError(f"--scheduler {workers_or_address}: cannot reach the dask scheduler ({exc})") from None
     with client:
+        offered = {name for worker in client.scheduler_info()["workers"].values()
+                   for name in worker.get("resources", {})}
+        for name in sorted(set(resources) - offered):
+            raise ConfigError(f"--scheduler {workers_or_address}: no worker offers the {name} resource; "
+                              f"start one with `dask worker {workers_or_address} --resources {name}=1`")
         yield client
 
 

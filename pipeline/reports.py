@@ -24,3 +24,19 @@ def new_figure(width: float = 6.0, height: float = 4.0):
 def save_figure(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
+
+
+def plot_loss(losses: list[float], path: Path, title: str) -> None:
+    """Loss per iteration and its running mean over 20 iterations."""
+    import numpy as np
+    figure = new_figure()
+    axes = figure.add_subplot()
+    axes.plot(losses, alpha=0.35, label="per iteration")
+    window = min(20, len(losses))
+    if window:
+        axes.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
+                  label=f"mean of {window}")
+    axes.set(xlabel="iteration", ylabel="loss", title=title)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    save_figure(figure, path)

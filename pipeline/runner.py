@@ -45,7 +45,7 @@ class StagePlan:
         return "stale" if self.cache.other_keys() else "missing"
 
 
-def upstream_order(targets: list[str], registry: dict[str, Stage]) -> list[str]:
+def upstream_order(targets: list[str], registry: dict[str, Stage], config: dict) -> list[str]:
     """The targets and every stage they read from, each after its inputs."""
     order: list[str] = []
 
@@ -54,7 +54,7 @@ def upstream_order(targets: list[str], registry: dict[str, Stage]) -> list[str]:
             raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(registry)})")
         if name in path:
             raise ConfigError(f"stage inputs form a cycle: {' -> '.join(path + (name,))}")
-        for upstream in registry[name].inputs:
+        for upstream in registry[name].input_stages(config):
             visit(upstream, path + (name,))
         if name not in order:
             order.append(name)
@@ -66,16 +66,17 @@ def upstream_order(targets: list[str], registry: dict[str, Stage]) -> list[str]:
 
 def plan_stages(targets: list[str], registry: dict[str, Stage], ctx: RunContext) -> list[StagePlan]:
     plans: dict[str, StagePlan] = {}
-    for name in upstream_order(targets, registry):
+    for name in upstream_order(targets, registry, ctx.config):
         stage = registry[name]
+        inputs = stage.input_stages(ctx.config)
         description = {
             "stage": name, "version": stage.version, "params": stage.params(ctx.config),
-            "extras": stage.key_extras(), "data": ctx.data_identity,
-            "inputs": {upstream: plans[upstream].key for upstream in stage.inputs},
+            "extras": stage.key_extras(ctx), "data": ctx.data_identity,
+            "inputs": {upstream: plans[upstream].key for upstream in inputs},
         }
         key = cache_key(description)
         plans[name] = StagePlan(stage, key, description, StageCache(ctx.cache_root, name, key, stage.shard_suffix),
-                                stage.shards(ctx), {upstream: plans[upstream].cache for upstream in stage.inputs})
+                                stage.shards(ctx), {upstream: plans[upstream].cache for upstream in inputs})
     return list(plans.values())
 
 
@@ -101,7 +102,8 @@ def run_stages(plans: list[StagePlan], ctx: RunContext, scheduler: str, force: s
             log.info("%s: computing %s (%d of %d shards already done)", name, plan.key, done, len(plan.shards))
             computed.append(plan)
         if computed:
-            graph.execute(graph.build(computed, ctx, finalize_stage), scheduler)
+            resources = {name for plan in computed for name in plan.stage.resources(ctx)}
+            graph.execute(graph.build(computed, ctx, finalize_stage), scheduler, resources)
     for plan in plans:
         publish_report(plan, ctx.reports_root)
     return [{"stage": plan.stage.name, "key": plan.key, "computed": plan in computed,

@@ -14,6 +14,15 @@ from pathlib import Path
 from pipeline.cache import StageCache
 from pipeline.data.identity import data_identity
 from pipeline.data.voc import VOCDataset
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """Where a shard writes: `path` (a temporary name the engine renames when the shard returns) and
+    `checkpoint` (resumable state for long shards; survives a kill, removed once the shard is done)."""
+    path: Path
+    checkpoint: Path
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,17 @@ class RunContext:
         return list(dict.fromkeys([data["train_split"], data["test_split"]]))
 
     @cached_property
+    def device(self) -> str:
+        """'cuda' or 'cpu', from the config's device: auto | cpu | cuda."""
+        import torch
+        wanted = self.config.get("device", "auto")
+        if wanted not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {wanted!r}: expected auto, cpu or cuda")
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
+        return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+    @cached_property
     def data_identity(self) -> dict:
         return data_identity(self.dataset, self.splits, self.cache_root / ".data-identity.json")
 
@@ -45,9 +65,10 @@ class RunContext:
         """The images of every split, each once, in split order."""
         return list(dict.fromkeys(image_id for split in self.splits for image_id in self.dataset.image_ids(split)))
 
-    def __getstate__(self):  # the identity is the driver's business; workers never need it
+    def __getstate__(self):  # the identity is the driver's business; workers resolve their own device
         state = dict(self.__dict__)
         state.pop("data_identity", None)
+        state.pop("device", None)
         return state
 
 
@@ -62,15 +83,23 @@ class Stage:
         """The config values that change this stage's result (part of its cache key)."""
         return config[self.name]
 
-    def key_extras(self) -> dict:
-        """Anything else the result depends on, e.g. a library version."""
+    def input_stages(self, config: dict) -> tuple[str, ...]:
+        """The upstream stages this stage reads, which may depend on the config."""
+        return self.inputs
+
+    def key_extras(self, ctx: RunContext) -> dict:
+        """Anything else the result depends on, e.g. a library version or a weights file's hash."""
+        return {}
+
+    def resources(self, ctx: RunContext) -> dict:
+        """dask.distributed resources each task of this stage needs, e.g. {"GPU": 1}."""
         return {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         raise NotImplementedError
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict[str, StageCache], out_path: Path) -> dict:
-        """Compute one shard into `out_path`; return JSON-able metrics for its record."""
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict[str, StageCache], out: ShardOutput) -> dict:
+        """Compute one shard into `out.path`; return JSON-able metrics for its record."""
         raise NotImplementedError
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict[str, dict],

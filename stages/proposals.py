@@ -33,7 +33,7 @@ from pipeline.boxes import clip_boxes, drop_small_and_duplicates
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import RunContext, Shard, Stage, image_shards
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage, image_shards
 
 MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
 RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
@@ -61,17 +61,17 @@ class Proposals(Stage):
                               f"not {params['recall_at']!r}")
         return params
 
-    def key_extras(self) -> dict:
+    def key_extras(self, ctx: RunContext) -> dict:
         return {"opencv": cv2.__version__}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return image_shards(ctx.image_ids(), self.params(ctx.config)["images_per_shard"])
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out_path: Path) -> dict:
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         params = self.params(ctx.config)
         cv2.setNumThreads(1)  # parallelism comes from the shards; OpenCV's own threads would oversubscribe
         failed, boxes_written, skipped = {}, 0, {}
-        with h5py.File(out_path, "w") as shard_file:
+        with h5py.File(out.path, "w") as shard_file:
             for image_id in shard.items:
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None:  # bad image and on_bad_input=skip: the data set noted why, under its path
@@ -177,12 +177,14 @@ def rank_rects(votes: Counter) -> list[tuple[int, int, int, int]]:
     return sorted(votes, key=key)
 
 
-def read_proposals(cache: StageCache) -> dict[str, np.ndarray]:
-    """image id -> boxes float32[N, 4] from every shard file of a proposals output."""
+def read_proposals(cache: StageCache, image_ids=None) -> dict[str, np.ndarray]:
+    """image id -> boxes float32[N, 4] from a proposals output, for every image or only `image_ids`."""
+    wanted = None if image_ids is None else set(image_ids)
     proposals = {}
     for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
         with h5py.File(path, "r") as shard_file:
-            proposals.update({image_id: dataset[()] for image_id, dataset in shard_file.items()})
+            proposals.update({image_id: dataset[()] for image_id, dataset in shard_file.items()
+                              if wanted is None or image_id in wanted})
     return proposals
 
 

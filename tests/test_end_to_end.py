@@ -69,6 +69,14 @@ def test_local_cluster_gives_the_same_proposals_as_threads(rcnn, tmp_path):
     assert_same_proposals(proposals_in(tmp_path / "distributed"), proposals_in(tmp_path / "threads"))
 
 
+def test_local_cluster_leaves_the_environment_as_it_found_it():
+    from pipeline.graph import dask_client
+    before = dict(os.environ)
+    with dask_client("local", 1):
+        pass
+    assert dict(os.environ) == before
+
+
 def test_demo_preset_recall_on_200_images(tmp_path, capsys):
     write_shapes(tmp_path / "shapes", images=200, seed=0)
     options = ["--data", str(tmp_path / "shapes"), "--cache", str(tmp_path / "cache"),

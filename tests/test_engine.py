@@ -17,11 +17,11 @@ class Count(Stage):
     def shards(self, ctx):
         return [Shard(f"{item:05d}", (item,)) for item in range(3)]
 
-    def run_shard(self, ctx, shard, inputs, out_path):
+    def run_shard(self, ctx, shard, inputs, out):
         if shard.items[0] == ctx.config["count"].get("fail_on"):
             raise RuntimeError("boom")
         value = shard.items[0] * ctx.config["count"]["factor"]
-        out_path.write_text(str(value))
+        out.path.write_text(str(value))
         return {"value": value}
 
     def reduce(self, ctx, cache, records, inputs):
@@ -35,9 +35,9 @@ class Total(Stage):
     def shards(self, ctx):
         return [Shard("00000", ())]
 
-    def run_shard(self, ctx, shard, inputs, out_path):
+    def run_shard(self, ctx, shard, inputs, out):
         values = [int(path.read_text()) for path in sorted(inputs["count"].dir.glob("*.txt"))]
-        out_path.write_text(str(sum(values) + ctx.config["total"]["offset"]))
+        out.path.write_text(str(sum(values) + ctx.config["total"]["offset"]))
         return {}
 
 
@@ -133,9 +133,9 @@ def test_states_missing_cached_stale_partial(shapes_root, tmp_path):
 
 
 def test_upstream_order_puts_inputs_first_and_rejects_unknown_stages():
-    assert upstream_order(["total"], REGISTRY) == ["count", "total"]
+    assert upstream_order(["total"], REGISTRY, {}) == ["count", "total"]
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
-        upstream_order(["nope"], REGISTRY)
+        upstream_order(["nope"], REGISTRY, {})
 
 
 @pytest.mark.parametrize("spec", ["thread", "threads:0", "local:x", "local:", "udp://x:1"])

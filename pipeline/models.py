@@ -1,0 +1,101 @@
+"""Region classifiers split at the layers R-CNN uses: pool5, fc6, fc7 and a classifier head.
+
+Backbones: torchvision's AlexNet (227 px input, pool5 256x6x6) and VGG16 (224 px, pool5 512x7x7), and
+a small network for CPU presets (four conv-BN-ReLU-maxpool blocks, pool5 64 x (S/16) x (S/16)).
+ImageNet weights for AlexNet and VGG16 are read from a local file or the torch hub cache, never
+downloaded: a missing file is an error that says which file and where to put it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import ConfigError, UserError
+
+BACKBONES = ("small", "alexnet", "vgg16")
+TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights"}
+SMALL_CHANNELS = (16, 32, 64, 64)
+
+
+class RegionNet(nn.Module):
+    """conv layers -> pool5 -> fc6 -> fc7 -> head (num_outputs logits)."""
+
+    def __init__(self, conv: nn.Module, fc6: nn.Module, fc7: nn.Module, fc7_dim: int, num_outputs: int):
+        super().__init__()
+        self.conv, self.fc6, self.fc7 = conv, fc6, fc7
+        self.head = nn.Linear(fc7_dim, num_outputs)
+
+    def pool5(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops[K, 3, S, S] (normalised) -> pool5[K, C, h, w]."""
+        return self.conv(crops)
+
+    def fc(self, pool5: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """pool5[K, C, h, w] (or flattened [K, C*h*w]) -> fc6 or fc7 activations [K, D]."""
+        activations = self.fc6(pool5.flatten(1))
+        return activations if layer == "fc6" else self.fc7(activations)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.pool5(crops)))
+
+    def replace_head(self, num_outputs: int) -> None:
+        self.head = nn.Linear(self.head.in_features, num_outputs)
+
+
+def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None = None) -> RegionNet:
+    """A RegionNet with randomly initialised head; `torchvision_state` loads ImageNet weights first."""
+    if name == "small":
+        if torchvision_state is not None:
+            raise ConfigError("backbone small has no torchvision weights; use backbone.weights: pretrain or none")
+        return _small_net(num_outputs, input_size)
+    if name not in TORCHVISION_WEIGHTS:
+        raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
+    model = getattr(torchvision.models, name)(weights=None)
+    if torchvision_state is not None:
+        model.load_state_dict(torchvision_state)
+    conv = nn.Sequential(model.features, model.avgpool)
+    # AlexNet: [Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8]; VGG16: [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]
+    fc6, fc7 = nn.Sequential(*model.classifier[:3]), nn.Sequential(*model.classifier[3:6])
+    return RegionNet(conv, fc6, fc7, 4096, num_outputs)
+
+
+def _small_net(num_outputs: int, input_size: int) -> RegionNet:
+    if input_size % 16:
+        raise ConfigError(f"backbone.input_size {input_size}: the small backbone needs a multiple of 16")
+    layers, in_channels = [], 3
+    for index, channels in enumerate(SMALL_CHANNELS):
+        kernel = 5 if index == 0 else 3
+        layers += [nn.Conv2d(in_channels, channels, kernel, padding=kernel // 2), nn.BatchNorm2d(channels),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        in_channels = channels
+    pool5_dim = in_channels * (input_size // 16) ** 2
+    fc6 = nn.Sequential(nn.Dropout(), nn.Linear(pool5_dim, 256), nn.ReLU(inplace=True))
+    fc7 = nn.Sequential(nn.Dropout(), nn.Linear(256, 256), nn.ReLU(inplace=True))
+    return RegionNet(nn.Sequential(*layers), fc6, fc7, 256, num_outputs)
+
+
+def torchvision_weights_file(name: str, weights: str) -> Path:
+    """The file holding ImageNet weights: `weights` itself, or torchvision's file in the hub cache."""
+    if weights != "torchvision":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
+        return path
+    if name not in TORCHVISION_WEIGHTS:
+        raise ConfigError(f"backbone {name} has no torchvision weights; use backbone.weights: pretrain or none")
+    url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise UserError(f"{path}: torchvision's {name} ImageNet weights are not in the torch hub cache and "
+                        f"nothing is downloaded at run time; fetch {url} elsewhere and copy it to that path, "
+                        f"or set backbone.weights to the file's path")
+    return path
+
+
+def load_state(path: Path, device: str = "cpu") -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read PyTorch weights ({exc})") from None

@@ -1,0 +1,91 @@
+"""Warping regions to the network's input, and labelling them against the ground truth.
+
+R-CNN (Appendix A) dilates each region so that, once warped to S x S, it has exactly `context_pad`
+pixels of image context on every side, then warps it anisotropically; pixels outside the image take
+the mean colour. Here the warp is torchvision.ops.roi_align over the mean-subtracted image (so the
+zeros it samples outside the image are the mean colour), batched on the device: no per-crop Python loop.
+Boxes are (x1, y1, x2, y2) in the pipeline's continuous pixel coordinates (pipeline.boxes), which is
+what roi_align(aligned=True) expects.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou, roi_align
+
+# ImageNet statistics: what torchvision's weights were trained with, and a fine default otherwise.
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
+
+
+def context_boxes(boxes: torch.Tensor, output_size: int, context_pad: float) -> torch.Tensor:
+    """boxes[K, 4] dilated so that the original box fills the warped crop but for `context_pad` pixels."""
+    scale = output_size / (output_size - 2 * context_pad)
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half_sizes = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
+    return torch.cat([centers - half_sizes, centers + half_sizes], dim=1)
+
+
+def mean_subtracted(image: torch.Tensor) -> torch.Tensor:
+    """uint8[3, H, W] RGB -> float32[3, H, W] in [0, 1] minus the mean colour."""
+    mean = torch.tensor(MEAN_RGB, device=image.device).view(3, 1, 1)
+    return image.float().div_(255).sub_(mean)
+
+
+def warp_regions(image: torch.Tensor, boxes: torch.Tensor, output_size: int, context_pad: float) -> torch.Tensor:
+    """Normalised crops[K, 3, S, S] of boxes[K, 4] from a uint8[3, H, W] image (or a mean_subtracted one)."""
+    if image.dtype == torch.uint8:
+        image = mean_subtracted(image)
+    rois = context_boxes(boxes.to(image.device, torch.float32), output_size, context_pad)
+    crops = roi_align(image[None], [rois], output_size=output_size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True)
+    return crops.div_(torch.tensor(STD_RGB, device=image.device).view(1, 3, 1, 1))
+
+
+class ImageBank:
+    """Images kept on the device as uint8, for warping windows drawn from many images at once."""
+
+    def __init__(self, images_rgb: list[np.ndarray], device: str):
+        self.images = [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device)
+                       for rgb in images_rgb]
+
+    def warp(self, image_index: np.ndarray, boxes: torch.Tensor, output_size: int, context_pad: float) -> torch.Tensor:
+        """Crops[K, 3, S, S] for windows given as (image_index[K], boxes[K, 4]), in that order."""
+        device = self.images[0].device
+        crops = torch.empty((len(image_index), 3, output_size, output_size), device=device)
+        for index in np.unique(image_index):
+            rows = torch.from_numpy(np.flatnonzero(image_index == index)).to(device)
+            crops[rows] = warp_regions(self.images[index], boxes[rows], output_size, context_pad)
+        return crops
+
+
+def label_regions(boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                  fg_iou: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Match boxes[R, 4] to ground truth gt_boxes[G, 4] with class indices gt_labels[G].
+
+    Returns labels[R] (gt class index + 1 where the best IoU >= fg_iou, else 0 = background),
+    best IoU[R] and the index of the best-matching ground-truth box[R] (0 when there is none).
+    """
+    if len(gt_boxes) == 0:
+        zeros = torch.zeros(len(boxes), dtype=torch.int64)
+        return zeros, torch.zeros(len(boxes)), zeros
+    best_iou, best_gt = box_iou(boxes, gt_boxes).max(dim=1)
+    labels = torch.where(best_iou >= fg_iou, gt_labels[best_gt] + 1, torch.zeros_like(best_gt))
+    return labels, best_iou, best_gt
+
+
+def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random horizontal flips and colour changes of normalised crops[K, 3, S, S].
+
+    The colour changes (a random permutation of the RGB channels, then a random gain in [0.6, 1.4] and
+    offset in [-0.3, 0.3]) keep the shape and change the colours: for classes defined by shape, they
+    stop a network trained on few objects from learning the colours of the training instances.
+    """
+    count, device = len(crops), crops.device
+    flip = torch.from_numpy(rng.random(count) < 0.5).to(device)
+    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+    channels = torch.from_numpy(np.stack([rng.permutation(3) for _ in range(count)])).to(device)
+    crops = crops[torch.arange(count, device=device)[:, None], channels]
+    gain = torch.from_numpy(rng.uniform(0.6, 1.4, (count, 1, 1, 1))).float().to(device)
+    offset = torch.from_numpy(rng.uniform(-0.3, 0.3, (count, 1, 1, 1))).float().to(device)
+    return crops * gain + offset

@@ -1,0 +1,135 @@
+"""Per-class bounding-box regressors (R-CNN §3.4 and Appendix C).
+
+For each class, a ridge regressor (scikit-learn Ridge, alpha = bbox.lambda; R-CNN: 1000) from the
+cached pool5 features (scaled to a mean L2 norm of feature_norm) of the training regions whose best
+IoU with a ground-truth box is > min_iou (0.6) to the (dx, dy, dw, dh) that move the region onto that
+box: the paper's parameterisation, which is torchvision's BoxCoder with weights (1, 1, 1, 1) in the
+pipeline's box convention. Targets are standardised per coordinate before the fit (R-CNN whitens them)
+so that lambda weighs the four outputs alike. Classes are fitted in Dask tasks of classes_per_task.
+A class's examples are held in memory: (examples of the class) x pool5 dim x 4 bytes.
+Output per task: `<task>.npz` with class_indices, coef[k, 4, D], intercept[k, 4], target_mean[k, 4],
+target_std[k, 4] and scale.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.errors import ConfigError
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from stages.features import FeatureReader, mean_norm_scale
+from stages.svm import class_groups, training_image_ids
+
+
+def box_coder():
+    """R-CNN's (dx, dy, dw, dh): torchvision's BoxCoder with unit weights."""
+    from torchvision.models.detection._utils import BoxCoder
+    return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+
+class BBox(Stage):
+    """Per-class ridge regressors from pool5 features to box corrections."""
+
+    name = "bbox"
+    version = "1"
+    inputs = ("features",)
+    shard_suffix = ".npz"
+    headline_metrics = ("classes", "examples", "mean_abs_residual")
+
+    def params(self, config: dict) -> dict:
+        return {**config["bbox"], "train_split": config["data"]["train_split"]}
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return class_groups(len(ctx.dataset.classes), ctx.config["bbox"]["classes_per_task"])
+
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from sklearn.linear_model import Ridge
+
+        params = ctx.config["bbox"]
+        reader = FeatureReader(inputs["features"])
+        image_ids = training_image_ids(ctx, reader)
+        scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], lambda pool5: pool5.astype(np.float32),
+                                params["feature_norm"])
+        examples = regression_examples(reader, image_ids, set(shard.items), params["min_iou"])
+        fitted, stats = {name: [] for name in ("coef", "intercept", "target_mean", "target_std")}, {}
+        for class_index in shard.items:
+            features, targets = examples[class_index]
+            if not len(features):
+                raise ConfigError(f"bbox: class {ctx.dataset.classes[class_index]!r} has no training region with "
+                                  f"IoU > {params['min_iou']}")
+            features = np.concatenate(features) * scale
+            targets = np.concatenate(targets)
+            mean, std = targets.mean(axis=0), targets.std(axis=0) + 1e-6
+            ridge = Ridge(alpha=params["lambda"]).fit(features, (targets - mean) / std)
+            residual = ridge.predict(features) * std + mean - targets
+            for name, value in (("coef", ridge.coef_), ("intercept", ridge.intercept_),
+                                ("target_mean", mean), ("target_std", std)):
+                fitted[name].append(value.astype(np.float32))
+            stats[ctx.dataset.classes[class_index]] = {"examples": len(targets),
+                                                       "mean_abs_residual": float(np.abs(residual).mean()),
+                                                       "mean_abs_target": float(np.abs(targets).mean())}
+        buffer = io.BytesIO()
+        np.savez(buffer, class_indices=np.array(shard.items), scale=scale,
+                 **{name: np.stack(values) for name, values in fitted.items()})
+        out.path.write_bytes(buffer.getvalue())
+        return stats
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
+        examples = sum(stats["examples"] for stats in per_class.values())
+        return {"classes": len(per_class), "examples": examples, "per_class": per_class,
+                "mean_abs_residual": sum(s["mean_abs_residual"] * s["examples"] for s in per_class.values()) / examples}
+
+
+def regression_examples(reader: FeatureReader, image_ids: list[str], classes: set[int], min_iou: float) -> dict:
+    """class -> (pool5 parts, target parts): regions whose best ground-truth IoU is > min_iou."""
+    import torch
+    from torchvision.ops import box_iou
+
+    coder = box_coder()
+    examples = {class_index: ([], []) for class_index in classes}
+    for image_id in image_ids:
+        image = reader.read(image_id)
+        gt_rows = np.flatnonzero((image.gt_label >= 0) & ~image.gt_difficult)
+        if not len(gt_rows):
+            continue
+        boxes = torch.from_numpy(image.boxes)
+        best_iou, best = box_iou(boxes, boxes[gt_rows]).max(dim=1)
+        assigned_class = image.gt_label[gt_rows][best.numpy()]
+        for class_index in classes:
+            rows = np.flatnonzero((best_iou.numpy() > min_iou) & (assigned_class == class_index))
+            if len(rows):
+                targets = coder.encode_single(boxes[gt_rows][best[rows]], boxes[rows])
+                examples[class_index][0].append(image.pool5[rows].astype(np.float32))
+                examples[class_index][1].append(targets.numpy())
+    return examples
+
+
+def apply_regressors(regressors: dict, pool5: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Refined boxes float32[R, N, 4] for each class, from pool5[R, D] of boxes[R, 4]."""
+    import torch
+    features = pool5.astype(np.float32) * regressors["scale"]
+    # [R, D] x [N, 4, D] -> [R, N, 4] standardised deltas, then back to (dx, dy, dw, dh)
+    deltas = np.einsum("rd,nkd->rnk", features, regressors["coef"]) + regressors["intercept"]
+    deltas = deltas * regressors["target_std"] + regressors["target_mean"]
+    decoded = box_coder().decode_single(torch.from_numpy(deltas.reshape(len(boxes), -1)).float(),
+                                        torch.from_numpy(boxes))
+    return decoded.reshape(len(boxes), -1, 4).numpy()
+
+
+def load_regressors(cache: StageCache, num_classes: int) -> dict:
+    """The fitted regressors of every class, stacked in class order."""
+    parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
+    return {**stack_by_class(parts, ("coef", "intercept", "target_mean", "target_std"), num_classes),
+            "scale": float(parts[0]["scale"])}
+
+
+def stack_by_class(parts: list, names: tuple[str, ...], num_classes: int) -> dict:
+    """Concatenate per-task arrays (each with its class_indices) into class order."""
+    class_indices = np.concatenate([part["class_indices"] for part in parts])
+    if sorted(class_indices.tolist()) != list(range(num_classes)):
+        raise RuntimeError(f"per-class outputs cover classes {sorted(class_indices.tolist())}, not 0..{num_classes - 1}")
+    order = np.argsort(class_indices)
+    return {name: np.concatenate([part[name] for part in parts])[order] for name in names}

@@ -1,0 +1,137 @@
+"""PASCAL VOC evaluation of the test detections (pipeline.evaluation.VOCEvaluator).
+
+Evaluates every detect variant: the R-CNN result (svm_bbox) and the ablations (no box regression;
+the fine-tuned softmax instead of the SVMs), with both the VOC2007 11-point AP and the all-point AP,
+each labelled. The manifest's metrics hold the mAPs, so `rcnn status --json` shows them; the report
+(`reports/evaluate/`) holds map.md, map.json, pr_curves.png and a few test images with detections.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.reports import markdown_table, new_figure, save_figure
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from stages.detect import PRIMARY, VARIANTS, read_detections
+
+VARIANT_TITLES = {"svm_bbox": "R-CNN: SVM + bbox regression", "svm": "SVM, no bbox regression",
+                  "softmax_bbox": "fine-tuned softmax + bbox regression", "softmax": "fine-tuned softmax, no bbox regression"}
+
+
+class Evaluate(Stage):
+    """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
+
+    name = "evaluate"
+    version = "1"
+    inputs = ("detect",)
+    shard_suffix = ".json"
+    headline_metrics = ("map_voc07_11pt", "map_all_point", "map_voc07_11pt_without_bbox", "map_voc07_11pt_softmax")
+
+    def params(self, config: dict) -> dict:
+        return {**config["evaluate"], "test_split": config["data"]["test_split"]}
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return [Shard("00000", VARIANTS)]
+
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline.evaluation import VOCEvaluator
+
+        results = {}
+        for variant in shard.items:
+            detections = read_detections(inputs["detect"], variant)  # every detected image, none skipped
+            for iou in ctx.config["evaluate"]["ious"]:
+                evaluator = VOCEvaluator(ctx.dataset.classes, iou)
+                for image_id in detections:
+                    evaluator.add_ground_truth(image_id, *ctx.dataset.ground_truth(image_id))
+                for image_id, rows in detections.items():
+                    evaluator.process(image_id, rows[:, :4], rows[:, 4], rows[:, 5].astype(int))
+                results.setdefault(variant, {})[str(iou)] = _jsonable(evaluator.evaluate())
+        out.path.write_text(json.dumps(results))
+        return {}
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        results = json.loads(cache.shard_path("00000").read_text())
+        main_iou = str(ctx.config["evaluate"]["ious"][0])
+        write_tables(cache.report_dir, results, ctx.dataset.classes, main_iou)
+        plot_pr_curves(cache.report_dir / "pr_curves.png", results[PRIMARY][main_iou], ctx.dataset.classes)
+        draw_detections(ctx, read_detections(inputs["detect"], PRIMARY), cache.report_dir)
+        primary = results[PRIMARY][main_iou]
+        return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"], "map_all_point": primary["map_all_point"],
+                "map_voc07_11pt_without_bbox": results["svm"][main_iou]["map_voc07_11pt"],
+                "map_voc07_11pt_softmax": results["softmax_bbox"][main_iou]["map_voc07_11pt"],
+                "ap_voc07_11pt": {name: r["ap_voc07_11pt"] for name, r in primary["per_class"].items()},
+                "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
+                                       for metric in ("voc07_11pt", "all_point")}
+                             for variant, by_iou in results.items()}}
+
+
+def _jsonable(result: dict) -> dict:
+    """Per-class PR curves thinned to at most 200 points, as lists."""
+    for per_class in result["per_class"].values():
+        for name in ("recall", "precision"):
+            curve = per_class[name]
+            keep = np.unique(np.linspace(0, len(curve) - 1, min(len(curve), 200)).astype(int)) if len(curve) else []
+            per_class[name] = [None if np.isnan(value) else float(value) for value in np.asarray(curve)[keep]]
+    return result
+
+
+def write_tables(report_dir, results: dict, classes: list[str], main_iou: str) -> None:
+    def cell(value):
+        return "n/a" if value is None else value
+    primary = results[PRIMARY][main_iou]["per_class"]
+    ious = list(results[PRIMARY])
+    per_class = markdown_table(["class", "ground truth", "detections", "AP (VOC07 11-point)", "AP (all-point)"],
+                               [[name, primary[name]["positives"], primary[name]["detections"],
+                                 cell(primary[name]["ap_voc07_11pt"]), cell(primary[name]["ap_all_point"])]
+                                for name in classes])
+    variants = markdown_table(
+        ["method"] + [f"mAP@{iou} ({name})" for iou in ious for name in ("VOC07 11-point", "all-point")],
+        [[VARIANT_TITLES[v]] + [cell(by_iou[iou][f"map_{metric}"]) for iou in ious for metric in ("voc07_11pt", "all_point")]
+         for v, by_iou in results.items()])
+    (report_dir / "map.md").write_text(
+        f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
+        f"## mAP by method\n\n{variants}\n## AP per class at IoU {main_iou}: {VARIANT_TITLES[PRIMARY]}\n\n{per_class}")
+    summary = {variant: {iou: {key: value for key, value in result.items() if key != "per_class"} |
+                         {"ap": {name: {"voc07_11pt": c["ap_voc07_11pt"], "all_point": c["ap_all_point"]}
+                                 for name, c in result["per_class"].items()}}
+                         for iou, result in by_iou.items()} for variant, by_iou in results.items()}
+    (report_dir / "map.json").write_text(json.dumps(summary, indent=2))
+
+
+def plot_pr_curves(path, result: dict, classes: list[str]) -> None:
+    columns = min(4, len(classes))
+    rows = -(-len(classes) // columns)
+    figure = new_figure(3.2 * columns, 2.8 * rows)
+    for index, name in enumerate(classes):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        curve = result["per_class"][name]
+        axes.plot(curve["recall"], curve["precision"])
+        ap = curve["ap_voc07_11pt"]
+        axes.set(title=f"{name} (AP07 {ap:.3f})" if ap is not None else name, xlim=(0, 1), ylim=(0, 1.02),
+                 xlabel="recall", ylabel="precision")
+        axes.grid(True, alpha=0.3)
+    save_figure(figure, path)
+
+
+def draw_detections(ctx: RunContext, detections: dict, report_dir) -> None:
+    """The first few test images with ground truth (thin, white) and detections above min_score."""
+    import cv2
+    params = ctx.config["evaluate"]
+    pictures = report_dir / "detections"
+    pictures.mkdir(exist_ok=True)
+    for image_id in ctx.dataset.image_ids(ctx.config["data"]["test_split"])[:params["pictures"]]:
+        rgb = ctx.dataset.read_image(image_id)
+        if rgb is None or image_id not in detections:
+            continue
+        canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        for box in ctx.dataset.ground_truth(image_id)[0]:
+            cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (255, 255, 255), 1)
+        for x1, y1, x2, y2, score, class_index in detections[image_id]:
+            if score < params["picture_min_score"]:
+                continue
+            cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (0, 200, 255), 2)
+            cv2.putText(canvas, f"{ctx.dataset.classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
+        cv2.imwrite(str(pictures / f"{image_id}.jpg"), canvas)

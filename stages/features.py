@@ -1,0 +1,151 @@
+"""pool5 features of every ground-truth box and proposal of every image (R-CNN §2.2), cached in HDF5.
+
+One HDF5 file per image shard (one writer per file), a group per image id:
+    boxes         float32[R, 4]  ground-truth boxes first (all of them, difficult included), then proposals
+    gt_label      int16[R]       class index for ground-truth rows, -1 for proposals
+    gt_difficult  bool[R]
+    pool5         float16[R, D]  (features.dtype) the fine-tuned network's flattened pool5, chunked and compressed
+Regions are warped on the device with context padding (pipeline.regions) and run through the conv
+layers in batches; the manifest records the bytes stored per region.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.errors import ConfigError
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage, image_shards
+
+DTYPES = ("float16", "float32")
+COMPRESSIONS = ("lzf", "gzip", "none")
+
+
+@dataclass
+class ImageFeatures:
+    boxes: np.ndarray         # float32[R, 4]
+    gt_label: np.ndarray      # int16[R], -1 for proposals
+    gt_difficult: np.ndarray  # bool[R]
+    pool5: np.ndarray         # float16 or float32 [R, D]
+
+    @property
+    def proposal_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.gt_label < 0)
+
+
+class Features(Stage):
+    """pool5 features of every ground-truth box and proposal, in HDF5 per image shard."""
+
+    name = "features"
+    version = "1"
+    inputs = ("proposals", "finetune")
+    headline_metrics = ("regions", "bytes_per_region", "regions_per_second")
+
+    def params(self, config: dict) -> dict:
+        params = {**config["features"], "amp": config["amp"]}
+        if params["dtype"] not in DTYPES or params["compression"] not in COMPRESSIONS:
+            raise ConfigError(f"features.dtype must be one of {DTYPES} and features.compression one of "
+                              f"{COMPRESSIONS} (got {params['dtype']!r}, {params['compression']!r})")
+        return params
+
+    def resources(self, ctx: RunContext) -> dict:
+        return {"GPU": 1} if ctx.device == "cuda" else {}
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return image_shards(ctx.image_ids(), ctx.config["features"]["images_per_shard"])
+
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from stages.finetune import load_finetuned
+        from stages.proposals import read_proposals
+
+        params = ctx.config["features"]
+        net, backbone = load_finetuned(inputs["finetune"], ctx.device)
+        proposals = read_proposals(inputs["proposals"], shard.items)
+        regions = 0
+        with h5py.File(out.path, "w") as shard_file:
+            for image_id in shard.items:
+                rgb = ctx.dataset.read_image(image_id)
+                if rgb is None or image_id not in proposals:  # skipped for bad input
+                    continue
+                gt_boxes, gt_labels, difficult = ctx.dataset.ground_truth(image_id)
+                boxes = np.concatenate([gt_boxes, proposals[image_id]]).astype(np.float32)
+                pool5 = pool5_features(net, rgb, boxes, backbone, params["batch_size"], ctx.device, ctx.config["amp"])
+                group = shard_file.create_group(image_id)
+                group["boxes"] = boxes
+                group["gt_label"] = np.concatenate([gt_labels, np.full(len(proposals[image_id]), -1)]).astype(np.int16)
+                group["gt_difficult"] = np.concatenate([difficult, np.zeros(len(proposals[image_id]), bool)])
+                group.create_dataset("pool5", data=pool5.astype(params["dtype"]), chunks=(min(len(boxes), 128), pool5.shape[1]),
+                                     compression=None if params["compression"] == "none" else params["compression"])
+                regions += len(boxes)
+        return {"regions": regions, "pool5_dim": int(pool5.shape[1]) if regions else 0}
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        regions = sum(record["metrics"]["regions"] for record in records.values())
+        stored = sum(record["bytes"] for record in records.values())
+        seconds = sum(record["seconds"] for record in records.values())
+        return {"regions": regions, "bytes_per_region": stored / max(regions, 1), "bytes": stored,
+                "regions_per_second": regions / max(seconds, 1e-9), "device": ctx.device,
+                "pool5_dim": max(record["metrics"]["pool5_dim"] for record in records.values()),
+                "dtype": ctx.config["features"]["dtype"]}
+
+
+def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: dict, batch_size: int, device: str,
+                   amp: bool) -> np.ndarray:
+    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches."""
+    import torch
+
+    from pipeline.regions import mean_subtracted, warp_regions
+    image = mean_subtracted(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device))
+    boxes = torch.from_numpy(boxes)
+    outputs = []
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+        for batch in boxes.split(batch_size):
+            crops = warp_regions(image, batch, backbone["input_size"], backbone["context_pad"])
+            outputs.append(net.pool5(crops).flatten(1).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+class FeatureReader:
+    """Reads the cached features of one image at a time from a features output."""
+
+    def __init__(self, cache: StageCache):
+        self.file_of: dict[str, Path] = {}
+        for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+            with h5py.File(path, "r") as shard_file:
+                self.file_of.update({image_id: path for image_id in shard_file})
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.file_of
+
+    def read(self, image_id: str, ground_truth_only: bool = False) -> ImageFeatures:
+        """All regions of the image, or only its ground-truth boxes (stored first, so read alone)."""
+        with h5py.File(self.file_of[image_id], "r") as shard_file:
+            group = shard_file[image_id]
+            rows = slice(int((group["gt_label"][()] >= 0).sum())) if ground_truth_only else slice(None)
+            return ImageFeatures(group["boxes"][rows], group["gt_label"][rows], group["gt_difficult"][rows],
+                                 group["pool5"][rows])
+
+
+LAYERS = ("pool5", "fc6", "fc7")
+
+
+def layer_features(net, pool5: np.ndarray, layer: str, device: str, batch_size: int = 4096) -> np.ndarray:
+    """float32[R, D] activations of `layer`, computed from cached pool5[R, P] through the fine-tuned fc layers."""
+    import torch
+    if layer == "pool5":
+        return pool5.astype(np.float32)
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(pool5), batch_size):
+            batch = torch.from_numpy(pool5[start:start + batch_size].astype(np.float32)).to(device)
+            outputs.append(net.fc(batch, layer).cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, net.head.in_features), np.float32)
+
+
+def mean_norm_scale(reader: FeatureReader, image_ids: list[str], transform, target_norm: float) -> float:
+    """The factor that gives the features of these images a mean L2 norm of target_norm (R-CNN: 20)."""
+    norms = [np.linalg.norm(transform(reader.read(image_id).pool5), axis=1) for image_id in image_ids]
+    return float(target_norm / np.concatenate(norms).mean())

@@ -1,0 +1,140 @@
+"""Train the backbone from scratch as an N-class classifier on ground-truth crops.
+
+The lecture's first step, "train (or download) a classification model", for data sets without
+ImageNet weights at hand (the shapes demo, or any machine that cannot fetch them). Each mini-batch
+draws ground-truth boxes of the training split uniformly, jitters them (keeping IoU >= jitter_iou with
+the original) and warps them as R-CNN warps regions; with `augment`, crops are also flipped and their
+colours changed (pipeline.regions.augment_crops). Output: `00000.pt`, the
+RegionNet's state dict, read by `finetune` when backbone.weights is "pretrain".
+
+torch is imported inside the methods: importing it costs seconds, which cached runs should not pay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+
+
+@dataclass
+class TrainingImages:
+    """The training split in memory: images on the device, non-difficult ground truth per image."""
+    image_ids: list[str]
+    bank: object               # pipeline.regions.ImageBank
+    gt_boxes: list[np.ndarray]  # float32[G, 4] per image
+    gt_labels: list[np.ndarray]  # int64[G] per image (class indices)
+
+
+def load_training_images(ctx: RunContext, device: str) -> TrainingImages:
+    from pipeline.regions import ImageBank
+    image_ids, images, gt_boxes, gt_labels = [], [], [], []
+    for image_id in ctx.dataset.image_ids(ctx.config["data"]["train_split"]):
+        rgb = ctx.dataset.read_image(image_id)
+        if rgb is None:  # skipped for bad input
+            continue
+        boxes, labels, difficult = ctx.dataset.ground_truth(image_id)
+        image_ids.append(image_id)
+        images.append(rgb)
+        gt_boxes.append(boxes[~difficult])
+        gt_labels.append(labels[~difficult])
+    return TrainingImages(image_ids, ImageBank(images, device), gt_boxes, gt_labels)
+
+
+def backbone_params(config: dict) -> dict:
+    backbone = config["backbone"]
+    return {name: backbone[name] for name in ("name", "input_size", "context_pad")}
+
+
+class Pretrain(Stage):
+    """Train the backbone from scratch as a classifier on jittered ground-truth crops."""
+
+    name = "pretrain"
+    version = "1"
+    shard_suffix = ".pt"
+    headline_metrics = ("final_loss", "train_accuracy")
+
+    def params(self, config: dict) -> dict:
+        return {**config["pretrain"], "backbone": backbone_params(config),
+                "train_split": config["data"]["train_split"]}
+
+    def resources(self, ctx: RunContext) -> dict:
+        return {"GPU": 1} if ctx.device == "cuda" else {}
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return [Shard("00000", ())]
+
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        import torch
+
+        from pipeline.models import build_region_net
+        from pipeline.regions import augment_crops
+        from pipeline.training import SGDSettings, train
+
+        params, backbone = ctx.config["pretrain"], ctx.config["backbone"]
+        settings = SGDSettings.from_config(params)
+        torch.manual_seed(settings.seed)
+        net = build_region_net(backbone["name"], len(ctx.dataset.classes), backbone["input_size"])
+        training = load_training_images(ctx, ctx.device)
+        windows = np.concatenate([np.full(len(boxes), index) for index, boxes in enumerate(training.gt_boxes)])
+        boxes = torch.from_numpy(np.concatenate(training.gt_boxes))
+        labels = torch.from_numpy(np.concatenate(training.gt_labels))
+
+        def next_batch(rng: np.random.Generator):
+            chosen = rng.integers(len(windows), size=params["batch_size"])
+            jittered = jitter_boxes(boxes[chosen], params["jitter_iou"], rng)
+            crops = training.bank.warp(windows[chosen], jittered, backbone["input_size"], backbone["context_pad"])
+            return augment_crops(crops, rng) if params["augment"] else crops, labels[chosen].to(crops.device)
+
+        losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.config["torch_threads"],
+                       desc="pretrain")
+        predicted = predict_classes(net, training, windows, boxes, backbone)
+        torch.save({"model": net.state_dict(), "losses": losses}, out.path)
+        return {"final_loss": float(np.mean(losses[-20:])),
+                "train_accuracy": float((predicted == labels).float().mean()), "gt_crops": len(windows)}
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        import torch
+
+        from pipeline.reports import plot_loss
+        losses = torch.load(cache.shard_path("00000"), weights_only=True)["losses"]
+        plot_loss(losses, cache.report_dir / "loss.png", "pretrain: classification loss (ground-truth crops)")
+        return {**records["00000"]["metrics"], "device": ctx.device}
+
+
+def predict_classes(net, training: TrainingImages, windows: np.ndarray, boxes, backbone: dict, batch_size: int = 256):
+    """The network's arg-max class for each window, warped and classified in batches."""
+    import torch
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            crops = training.bank.warp(windows[start:start + batch_size], boxes[start:start + batch_size],
+                                       backbone["input_size"], backbone["context_pad"])
+            predicted.append(net(crops).argmax(1).cpu())
+    return torch.cat(predicted)
+
+
+def jitter_boxes(boxes, min_iou: float, rng: np.random.Generator, tries: int = 10):
+    """Randomly shifted and rescaled copies of boxes[K, 4] whose IoU with the original stays >= min_iou."""
+    import torch
+    from torchvision.ops import box_iou
+
+    jittered = boxes.clone()
+    pending = torch.ones(len(boxes), dtype=torch.bool)
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    for _ in range(tries):
+        count = int(pending.sum())
+        if not count:
+            break
+        shift = torch.from_numpy(rng.uniform(-0.15, 0.15, (count, 2))).float() * sizes[pending]
+        scale = torch.from_numpy(np.exp(rng.uniform(-0.2, 0.2, (count, 2)))).float()
+        centers = (boxes[pending, :2] + boxes[pending, 2:]) / 2 + shift
+        half = sizes[pending] * scale / 2
+        candidates = torch.cat([centers - half, centers + half], dim=1)
+        accepted = torch.diagonal(box_iou(candidates, boxes[pending])) >= min_iou
+        rows = torch.nonzero(pending).flatten()[accepted]
+        jittered[rows] = candidates[accepted]
+        pending[rows] = False
+    return jittered

@@ -1,0 +1,198 @@
+"""Per-class linear SVMs with hard negative mining over the feature cache (R-CNN §2.3, Appendix B).
+
+Features: `svm.layer` (pool5, fc6 or fc7; R-CNN: fc7) computed on the fly from the cached pool5
+through the fine-tuned fc layers, scaled so that their mean L2 norm is `feature_norm` (20).
+Positives: the non-difficult ground-truth boxes of the class. Negatives: proposals whose IoU with
+every instance of the class is < negative_iou (0.3). Loss: L2-regularised L1 hinge (liblinear through
+scikit-learn's LinearSVC, loss='hinge'), C, positive class weight and intercept scaling from the config.
+
+Hard negative mining streams the training images in split order, one image's features at a time:
+negatives scoring above hard_threshold (-1.0001) join the class's cache; the SVM is retrained after the
+first image, whenever more than retrain_after (2000) negatives were added, and after the last image;
+each retrain evicts cached negatives scoring below evict_threshold (-1.2) and, if the cache is still
+larger than max_cached_negatives, keeps only the hardest. So the memory a class needs is bounded by
+
+    (positives + max_cached_negatives + retrain_after + regions of one image) x D x 4 bytes,
+
+whatever the size of the feature cache. Classes are trained in parallel Dask tasks of
+classes_per_task classes; each task reads the feature cache once for all of its classes.
+Output per task: `<task>.npz` with class_indices, weights[k, D], biases[k], scale and layer.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.errors import ConfigError
+from pipeline.reports import markdown_table
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from stages.features import LAYERS, FeatureReader, layer_features, mean_norm_scale
+
+
+def class_groups(num_classes: int, per_task: int) -> list[Shard]:
+    """Shards of consecutive class indices, `per_task` at a time."""
+    return [Shard(f"{start // per_task:05d}", tuple(range(start, min(start + per_task, num_classes))))
+            for start in range(0, num_classes, per_task)]
+
+
+def training_image_ids(ctx: RunContext, reader: FeatureReader) -> list[str]:
+    return [image_id for image_id in ctx.dataset.image_ids(ctx.config["data"]["train_split"]) if image_id in reader]
+
+
+class SVM(Stage):
+    """Per-class linear SVMs on cached features, with hard negative mining."""
+
+    name = "svm"
+    version = "1"
+    inputs = ("features", "finetune")
+    shard_suffix = ".npz"
+    headline_metrics = ("classes", "mean_cached_negatives", "retrains")
+
+    def params(self, config: dict) -> dict:
+        params = dict(config["svm"])
+        if params["layer"] not in LAYERS:
+            raise ConfigError(f"svm.layer {params['layer']!r}: expected one of {', '.join(LAYERS)}")
+        return {**params, "train_split": config["data"]["train_split"]}
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return class_groups(len(ctx.dataset.classes), ctx.config["svm"]["classes_per_task"])
+
+    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from stages.finetune import load_finetuned
+
+        params = ctx.config["svm"]
+        net, _ = load_finetuned(inputs["finetune"], ctx.device)
+        reader = FeatureReader(inputs["features"])
+        image_ids = training_image_ids(ctx, reader)
+
+        def features_of(pool5: np.ndarray) -> np.ndarray:
+            return layer_features(net, pool5, params["layer"], ctx.device)
+
+        scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], features_of, params["feature_norm"])
+        caches = {class_index: ClassCache(positives=np.zeros((0, 0), np.float32)) for class_index in shard.items}
+        classes = ctx.dataset.classes
+        collect_positives(reader, image_ids, caches, lambda pool5: features_of(pool5) * scale, classes)
+        mine_hard_negatives(reader, image_ids, caches, lambda pool5: features_of(pool5) * scale, params)
+        buffer = io.BytesIO()
+        np.savez(buffer, class_indices=np.array(shard.items), scale=scale, layer=params["layer"],
+                 weights=np.stack([caches[c].weights for c in shard.items]),
+                 biases=np.array([caches[c].bias for c in shard.items]))
+        out.path.write_bytes(buffer.getvalue())
+        return {ctx.dataset.classes[c]: caches[c].summary() for c in shard.items}
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
+        rows = [[name, stats["positives"], stats["cached_negatives"], stats["hard_negatives_seen"], stats["retrains"],
+                 stats["unconverged_fits"]] for name, stats in per_class.items()]
+        (cache.report_dir / "svm.md").write_text(
+            f"# Linear SVMs ({ctx.config['svm']['layer']}, C = {ctx.config['svm']['C']})\n\n"
+            + markdown_table(["class", "positives", "cached negatives at the end", "hard negatives added",
+                              "retrains", "fits that hit svm.max_iter"], rows))
+        return {"classes": len(per_class), "per_class": per_class,
+                "mean_cached_negatives": float(np.mean([s["cached_negatives"] for s in per_class.values()])),
+                "retrains": int(sum(s["retrains"] for s in per_class.values()))}
+
+
+@dataclass
+class ClassCache:
+    """One class's training state during hard negative mining (R-CNN's per-class cache)."""
+    positives: np.ndarray
+    negatives: list = field(default_factory=list)    # feature rows
+    keys: list = field(default_factory=list)         # (image index, row) of each cached negative
+    key_set: set = field(default_factory=set)
+    added_since_retrain: int = 0
+    hard_negatives_seen: int = 0
+    retrains: int = 0
+    unconverged_fits: int = 0
+    weights: np.ndarray | None = None
+    bias: float = 0.0
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return features @ self.weights + self.bias if self.weights is not None else np.zeros(len(features))
+
+    def summary(self) -> dict:
+        return {"positives": len(self.positives), "cached_negatives": len(self.negatives),
+                "hard_negatives_seen": self.hard_negatives_seen, "retrains": self.retrains,
+                "unconverged_fits": self.unconverged_fits}
+
+
+def collect_positives(reader: FeatureReader, image_ids: list[str], caches: dict, transform, classes: list[str]) -> None:
+    """Features of every non-difficult ground-truth box of the classes being trained."""
+    rows: dict[int, list] = {class_index: [] for class_index in caches}
+    for image_id in image_ids:
+        gt = reader.read(image_id, ground_truth_only=True)
+        features = transform(gt.pool5)
+        for class_index in caches:
+            rows[class_index].append(features[(gt.gt_label == class_index) & ~gt.gt_difficult])
+    for class_index, parts in rows.items():
+        caches[class_index].positives = np.concatenate(parts)
+        if not len(caches[class_index].positives):
+            raise ConfigError(f"svm: class {classes[class_index]!r} has no non-difficult ground-truth box in the "
+                              f"training split")
+
+
+def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dict, transform, params: dict) -> None:
+    """R-CNN's hard negative mining loop over the training images, for every class in `caches`."""
+    import torch
+    from torchvision.ops import box_iou
+
+    for pass_index in range(params["hard_negative_passes"]):
+        for image_index, image_id in enumerate(image_ids):
+            image = reader.read(image_id)
+            features = transform(image.pool5)
+            proposals = image.proposal_rows
+            overlaps = box_iou(torch.from_numpy(image.boxes[proposals]), torch.from_numpy(image.boxes[image.gt_label >= 0]))
+            gt_classes = image.gt_label[image.gt_label >= 0]
+            last = pass_index == params["hard_negative_passes"] - 1 and image_index == len(image_ids) - 1
+            for class_index, cache in caches.items():
+                class_overlap = overlaps[:, torch.from_numpy(gt_classes == class_index)]
+                max_overlap = class_overlap.max(dim=1).values.numpy() if class_overlap.shape[1] else np.zeros(len(proposals))
+                negatives = proposals[max_overlap < params["negative_iou"]]
+                hard = negatives[cache.scores(features[negatives]) > params["hard_threshold"]]
+                new = [row for row in hard if (image_index, row) not in cache.key_set]
+                cache.negatives.extend(features[new])
+                cache.keys.extend((image_index, row) for row in new)
+                cache.key_set.update((image_index, row) for row in new)
+                cache.added_since_retrain += len(new)
+                cache.hard_negatives_seen += len(new)
+                first = cache.retrains == 0
+                if cache.negatives and (first or cache.added_since_retrain > params["retrain_after"] or last):
+                    retrain(cache, params)
+
+
+def retrain(cache: ClassCache, params: dict) -> None:
+    """Fit the SVM on positives + cached negatives, then evict the easy negatives."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    negatives = np.stack(cache.negatives)
+    features = np.concatenate([cache.positives, negatives])
+    labels = np.concatenate([np.ones(len(cache.positives)), -np.ones(len(negatives))])
+    svm = LinearSVC(C=params["C"], loss="hinge", dual=True, intercept_scaling=params["intercept_scaling"],
+                    class_weight={1: params["positive_weight"], -1: 1.0}, max_iter=params["max_iter"], random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svm.fit(features, labels)
+    cache.unconverged_fits += any(issubclass(warning.category, ConvergenceWarning) for warning in caught)
+    cache.weights, cache.bias = svm.coef_[0].astype(np.float32), float(svm.intercept_[0])
+    cache.retrains += 1
+    cache.added_since_retrain = 0
+    scores = cache.scores(negatives)
+    keep = np.flatnonzero(scores >= params["evict_threshold"])
+    if len(keep) > params["max_cached_negatives"]:
+        keep = keep[np.argsort(-scores[keep], kind="stable")[:params["max_cached_negatives"]]]
+    cache.negatives = [negatives[row] for row in keep]
+    cache.keys = [cache.keys[row] for row in keep]
+    cache.key_set = set(cache.keys)
+
+
+def load_svms(cache: StageCache, num_classes: int) -> dict:
+    """weights[N, D], biases[N] in class order, the feature scale and the layer they were trained on."""
+    from stages.bbox import stack_by_class
+    parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
+    return {**stack_by_class(parts, ("weights", "biases"), num_classes),
+            "scale": float(parts[0]["scale"]), "layer": str(parts[0]["layer"])}

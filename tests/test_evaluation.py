@@ -1,0 +1,98 @@
+"""The VOC evaluator against hand-worked examples (devkit semantics, VOC07 11-point and all-point AP)."""
+import numpy as np
+import pytest
+
+from pipeline.evaluation import VOCEvaluator, all_point_ap, voc07_11pt_ap
+
+BOX_A = [0, 0, 10, 10]
+BOX_B = [20, 20, 30, 30]
+
+
+def evaluator_with(ground_truth: dict, classes=("cat", "dog")) -> VOCEvaluator:
+    evaluator = VOCEvaluator(list(classes), iou_threshold=0.5)
+    for image_id, objects in ground_truth.items():
+        boxes = [box for box, _, _ in objects]
+        evaluator.add_ground_truth(image_id, np.array(boxes, float).reshape(-1, 4),
+                                   np.array([label for _, label, _ in objects]),
+                                   np.array([difficult for _, _, difficult in objects], bool))
+    return evaluator
+
+
+def detect(evaluator, image_id, rows):
+    """rows: (box, score, label)"""
+    evaluator.process(image_id, np.array([r[0] for r in rows], float).reshape(-1, 4),
+                      np.array([r[1] for r in rows], float), np.array([r[2] for r in rows]))
+
+
+def test_perfect_detections_give_ap_one():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)], "i2": [(BOX_B, 0, False)]}, classes=("cat",))
+    detect(evaluator, "i1", [(BOX_A, 0.9, 0)])
+    detect(evaluator, "i2", [(BOX_B, 0.8, 0)])
+    result = evaluator.evaluate()
+    assert result["map_voc07_11pt"] == pytest.approx(1.0) and result["map_all_point"] == pytest.approx(1.0)
+
+
+def test_duplicate_detection_is_a_false_positive():
+    # 2 objects; ranked: TP(obj1), FP(duplicate of obj1), TP(obj2) -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)], "i2": [(BOX_B, 0, False)]}, classes=("cat",))
+    detect(evaluator, "i1", [(BOX_A, 0.9, 0), ([0, 0, 10, 11], 0.8, 0)])
+    detect(evaluator, "i2", [(BOX_B, 0.7, 0)])
+    result = evaluator.evaluate()["per_class"]["cat"]
+    assert result["precision"].tolist() == pytest.approx([1.0, 0.5, 2 / 3])
+    # 11-point: t = 0..0.5 -> max precision at recall >= t is 1 (6 points); t = 0.6..1 -> 2/3 (5 points)
+    assert result["ap_voc07_11pt"] == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+    # all-point: recall 0 -> 0.5 at precision 1, 0.5 -> 1 at 2/3
+    assert result["ap_all_point"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+
+
+def test_detection_of_a_difficult_object_is_neither_true_nor_false():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False), (BOX_B, 0, True)]}, classes=("cat",))
+    detect(evaluator, "i1", [(BOX_B, 0.95, 0), (BOX_A, 0.9, 0)])  # the difficult one ranks first
+    result = evaluator.evaluate()["per_class"]["cat"]
+    assert result["positives"] == 1 and result["ap_voc07_11pt"] == pytest.approx(1.0)
+
+
+def test_overlap_must_exceed_the_threshold():
+    # [0, 0, 10, 20] against [0, 0, 10, 10]: IoU exactly 0.5 -> not a match (the devkit's "exceed 50 %")
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)]}, classes=("cat",))
+    detect(evaluator, "i1", [([0, 0, 10, 20], 0.9, 0)])
+    assert evaluator.evaluate()["per_class"]["cat"]["ap_all_point"] == 0.0
+
+
+def test_class_with_no_detections_has_ap_zero_and_counts_in_the_mean():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False), (BOX_B, 1, False)]})
+    detect(evaluator, "i1", [(BOX_A, 0.9, 0)])
+    result = evaluator.evaluate()
+    assert result["per_class"]["dog"]["ap_voc07_11pt"] == 0.0 and result["per_class"]["dog"]["detections"] == 0
+    assert result["map_voc07_11pt"] == pytest.approx(0.5)
+
+
+def test_class_without_ground_truth_has_no_ap_and_is_left_out_of_the_mean():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)]})
+    detect(evaluator, "i1", [(BOX_A, 0.9, 0), (BOX_B, 0.5, 1)])
+    result = evaluator.evaluate()
+    assert result["per_class"]["dog"]["ap_voc07_11pt"] is None and result["map_voc07_11pt"] == pytest.approx(1.0)
+
+
+def test_tied_scores_keep_the_order_they_were_given_in():
+    # two detections with the same score: a false positive given first, then the true positive
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)], "i2": [(BOX_B, 0, False)]}, classes=("cat",))
+    detect(evaluator, "i1", [([50, 50, 60, 60], 0.5, 0)])
+    detect(evaluator, "i2", [(BOX_B, 0.5, 0)])
+    result = evaluator.evaluate()["per_class"]["cat"]
+    assert result["precision"].tolist() == [0.0, 0.5] and result["recall"].tolist() == [0.0, 0.5]
+    # the other order would give precision [1, 0.5]: ties are not re-ordered in the detector's favour
+    assert result["ap_all_point"] == pytest.approx(0.25)
+
+
+def test_detection_on_an_image_without_that_class_is_a_false_positive():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)], "i2": []}, classes=("cat",))
+    detect(evaluator, "i2", [(BOX_A, 0.9, 0)])
+    detect(evaluator, "i1", [(BOX_A, 0.8, 0)])
+    assert evaluator.evaluate()["per_class"]["cat"]["precision"].tolist() == [0.0, 0.5]
+
+
+def test_eleven_point_ap_counts_recall_of_exactly_three_tenths():
+    recall, precision = np.array([0.1, 0.2, 0.3]), np.array([1.0, 1.0, 1.0])
+    assert voc07_11pt_ap(recall, precision) == pytest.approx(4 / 11)
+    assert all_point_ap(recall, precision) == pytest.approx(0.3)

@@ -1,0 +1,171 @@
+"""The whole R-CNN graph on the tiny generated set, as a user runs it: files, reports, reuse and resume."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import sha256_of
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "finetune.iterations=24",
+        "finetune.checkpoint_every=4", "proposals.max_proposals=80", "features.images_per_shard=2",
+        "svm.norm_images=4", "bbox.norm_images=4", "detect.images_per_shard=2", "evaluate.pictures=2"]
+STAGES = ["proposals", "pretrain", "finetune", "features", "svm", "bbox", "detect", "evaluate"]
+
+
+def options(data, cache, reports, *extra_sets):
+    sets = [item for value in (*TINY, *extra_sets) for item in ("--set", value)]
+    return [*sets, "--data", str(data), "--cache", str(cache), "--reports", str(reports)]
+
+
+def status(data, cache, reports, capsys, *extra_sets) -> dict:
+    capsys.readouterr()
+    assert main(["status", "--json", *options(data, cache, reports, *extra_sets)]) == 0
+    return {row["stage"]: row for row in json.loads(capsys.readouterr().out)["stages"]}
+
+
+def tree_digest(directory):
+    return {path.name: sha256_of(path) for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shapes_root, tmp_path_factory):
+    """One full `rcnn run` of the tiny preset; tests only read it or copy its cache."""
+    work = tmp_path_factory.mktemp("rcnn")
+    assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    return shapes_root, work / "cache", work / "reports"
+
+
+def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
+    data, cache, reports = tiny_run
+    rows = status(data, cache, reports, capsys)
+    assert [rows[stage]["state"] for stage in STAGES] == ["cached"] * len(STAGES)
+    metrics = rows["evaluate"]["metrics"]
+    assert 0.0 <= metrics["map_voc07_11pt"] <= 1.0 and 0.0 <= metrics["map_all_point"] <= 1.0
+    assert metrics["ap_voc07_11pt"]["circle"] is None  # the tiny test split has no circle
+    assert {"svm_bbox", "svm", "softmax_bbox", "softmax"} == set(metrics["variants"])
+    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "evaluate").iterdir()}
+    assert "IoU" in (reports / "evaluate" / "map.md").read_text()
+    assert rows["features"]["metrics"]["bytes_per_region"] > 0
+
+
+def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
+    data, _, reports = tiny_run
+    from pipeline.data.voc import VOCDataset
+    dataset = VOCDataset(data)
+    results = reports / "detect" / "results"
+    assert sorted(path.name for path in results.iterdir()) == sorted(f"comp4_det_test_{name}.txt"
+                                                                     for name in dataset.classes)
+    lines = [line.split() for path in results.iterdir() for line in path.read_text().splitlines()]
+    assert lines
+    for image_id, score, xmin, ymin, xmax, ymax in lines:
+        annotation = dataset.annotation(image_id)
+        assert image_id in dataset.image_ids("test")
+        assert 1 <= float(xmin) <= float(xmax) <= annotation.width and 1 <= float(ymin) <= float(ymax) <= annotation.height
+
+
+def test_features_are_float16_chunked_and_compressed_per_image(tiny_run, capsys):
+    data, cache, reports = tiny_run
+    key = status(data, cache, reports, capsys)["features"]["key"]
+    shard = sorted((cache / "features" / key).glob("*.h5"))[0]
+    with h5py.File(shard, "r") as opened:
+        group = opened[next(iter(opened))]
+        assert group["pool5"].dtype == np.float16 and group["pool5"].chunks and group["pool5"].compression == "lzf"
+        assert (group["gt_label"][()] >= 0).sum() >= 1 and group["boxes"].shape[0] == group["pool5"].shape[0]
+
+
+def test_training_losses_go_down(tiny_run, capsys):
+    data, cache, reports = tiny_run
+    rows = status(data, cache, reports, capsys)
+    for stage in ("pretrain", "finetune"):
+        losses = torch.load(cache / stage / rows[stage]["key"] / "00000.pt", weights_only=True)["losses"]
+        assert np.mean(losses[-6:]) < np.mean(losses[:6]), stage
+
+
+def test_changing_an_svm_param_reuses_proposals_finetuning_and_features(tiny_run, tmp_path, capsys):
+    data, original_cache, reports = tiny_run
+    cache = shutil.copytree(original_cache, tmp_path / "cache")
+    before = status(data, cache, reports, capsys)
+    upstream = ["proposals", "pretrain", "finetune", "features", "bbox"]
+    digests = {stage: tree_digest(cache / stage / before[stage]["key"]) for stage in upstream}
+    capsys.readouterr()
+    assert main(["run", *options(data, cache, tmp_path / "reports", "svm.C=0.01")]) == 0
+    printed = capsys.readouterr().out
+    after = status(data, cache, reports, capsys, "svm.C=0.01")
+    for stage in upstream:
+        assert after[stage]["key"] == before[stage]["key"], stage
+        assert tree_digest(cache / stage / after[stage]["key"]) == digests[stage], stage
+        assert f"{stage:<12} cached" in printed
+    for stage in ("svm", "detect", "evaluate"):
+        assert after[stage]["key"] != before[stage]["key"] and f"{stage:<12} computed" in printed
+
+
+def run_until_killed(argv, stop_when, timeout=180):
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not stop_when():
+        assert process.poll() is None, f"ended before it could be killed: {process.stderr.read().decode()[-500:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_features_run_resumes_at_the_first_missing_shard_with_an_identical_result(tiny_run, tmp_path, capsys):
+    data, original_cache, reports = tiny_run
+    key = status(data, original_cache, reports, capsys)["features"]["key"]
+    cache = shutil.copytree(original_cache, tmp_path / "cache")
+    shutil.rmtree(cache / "features" / key)
+    key_dir = cache / "features" / key
+    run_until_killed(["features", "--scheduler", "threads:1", *options(data, cache, tmp_path / "reports")],
+                     lambda: len(list(key_dir.glob("*.done.json"))) >= 2)
+    done_before = {path.name: path.stat().st_mtime_ns for path in key_dir.glob("*.done.json")}
+    assert not (key_dir / "manifest.json").exists() and len(done_before) < 8
+    assert main(["features", *options(data, cache, tmp_path / "reports")]) == 0
+    assert {name: (key_dir / name).stat().st_mtime_ns for name in done_before} == done_before
+    for shard in sorted((original_cache / "features" / key).glob("*.h5")):
+        with h5py.File(shard, "r") as expected, h5py.File(key_dir / shard.name, "r") as resumed:
+            for image_id in expected:
+                for name in ("boxes", "gt_label", "pool5"):
+                    assert np.array_equal(expected[image_id][name][()], resumed[image_id][name][()])
+
+
+def test_killed_finetuning_resumes_from_its_checkpoint_with_identical_weights(tiny_run, tmp_path, capsys):
+    data, original_cache, reports = tiny_run
+    key = status(data, original_cache, reports, capsys)["finetune"]["key"]
+    cache = shutil.copytree(original_cache, tmp_path / "cache")
+    shutil.rmtree(cache / "finetune" / key)
+    checkpoint = cache / "finetune" / key / "00000.checkpoint"
+    run_until_killed(["finetune", *options(data, cache, tmp_path / "reports")], checkpoint.exists)
+    assert not (cache / "finetune" / key / "00000.pt").exists()
+    assert main(["finetune", *options(data, cache, tmp_path / "reports")]) == 0
+    assert not checkpoint.exists()
+    expected = torch.load(original_cache / "finetune" / key / "00000.pt", weights_only=True)
+    resumed = torch.load(cache / "finetune" / key / "00000.pt", weights_only=True)
+    assert expected["losses"] == resumed["losses"]
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_pipeline_runs_on_any_voc_layout_set_with_classes_from_its_annotations(shapes_copy, tmp_path, capsys):
+    renamed = {"circle": "disc", "cross": "plus", "hexagon": "nut", "square": "tile", "star": "asterisk",
+               "triangle": "wedge"}
+    for path in (shapes_copy / "Annotations").iterdir():
+        text = path.read_text()
+        for old, new in renamed.items():
+            text = text.replace(f"<name>{old}</name>", f"<name>{new}</name>")
+        path.write_text(text)
+    assert main(["run", *options(shapes_copy, tmp_path / "cache", tmp_path / "reports")]) == 0
+    table = (tmp_path / "reports" / "evaluate" / "map.md").read_text()
+    assert all(f"| {name} |" in table for name in renamed.values())
