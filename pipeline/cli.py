@@ -103,7 +103,8 @@ def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) 
                              "the value is read as YAML)")
     parser.add_argument("--data", type=Path, metavar="DIR", help="a VOC-layout data set root (default: data.root)")
     parser.add_argument("--cache", type=Path, metavar="DIR", help="the cache folder (default: cache_dir)")
-    parser.add_argument("--reports", type=Path, metavar="DIR", help="where reports go (default: reports_dir)")
+    parser.add_argument("--reports", type=Path, metavar="DIR",
+                        help="where reports go, as DIR/<config name>/<stage>/ (default: reports_dir)")
     parser.add_argument("--on-bad-input", choices=ON_BAD_INPUT,
                         help="on an unreadable image or bad annotation: stop with an error naming the file, "
                              "or skip the item and list it in the stage report (default: data.on_bad_input)")
@@ -132,7 +133,11 @@ def make_context(args) -> RunContext:
     parse_scheduler(config["scheduler"])  # a bad spec fails now, before any planning
     dataset = VOCDataset(data["root"], classes=data["classes"], class_split=data["train_split"],
                          on_bad_input=data["on_bad_input"])
-    return RunContext(config, dataset, Path(config["cache_dir"]), Path(config["reports_dir"]))
+    # reports/<config name>/<stage>/: runs of different configs keep their own reports side by side
+    ctx = RunContext(config, dataset, Path(config["cache_dir"]), Path(config["reports_dir"]) / config["config_name"])
+    if config["device"] != "auto":
+        ctx.device  # an unusable --device fails now, before any planning
+    return ctx
 
 
 def command_data_shapes(args) -> int:

@@ -58,7 +58,10 @@ def apply_override(config: dict, override: str) -> None:
         known = ", ".join(sorted(section))
         raise ConfigError(f"--set {key}: unknown key {leaf!r} (known here: {known})")
     try:
-        section[leaf] = yaml.safe_load(raw_value)
+        value = yaml.safe_load(raw_value)
     except yaml.YAMLError:
         raise ConfigError(f"--set {override!r}: value is not valid YAML") from None
+    if isinstance(section[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # lambda=1000 means the preset's 1000.0, and must give the same cache key
+    section[leaf] = value
 

@@ -54,8 +54,9 @@ class ImageBank:
         device = self.images[0].device
         crops = torch.empty((len(image_index), 3, output_size, output_size), device=device)
         for index in np.unique(image_index):
-            rows = torch.from_numpy(np.flatnonzero(image_index == index)).to(device)
-            crops[rows] = warp_regions(self.images[index], boxes[rows], output_size, context_pad)
+            rows = torch.from_numpy(np.flatnonzero(image_index == index))  # indexes `boxes`, wherever it lives
+            crops[rows.to(device)] = warp_regions(self.images[index], boxes[rows.to(boxes.device)], output_size,
+                                                  context_pad)
         return crops
 
 

@@ -10,11 +10,13 @@ Hard negative mining streams the training images in split order, one image's fea
 negatives scoring above hard_threshold (-1.0001) join the class's cache; the SVM is retrained after the
 first image, whenever more than retrain_after (2000) negatives were added, and after the last image;
 each retrain evicts cached negatives scoring below evict_threshold (-1.2) and, if the cache is still
-larger than max_cached_negatives, keeps only the hardest. So the memory a class needs is bounded by
+larger than max_cached_negatives, keeps only the hardest. With n = positives + max_cached_negatives +
+retrain_after + regions of one image, a task of k classes therefore holds at most
 
-    (positives + max_cached_negatives + retrain_after + regions of one image) x D x 4 bytes,
+    k x n x D x 4 bytes (the float32 caches)  +  n x D x 24 bytes (one fit: scikit-learn's float64
+    copy and liblinear's 16-byte feature nodes)
 
-whatever the size of the feature cache. Classes are trained in parallel Dask tasks of
+whatever the size of the feature cache (bench/svm_memory.py measures it). Classes are trained in parallel Dask tasks of
 classes_per_task classes; each task reads the feature cache once for all of its classes.
 Output per task: `<task>.npz` with class_indices, weights[k, D], biases[k], scale and layer.
 """

@@ -45,7 +45,7 @@ def test_proposals_then_warm_rerun_recomputes_nothing(rcnn, tmp_path, capsys):
     before = manifest.stat().st_mtime_ns
     assert rcnn("proposals") == 0
     assert "cached" in capsys.readouterr().out and manifest.stat().st_mtime_ns == before
-    report = tmp_path / "reports" / "proposals"
+    report = tmp_path / "reports" / "demo" / "proposals"
     assert {"recall.md", "recall.json", "recall.png"} <= {path.name for path in report.iterdir()}
 
 
@@ -85,7 +85,7 @@ def test_skip_mode_leaves_bad_items_out_and_lists_them(rcnn, shapes_copy, tmp_pa
     assert rcnn("proposals", "--on-bad-input", "skip", data=shapes_copy) == 0
     row = status_json(rcnn, capsys, "--on-bad-input", "skip", data=shapes_copy)["proposals"]
     assert row["metrics"]["images"] == 15 and str(image) in row["metrics"]["skipped"]
-    assert str(image) in (tmp_path / "reports" / "proposals" / "recall.md").read_text()
+    assert str(image) in (tmp_path / "reports" / "demo" / "proposals" / "recall.md").read_text()
 
 
 def test_opencv_failure_on_one_image_is_reported_by_name(rcnn, shapes_root, monkeypatch, capsys):
@@ -114,3 +114,9 @@ def test_unknown_override_is_a_one_line_error(rcnn, capsys):
 def test_missing_data_set_explains_how_to_make_one(rcnn, tmp_path, capsys):
     assert rcnn("proposals", data=tmp_path / "nowhere") == 2
     assert "rcnn data shapes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_one_line_error(rcnn, capsys):
+    assert rcnn("status", "--device", "cuda") == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err

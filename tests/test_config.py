@@ -14,6 +14,11 @@ def test_override_parses_value_as_yaml():
     assert config["data"]["classes"] == ["a", "b"]
 
 
+def test_override_keeps_the_presets_float_type():
+    config = load_config("demo", ["bbox.lambda=1000"])
+    assert config["bbox"]["lambda"] == 1000.0 and isinstance(config["bbox"]["lambda"], float)
+
+
 def test_override_of_unknown_key_names_the_known_ones():
     with pytest.raises(ConfigError, match="unknown key 'mdoe'.*mode"):
         apply_override(load_config(), "proposals.mdoe=opencv-fast")

@@ -54,8 +54,8 @@ def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
     assert 0.0 <= metrics["map_voc07_11pt"] <= 1.0 and 0.0 <= metrics["map_all_point"] <= 1.0
     assert metrics["ap_voc07_11pt"]["circle"] is None  # the tiny test split has no circle
     assert {"svm_bbox", "svm", "softmax_bbox", "softmax"} == set(metrics["variants"])
-    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "evaluate").iterdir()}
-    assert "IoU" in (reports / "evaluate" / "map.md").read_text()
+    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "demo" / "evaluate").iterdir()}
+    assert "IoU" in (reports / "demo" / "evaluate" / "map.md").read_text()
     assert rows["features"]["metrics"]["bytes_per_region"] > 0
 
 
@@ -63,7 +63,7 @@ def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
     data, _, reports = tiny_run
     from pipeline.data.voc import VOCDataset
     dataset = VOCDataset(data)
-    results = reports / "detect" / "results"
+    results = reports / "demo" / "detect" / "results"
     assert sorted(path.name for path in results.iterdir()) == sorted(f"comp4_det_test_{name}.txt"
                                                                      for name in dataset.classes)
     lines = [line.split() for path in results.iterdir() for line in path.read_text().splitlines()]
@@ -167,5 +167,5 @@ def test_pipeline_runs_on_any_voc_layout_set_with_classes_from_its_annotations(s
             text = text.replace(f"<name>{old}</name>", f"<name>{new}</name>")
         path.write_text(text)
     assert main(["run", *options(shapes_copy, tmp_path / "cache", tmp_path / "reports")]) == 0
-    table = (tmp_path / "reports" / "evaluate" / "map.md").read_text()
+    table = (tmp_path / "reports" / "demo" / "evaluate" / "map.md").read_text()
     assert all(f"| {name} |" in table for name in renamed.values())
