@@ -76,9 +76,9 @@ reader = FeatureReader(StageCache(directory.parent.parent, directory.parent.name
 import tracemalloc
 tracemalloc.start()
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-caches = {c: ClassCache(positives=None) for c in range(3)}
 transform = lambda pool5: pool5.astype("float32") * 0.5
-collect_positives(reader, image_ids, caches, transform, ["a", "b", "c"])
+positives = collect_positives(reader, image_ids, range(3), transform, ["a", "b", "c"])
+caches = {c: ClassCache(positives[c]) for c in range(3)}
 mine_hard_negatives(reader, image_ids, caches, transform, params)
 print(json.dumps({"baseline_kib": baseline, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "traced_peak_bytes": tracemalloc.get_traced_memory()[1],

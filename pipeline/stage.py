@@ -78,6 +78,7 @@ class Stage:
     inputs: tuple[str, ...] = ()
     shard_suffix: str = ".h5"
     headline_metrics: tuple[str, ...] = ()  # printed by the CLI after a run
+    runs_on_device: bool = False  # runs networks on ctx.device, so its tasks need a GPU when that is cuda
 
     def params(self, config: dict) -> dict:
         """The config values that change this stage's result (part of its cache key)."""
@@ -92,8 +93,8 @@ class Stage:
         return {}
 
     def resources(self, ctx: RunContext) -> dict:
-        """dask.distributed resources each task of this stage needs, e.g. {"GPU": 1}."""
-        return {}
+        """dask.distributed resources each task of this stage needs: {"GPU": 1} for device work on cuda."""
+        return {"GPU": 1} if self.runs_on_device and ctx.device == "cuda" else {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         raise NotImplementedError

@@ -31,12 +31,10 @@ class Detect(Stage):
     version = "1"
     inputs = ("features", "finetune", "svm", "bbox")
     headline_metrics = ("images", "detections_per_image")
+    runs_on_device = True
 
     def params(self, config: dict) -> dict:
         return {**config["detect"], "test_split": config["data"]["test_split"]}
-
-    def resources(self, ctx: RunContext) -> dict:
-        return {"GPU": 1} if ctx.device == "cuda" else {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return image_shards(ctx.dataset.image_ids(ctx.config["data"]["test_split"]),

@@ -43,6 +43,7 @@ class Features(Stage):
     version = "1"
     inputs = ("proposals", "finetune")
     headline_metrics = ("regions", "bytes_per_region", "regions_per_second")
+    runs_on_device = True
 
     def params(self, config: dict) -> dict:
         params = {**config["features"], "amp": config["amp"]}
@@ -50,9 +51,6 @@ class Features(Stage):
             raise ConfigError(f"features.dtype must be one of {DTYPES} and features.compression one of "
                               f"{COMPRESSIONS} (got {params['dtype']!r}, {params['compression']!r})")
         return params
-
-    def resources(self, ctx: RunContext) -> dict:
-        return {"GPU": 1} if ctx.device == "cuda" else {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return image_shards(ctx.image_ids(), ctx.config["features"]["images_per_shard"])

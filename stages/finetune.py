@@ -29,6 +29,7 @@ class Finetune(Stage):
     version = "1"
     shard_suffix = ".pt"
     headline_metrics = ("final_loss", "window_accuracy", "foreground_windows")
+    runs_on_device = True
 
     def params(self, config: dict) -> dict:
         return {**config["finetune"], "backbone": {**backbone_params(config), "weights": config["backbone"]["weights"]},
@@ -45,9 +46,6 @@ class Finetune(Stage):
         from pipeline.models import torchvision_weights_file
         path = torchvision_weights_file(backbone["name"], backbone["weights"])
         return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-    def resources(self, ctx: RunContext) -> dict:
-        return {"GPU": 1} if ctx.device == "cuda" else {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return [Shard("00000", ())]

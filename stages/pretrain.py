@@ -55,13 +55,11 @@ class Pretrain(Stage):
     version = "1"
     shard_suffix = ".pt"
     headline_metrics = ("final_loss", "train_accuracy")
+    runs_on_device = True
 
     def params(self, config: dict) -> dict:
         return {**config["pretrain"], "backbone": backbone_params(config),
                 "train_split": config["data"]["train_split"]}
-
-    def resources(self, ctx: RunContext) -> dict:
-        return {"GPU": 1} if ctx.device == "cuda" else {}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return [Shard("00000", ())]

@@ -53,6 +53,7 @@ class SVM(Stage):
     inputs = ("features", "finetune")
     shard_suffix = ".npz"
     headline_metrics = ("classes", "mean_cached_negatives", "retrains")
+    runs_on_device = True  # fc6/fc7 from the cached pool5
 
     def params(self, config: dict) -> dict:
         params = dict(config["svm"])
@@ -75,10 +76,13 @@ class SVM(Stage):
             return layer_features(net, pool5, params["layer"], ctx.device)
 
         scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], features_of, params["feature_norm"])
-        caches = {class_index: ClassCache(positives=np.zeros((0, 0), np.float32)) for class_index in shard.items}
-        classes = ctx.dataset.classes
-        collect_positives(reader, image_ids, caches, lambda pool5: features_of(pool5) * scale, classes)
-        mine_hard_negatives(reader, image_ids, caches, lambda pool5: features_of(pool5) * scale, params)
+
+        def scaled_features_of(pool5: np.ndarray) -> np.ndarray:
+            return features_of(pool5) * scale
+
+        positives = collect_positives(reader, image_ids, shard.items, scaled_features_of, ctx.dataset.classes)
+        caches = {class_index: ClassCache(positives[class_index]) for class_index in shard.items}
+        mine_hard_negatives(reader, image_ids, caches, scaled_features_of, params)
         buffer = io.BytesIO()
         np.savez(buffer, class_indices=np.array(shard.items), scale=scale, layer=params["layer"],
                  weights=np.stack([caches[c].weights for c in shard.items]),
@@ -122,19 +126,21 @@ class ClassCache:
                 "unconverged_fits": self.unconverged_fits}
 
 
-def collect_positives(reader: FeatureReader, image_ids: list[str], caches: dict, transform, classes: list[str]) -> None:
-    """Features of every non-difficult ground-truth box of the classes being trained."""
-    rows: dict[int, list] = {class_index: [] for class_index in caches}
+def collect_positives(reader: FeatureReader, image_ids: list[str], class_indices, transform,
+                      classes: list[str]) -> dict[int, np.ndarray]:
+    """class -> features of its non-difficult ground-truth boxes in the training images."""
+    rows: dict[int, list] = {class_index: [] for class_index in class_indices}
     for image_id in image_ids:
         gt = reader.read(image_id, ground_truth_only=True)
         features = transform(gt.pool5)
-        for class_index in caches:
+        for class_index in class_indices:
             rows[class_index].append(features[(gt.gt_label == class_index) & ~gt.gt_difficult])
-    for class_index, parts in rows.items():
-        caches[class_index].positives = np.concatenate(parts)
-        if not len(caches[class_index].positives):
+    positives = {class_index: np.concatenate(parts) for class_index, parts in rows.items()}
+    for class_index, features in positives.items():
+        if not len(features):
             raise ConfigError(f"svm: class {classes[class_index]!r} has no non-difficult ground-truth box in the "
                               f"training split")
+    return positives
 
 
 def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dict, transform, params: dict) -> None:
