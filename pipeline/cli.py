@@ -16,7 +16,7 @@ from pipeline.errors import BadInputError, ConfigError, UserError
 from pipeline.graph import parse_scheduler
 from pipeline.runner import plan_stages, run_stages
 from pipeline.stage import RunContext
-from stages import REGISTRY
+from stages import METHODS, REGISTRY
 
 log = logging.getLogger("rcnn")
 
@@ -77,12 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
             f"cached and resumes from the first missing shard after an interruption."))
         add_common_options(stage_parser, force_help="recompute these stages even if cached (no names: this stage)")
         stage_parser.set_defaults(handler=command_run, targets=[stage.name])
+        if stage.name == "timing-table":
+            stage_parser.description += (
+                " Runs the methods one after another (each method's own graph through Dask), so that their "
+                "training does not share the machine, then times their test pass on the same images.")
+            stage_parser.add_argument("--fresh", action="store_true",
+                                      help="retrain and re-time every method (all but proposals and pretrain, "
+                                           "which no method's time includes) instead of reusing cached stages")
+            stage_parser.set_defaults(handler=command_timing_table)
 
-    run = commands.add_parser("run", help="run every stage through one Dask graph",
-                              description="Run the whole pipeline through one Dask graph, reusing cached "
-                                          "stages and resuming interrupted ones; prints where the reports are.")
-    add_common_options(run, force_help="recompute these stages even if cached (no names: every stage)")
-    run.set_defaults(handler=command_run, targets=list(REGISTRY))
+    run = commands.add_parser("run", help="run a method's whole pipeline through one Dask graph",
+                              description="Run the pipeline of each method named (default: R-CNN) through one "
+                                          "Dask graph, reusing cached stages and resuming interrupted ones; "
+                                          "prints where the reports are.")
+    add_common_options(run, force_help="recompute these stages even if cached (no names: every stage run)")
+    run.add_argument("--methods", nargs="+", choices=[*METHODS, "all"], default=["rcnn"], metavar="METHOD",
+                     help=f"the methods to run: {', '.join(METHODS)} or all (default: rcnn)")
+    run.set_defaults(handler=command_run, targets=None)
 
     status = commands.add_parser("status", help="what is cached, stale, partial or missing",
                                  description="List each stage as cached (its current key is complete), "
@@ -149,21 +160,43 @@ def command_data_shapes(args) -> int:
 
 def command_run(args) -> int:
     ctx = make_context(args)
-    plans = plan_stages(args.targets, REGISTRY, ctx)
+    targets = args.targets or [METHODS[name] for name in (METHODS if "all" in args.methods else args.methods)]
+    plans = plan_stages(targets, REGISTRY, ctx)
     force = set()
     if args.force is not None:
-        force = set(args.force or args.targets)
+        everything = {plan.stage.name for plan in plans} if args.targets is None else set(targets)
+        force = set(args.force) or everything  # no names: every stage of `rcnn run`, or the stage named
         unknown = force - {plan.stage.name for plan in plans}
         if unknown:
             raise ConfigError(f"--force {' '.join(sorted(unknown))}: not a stage of this command "
                               f"(stages: {', '.join(plan.stage.name for plan in plans)})")
-    for summary in run_stages(plans, ctx, ctx.config["scheduler"], force):
+    print_summaries(run_stages(plans, ctx, ctx.config["scheduler"], force))
+    print(f"reports: {ctx.reports_root.resolve()}")
+    return 0
+
+
+def command_timing_table(args) -> int:
+    """Each method's graph in turn (so that no two methods train at once), then the timed test pass."""
+    ctx = make_context(args)
+    shared = {"proposals", "pretrain"}
+    for target in [*METHODS.values(), "timing-table"]:
+        plans = plan_stages([target], REGISTRY, ctx)
+        names = {plan.stage.name for plan in plans}
+        force = names - shared if args.fresh else set(args.force or ()) & names
+        print_summaries([summary for summary in run_stages(plans, ctx, ctx.config["scheduler"], force)
+                         if summary["stage"] not in shared or target == METHODS["rcnn"]])
+    report = ctx.reports_root / "timing-table"
+    print(f"\n{(report / 'timing.md').read_text().split('## Protocol')[0]}")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def print_summaries(summaries: list[dict]) -> None:
+    for summary in summaries:
         stage = REGISTRY[summary["stage"]]
         headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
                             for name in stage.headline_metrics if name in summary["metrics"])
-        print(f"{summary['stage']:<12} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
-    print(f"reports: {ctx.reports_root.resolve()}")
-    return 0
+        print(f"{summary['stage']:<20} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
 
 
 def command_status(args) -> int:
@@ -181,9 +214,9 @@ def command_status(args) -> int:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
                           "cache": str(ctx.cache_root), "stages": rows}, indent=2))
         return 0
-    print(f"{'stage':<12} {'state':<8} {'key':<16}  {'size':>9}  shards")
+    print(f"{'stage':<20} {'state':<8} {'key':<16}  {'size':>9}  shards")
     for row in rows:
-        print(f"{row['stage']:<12} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
+        print(f"{row['stage']:<20} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
               f"{row['shards_done']}/{row['shards']}")
     return 0
 

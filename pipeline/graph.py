@@ -43,9 +43,10 @@ def build(plans, ctx, finalize) -> list:
 def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
     temporary = temporary_path(plan.cache.shard_path(shard.id))
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     metrics = plan.stage.run_shard(ctx, shard, plan.inputs, ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
-    plan.cache.commit_shard(shard.id, temporary, {"seconds": time.perf_counter() - started, "metrics": metrics})
+    plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
+                                                  "metrics": metrics})
     return shard.id
 
 

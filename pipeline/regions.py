@@ -75,18 +75,46 @@ def label_regions(boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.
     return labels, best_iou, best_gt
 
 
-def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random horizontal flips and colour changes of normalised crops[K, 3, S, S].
+def sample_windows(rng: np.random.Generator, labels: np.ndarray, count: int, fg_fraction: float) -> np.ndarray:
+    """Rows of a mini-batch of `count` windows: fg_fraction foreground (label > 0), the rest background (0).
 
-    The colour changes (a random permutation of the RGB channels, then a random gain in [0.6, 1.4] and
-    offset in [-0.3, 0.3]) keep the shape and change the colours: for classes defined by shape, they
-    stop a network trained on few objects from learning the colours of the training instances.
+    Rows labelled < 0 are never drawn. Where there are fewer foreground windows than asked, background
+    makes up the rest (Fast R-CNN §2.3); a pool smaller than asked is drawn with replacement.
     """
-    count, device = len(crops), crops.device
-    flip = torch.from_numpy(rng.random(count) < 0.5).to(device)
-    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+    foreground, background = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
+    fg_count = min(round(count * fg_fraction), len(foreground)) if len(background) else count
+
+    def draw(pool: np.ndarray, size: int) -> np.ndarray:
+        return rng.choice(pool, size=size, replace=len(pool) < size) if size and len(pool) else pool[:0]
+    return np.concatenate([draw(foreground, fg_count), draw(background, count - fg_count)])
+
+
+def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random horizontal flips, then `recolour`, of normalised crops[K, 3, S, S]."""
+    flip = torch.from_numpy(rng.random(len(crops)) < 0.5).to(crops.device)
+    return recolour(torch.where(flip[:, None, None, None], crops.flip(-1), crops), rng)
+
+
+def recolour(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random colour changes of normalised images[K, 3, H, W] (crops or whole images).
+
+    A random permutation of the RGB channels, then a random gain in [0.6, 1.4] and offset in
+    [-0.3, 0.3]: they keep the shape and change the colours, so that for classes defined by shape a
+    network trained on few objects does not learn the colours of the training instances.
+    """
+    count, device = len(images), images.device
     channels = torch.from_numpy(np.stack([rng.permutation(3) for _ in range(count)])).to(device)
-    crops = crops[torch.arange(count, device=device)[:, None], channels]
+    images = images[torch.arange(count, device=device)[:, None], channels]
     gain = torch.from_numpy(rng.uniform(0.6, 1.4, (count, 1, 1, 1))).float().to(device)
     offset = torch.from_numpy(rng.uniform(-0.3, 0.3, (count, 1, 1, 1))).float().to(device)
-    return crops * gain + offset
+    return images * gain + offset
+
+
+def normalised(image: torch.Tensor) -> torch.Tensor:
+    """uint8[3, H, W] RGB -> float32[3, H, W] normalised with the ImageNet mean and std (zero = mean colour)."""
+    return mean_subtracted(image).div_(torch.tensor(STD_RGB, device=image.device).view(3, 1, 1))
+
+
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """boxes[K, 4] mirrored left-right in an image `width` pixels wide (continuous coordinates)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)

@@ -40,3 +40,17 @@ def plot_loss(losses: list[float], path: Path, title: str) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     save_figure(figure, path)
+
+
+def plot_losses(losses: dict[str, list[float]], path: Path, title: str) -> None:
+    """Several named losses per iteration (e.g. a multitask loss and its parts), each as a running mean of 20."""
+    import numpy as np
+    figure = new_figure()
+    axes = figure.add_subplot()
+    for name, values in losses.items():
+        window = max(1, min(20, len(values)))
+        axes.plot(np.arange(window - 1, len(values)), np.convolve(values, np.ones(window) / window, "valid"), label=name)
+    axes.set(xlabel="iteration", ylabel="loss (mean of 20 iterations)", title=title)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    save_figure(figure, path)

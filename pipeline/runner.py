@@ -17,6 +17,7 @@ from pipeline import graph
 from pipeline.cache import StageCache, cache_key, temporary_path
 from pipeline.errors import ConfigError
 from pipeline.stage import RunContext, Shard, Stage
+from pipeline.timing import describe_hardware, union_seconds
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def run_stages(plans: list[StagePlan], ctx: RunContext, scheduler: str, force: s
 
 def finalize_stage(plan: StagePlan, ctx: RunContext) -> str:
     """Reduce the shard records into metrics and a report, then write the manifest (last)."""
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     records = {shard.id: plan.cache.shard_record(shard.id) for shard in plan.shards}
     shutil.rmtree(plan.cache.report_dir, ignore_errors=True)
     plan.cache.report_dir.mkdir(parents=True)
@@ -122,7 +123,11 @@ def finalize_stage(plan: StagePlan, ctx: RunContext) -> str:
     plan.cache.write_manifest({
         "stage": plan.stage.name, "key": plan.key, "description": plan.description,
         "shards": records, "metrics": metrics,
-        "timings": {"shard_s": shard_seconds, "reduce_s": reduce_seconds, "compute_s": shard_seconds + reduce_seconds},
+        "timings": {"shard_s": shard_seconds, "reduce_s": reduce_seconds, "compute_s": shard_seconds + reduce_seconds,
+                    "reduce_started": started_at,
+                    "wall_s": union_seconds([(r["started"], r["seconds"]) for r in records.values()]
+                                            + [(started_at, reduce_seconds)])},
+        "hardware": describe_hardware(ctx.device) if plan.stage.runs_on_device else describe_hardware("cpu"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     return plan.key

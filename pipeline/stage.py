@@ -109,7 +109,36 @@ class Stage:
         return {}
 
 
-def image_shards(image_ids: list[str], images_per_shard: int) -> list[Shard]:
-    """Consecutive runs of image ids, numbered 00000, 00001, ..."""
-    return [Shard(f"{start // images_per_shard:05d}", tuple(image_ids[start:start + images_per_shard]))
+class MethodStage(Stage):
+    """A stage several methods share: R-CNN's SVMs, box regressors, detection and evaluation serve
+    SPP-net too, and the evaluation every method. `prefix` ("" for R-CNN, e.g. "sppnet-") names this
+    copy and the copies of the inputs it reads: sppnet-svm reads sppnet-features and sppnet-finetune.
+    """
+    base_name: str = ""
+    base_inputs: tuple[str, ...] = ()
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.name = prefix + self.base_name
+        self.inputs = tuple(prefix + name for name in self.base_inputs)
+
+    def upstream(self, inputs: dict[str, StageCache], role: str) -> StageCache:
+        """The input that plays `role` (a base input name) for this copy."""
+        return inputs[self.prefix + role]
+
+
+def image_shards(image_ids: list[str], images_per_shard: int, prefix: str = "") -> list[Shard]:
+    """Consecutive runs of image ids, numbered <prefix>00000, <prefix>00001, ..."""
+    return [Shard(f"{prefix}{start // images_per_shard:05d}", tuple(image_ids[start:start + images_per_shard]))
             for start in range(0, len(image_ids), images_per_shard)]
+
+
+def split_shards(ctx: RunContext, images_per_shard: int) -> list[Shard]:
+    """Image shards of every split, each image once, named <split>-00000, ...: a shard holds the images
+    of one split only, so the time spent on the training split can be told from the test split's."""
+    shards, seen = [], set()
+    for split in ctx.splits:
+        image_ids = [image_id for image_id in ctx.dataset.image_ids(split) if image_id not in seen]
+        seen.update(image_ids)
+        shards += image_shards(image_ids, images_per_shard, prefix=f"{split}-")
+    return shards

@@ -39,51 +39,71 @@ class SGDSettings:
         return cls(**{name: section[name] for name in cls.__dataclass_fields__})
 
 
-# next_batch(rng) -> (inputs, targets) on the device
-BatchSampler = Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+# next_batch(rng) -> a mini-batch on the device, by default (inputs, class targets)
+BatchSampler = Callable[[np.random.Generator], object]
+# loss_of(model, batch) -> the loss, or named losses that are summed (e.g. Fast R-CNN's multitask loss)
+LossFunction = Callable[[nn.Module, object], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+@dataclass
+class History:
+    losses: list[float]             # the (total) loss per iteration
+    parts: dict[str, list[float]]   # named losses per iteration, when loss_of returns them
+
+
+def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, targets = batch
+    return nn.functional.cross_entropy(model(inputs), targets)
 
 
 def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, checkpoint: Path, device: str,
-          amp: bool = False, threads: int = 0, desc: str = "train") -> list[float]:
-    """Minimise cross-entropy over `settings.iterations` mini-batches; returns the loss per iteration.
+          amp: bool = False, threads: int = 0, desc: str = "train", loss_of: LossFunction = cross_entropy_loss,
+          parameters: list | None = None) -> History:
+    """Minimise `loss_of` over `settings.iterations` mini-batches; returns the losses per iteration.
+
+    `parameters`: the ones to train (default: all of the model's).
 
     On the CPU the backward pass sums over threads, so the weights depend on the thread count in their
     last bits: training pins it (`threads`, 0 = every core; never whatever OMP_NUM_THREADS the process
     inherited) and a resumed run uses the count its checkpoint recorded.
     """
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+    optimizer = torch.optim.SGD(parameters or list(model.parameters()), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_every, settings.gamma)
-    rng, losses, start = np.random.default_rng(settings.seed), [], 0
+    rng, losses, parts, start = np.random.default_rng(settings.seed), [], {}, 0
     torch.manual_seed(settings.seed)
     threads = threads or os.cpu_count() or 1
     if checkpoint.is_file():
-        start, losses, threads = _restore(checkpoint, model, optimizer, schedule, rng, device)
+        start, losses, parts, threads = _restore(checkpoint, model, optimizer, schedule, rng, device)
         log.info("%s: resuming from iteration %d (%s)", desc, start, checkpoint.name)
     torch.set_num_threads(threads)
     use_amp = amp and device == "cuda"
     for iteration in tqdm(range(start, settings.iterations), desc=desc, unit="it", initial=start,
                           total=settings.iterations, disable=None):
-        inputs, targets = next_batch(rng)
+        batch = next_batch(rng)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = nn.functional.cross_entropy(model(inputs), targets)
+            loss = loss_of(model, batch)
+        if isinstance(loss, dict):
+            for name, part in loss.items():
+                parts.setdefault(name, []).append(part.item())
+            loss = sum(loss.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if (iteration + 1) % settings.checkpoint_every == 0 and iteration + 1 < settings.iterations:
-            _save(checkpoint, model, optimizer, schedule, rng, iteration + 1, losses, threads)
+            _save(checkpoint, model, optimizer, schedule, rng, iteration + 1, losses, parts, threads)
     model.eval()
-    return losses
+    return History(losses, parts)
 
 
 def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iteration: int, losses: list,
-          threads: int) -> None:
+          parts: dict, threads: int) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state,
-             "iteration": iteration, "losses": losses, "threads": threads}
+             "iteration": iteration, "losses": losses, "loss_parts": parts, "threads": threads}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     temporary = temporary_path(path)
@@ -91,7 +111,7 @@ def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iter
     commit_file(temporary, path)
 
 
-def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator, device: str) -> tuple[int, list, int]:
+def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator, device: str) -> tuple[int, list, dict, int]:
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -100,4 +120,4 @@ def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator, d
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     rng.bit_generator.state = state["numpy_rng"]
-    return state["iteration"], state["losses"], state["threads"]
+    return state["iteration"], state["losses"], state["loss_parts"], state["threads"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
 from stages.features import FeatureReader, mean_norm_scale
 from stages.svm import class_groups, training_image_ids
 
@@ -29,12 +29,12 @@ def box_coder():
     return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
 
-class BBox(Stage):
+class BBox(MethodStage):
     """Per-class ridge regressors from pool5 features to box corrections."""
 
-    name = "bbox"
+    base_name = "bbox"
     version = "1"
-    inputs = ("features",)
+    base_inputs = ("features",)
     shard_suffix = ".npz"
     headline_metrics = ("classes", "examples", "mean_abs_residual")
 
@@ -48,7 +48,7 @@ class BBox(Stage):
         from sklearn.linear_model import Ridge
 
         params = ctx.config["bbox"]
-        reader = FeatureReader(inputs["features"])
+        reader = FeatureReader(self.upstream(inputs, "features"))
         image_ids = training_image_ids(ctx, reader)
         scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], lambda pool5: pool5.astype(np.float32),
                                 params["feature_norm"])

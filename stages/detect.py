@@ -17,19 +17,19 @@ import numpy as np
 
 from pipeline.boxes import box_to_voc
 from pipeline.cache import StageCache
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage, image_shards
+from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput, image_shards
 from stages.features import FeatureReader, layer_features
 
 VARIANTS = ("svm_bbox", "svm", "softmax_bbox", "softmax")
 PRIMARY = "svm_bbox"
 
 
-class Detect(Stage):
+class Detect(MethodStage):
     """Score test proposals with the SVMs, regress boxes, per-class NMS."""
 
-    name = "detect"
+    base_name = "detect"
     version = "1"
-    inputs = ("features", "finetune", "svm", "bbox")
+    base_inputs = ("features", "finetune", "svm", "bbox")
     headline_metrics = ("images", "detections_per_image")
     runs_on_device = True
 
@@ -46,10 +46,10 @@ class Detect(Stage):
         from stages.svm import load_svms
 
         params, num_classes = ctx.config["detect"], len(ctx.dataset.classes)
-        net, _ = load_finetuned(inputs["finetune"], ctx.device)
-        svms = load_svms(inputs["svm"], num_classes)
-        regressors = load_regressors(inputs["bbox"], num_classes)
-        reader = FeatureReader(inputs["features"])
+        net, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
+        svms = load_svms(self.upstream(inputs, "svm"), num_classes)
+        regressors = load_regressors(self.upstream(inputs, "bbox"), num_classes)
+        reader = FeatureReader(self.upstream(inputs, "features"))
         detections = 0
         with h5py.File(out.path, "w") as shard_file:
             for image_id in shard.items:
@@ -64,14 +64,14 @@ class Detect(Stage):
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         images = sum(record["metrics"]["images"] for record in records.values())
-        write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"])
+        write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"], PRIMARY)
         return {"images": images, "variants": list(VARIANTS),
                 "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1)}
 
 
 def detect_image(net, svms: dict, regressors: dict, image, width: int, height: int, params: dict,
-                 device: str) -> dict[str, np.ndarray]:
-    """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image, per variant."""
+                 device: str, variants: tuple[str, ...] = VARIANTS) -> dict[str, np.ndarray]:
+    """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image, per variant asked for."""
     import torch
 
     from pipeline.boxes import clip_boxes
@@ -80,17 +80,17 @@ def detect_image(net, svms: dict, regressors: dict, image, width: int, height: i
     rows = image.proposal_rows
     boxes, pool5 = image.boxes[rows], image.pool5[rows]
     svm_features = layer_features(net, pool5, svms["layer"], device)
-    svm_scores = svm_features * svms["scale"] @ svms["weights"].T + svms["biases"]
-    fc7 = svm_features if svms["layer"] == "fc7" else layer_features(net, pool5, "fc7", device)
-    with torch.no_grad():
-        softmax_scores = torch.softmax(net.head(torch.from_numpy(fc7).to(device)), dim=1)[:, 1:].cpu().numpy()
+    scores = {"svm": svm_features * svms["scale"] @ svms["weights"].T + svms["biases"]}
+    if any(variant.startswith("softmax") for variant in variants):
+        fc7 = svm_features if svms["layer"] == "fc7" else layer_features(net, pool5, "fc7", device)
+        with torch.no_grad():
+            scores["softmax"] = torch.softmax(net.head(torch.from_numpy(fc7).to(device)), dim=1)[:, 1:].cpu().numpy()
     refined = apply_regressors(regressors, pool5, boxes)
     refined = clip_boxes(refined.reshape(-1, 4), width, height).reshape(refined.shape)
     plain = np.broadcast_to(boxes[:, None, :], refined.shape)
-    candidates = {"svm_bbox": (refined, svm_scores), "svm": (plain, svm_scores),
-                  "softmax_bbox": (refined, softmax_scores), "softmax": (plain, softmax_scores)}
-    return {variant: per_class_nms(class_boxes, scores, params["nms_iou"], params["max_per_image"])
-            for variant, (class_boxes, scores) in candidates.items()}
+    return {variant: per_class_nms(refined if variant.endswith("_bbox") else plain, scores[variant.split("_")[0]],
+                                   params["nms_iou"], params["max_per_image"])
+            for variant in variants}
 
 
 def per_class_nms(class_boxes: np.ndarray, scores: np.ndarray, nms_iou: float, max_detections: int) -> np.ndarray:
@@ -116,12 +116,12 @@ def read_detections(cache: StageCache, variant: str) -> dict[str, np.ndarray]:
     return detections
 
 
-def write_devkit_results(cache: StageCache, classes: list[str], split: str) -> None:
-    """PASCAL devkit results files (comp4: trained on any data) for the primary variant."""
+def write_devkit_results(cache: StageCache, classes: list[str], split: str, variant: str) -> None:
+    """PASCAL devkit results files (comp4: trained on any data) for one variant's detections."""
     results = cache.report_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
     lines = {class_index: [] for class_index in range(len(classes))}
-    for image_id, rows in sorted(read_detections(cache, PRIMARY).items()):
+    for image_id, rows in sorted(read_detections(cache, variant).items()):
         for x1, y1, x2, y2, score, class_index in rows:
             xmin, ymin, xmax, ymax = box_to_voc((x1, y1, x2, y2))
             lines[int(class_index)].append(f"{image_id} {score:.6f} {xmin:.1f} {ymin:.1f} {xmax:.1f} {ymax:.1f}\n")

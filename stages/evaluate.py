@@ -1,9 +1,11 @@
 """PASCAL VOC evaluation of the test detections (pipeline.evaluation.VOCEvaluator).
 
-Evaluates every detect variant: the R-CNN result (svm_bbox) and the ablations (no box regression;
-the fine-tuned softmax instead of the SVMs), with both the VOC2007 11-point AP and the all-point AP,
-each labelled. The manifest's metrics hold the mAPs, so `rcnn status --json` shows them; the report
-(`reports/evaluate/`) holds map.md, map.json, pr_curves.png and a few test images with detections.
+Evaluates every variant a detection stage wrote: for R-CNN the result (svm_bbox) and the ablations
+(no box regression; the fine-tuned softmax instead of the SVMs); for Fast R-CNN with and without the
+truncated SVD; and so on. Both the VOC2007 11-point AP and the all-point AP, each labelled. The
+manifest's metrics hold the mAPs, so `rcnn status --json` shows them; the report
+(`reports/<config>/<stage>/`) holds map.md, map.json, pr_curves.png and a few test images with detections.
+Every method has its copy of this stage (evaluate, sppnet-evaluate, fast-rcnn-evaluate, ...).
 """
 from __future__ import annotations
 
@@ -13,34 +15,44 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
-from stages.detect import PRIMARY, VARIANTS, read_detections
+from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
+from stages.detect import read_detections
 
-VARIANT_TITLES = {"svm_bbox": "R-CNN: SVM + bbox regression", "svm": "SVM, no bbox regression",
-                  "softmax_bbox": "fine-tuned softmax + bbox regression", "softmax": "fine-tuned softmax, no bbox regression"}
+RCNN_VARIANTS = {"svm_bbox": "R-CNN: SVM + bbox regression", "svm": "SVM, no bbox regression",
+                 "softmax_bbox": "fine-tuned softmax + bbox regression",
+                 "softmax": "fine-tuned softmax, no bbox regression"}
+# headline metrics some methods add: the mAP of another variant than the first (the method's own result)
+VARIANT_METRICS = {"map_voc07_11pt_without_bbox": "svm", "map_voc07_11pt_softmax": "softmax_bbox",
+                   "map_voc07_11pt_svd": "svd"}
 
 
-class Evaluate(Stage):
+class Evaluate(MethodStage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
-    name = "evaluate"
+    base_name = "evaluate"
     version = "1"
-    inputs = ("detect",)
+    base_inputs = ("detect",)
     shard_suffix = ".json"
-    headline_metrics = ("map_voc07_11pt", "map_all_point", "map_voc07_11pt_without_bbox", "map_voc07_11pt_softmax")
+    headline_metrics = ("map_voc07_11pt", "map_all_point") + tuple(VARIANT_METRICS)
+
+    def __init__(self, prefix: str = "", variants: dict[str, str] = RCNN_VARIANTS):
+        """`variants`: the detection variants to evaluate and their titles; the first is the method's result."""
+        super().__init__(prefix)
+        self.variants = variants
+        self.primary = next(iter(variants))
 
     def params(self, config: dict) -> dict:
         return {**config["evaluate"], "test_split": config["data"]["test_split"]}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
-        return [Shard("00000", VARIANTS)]
+        return [Shard("00000", tuple(self.variants))]
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         from pipeline.evaluation import VOCEvaluator
 
         results = {}
         for variant in shard.items:
-            detections = read_detections(inputs["detect"], variant)  # every detected image, none skipped
+            detections = read_detections(self.upstream(inputs, "detect"), variant)  # every detected image
             for iou in ctx.config["evaluate"]["ious"]:
                 evaluator = VOCEvaluator(ctx.dataset.classes, iou)
                 for image_id in detections:
@@ -54,13 +66,13 @@ class Evaluate(Stage):
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         results = json.loads(cache.shard_path("00000").read_text())
         main_iou = str(ctx.config["evaluate"]["ious"][0])
-        write_tables(cache.report_dir, results, ctx.dataset.classes, main_iou)
-        plot_pr_curves(cache.report_dir / "pr_curves.png", results[PRIMARY][main_iou], ctx.dataset.classes)
-        draw_detections(ctx, read_detections(inputs["detect"], PRIMARY), cache.report_dir)
-        primary = results[PRIMARY][main_iou]
+        write_tables(cache.report_dir, results, self.variants, ctx.dataset.classes, main_iou)
+        plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.dataset.classes)
+        draw_detections(ctx, read_detections(self.upstream(inputs, "detect"), self.primary), cache.report_dir)
+        primary = results[self.primary][main_iou]
         return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"], "map_all_point": primary["map_all_point"],
-                "map_voc07_11pt_without_bbox": results["svm"][main_iou]["map_voc07_11pt"],
-                "map_voc07_11pt_softmax": results["softmax_bbox"][main_iou]["map_voc07_11pt"],
+                **{name: results[variant][main_iou]["map_voc07_11pt"] for name, variant in VARIANT_METRICS.items()
+                   if variant in results},
                 "ap_voc07_11pt": {name: r["ap_voc07_11pt"] for name, r in primary["per_class"].items()},
                 "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
                                        for metric in ("voc07_11pt", "all_point")}
@@ -77,22 +89,23 @@ def _jsonable(result: dict) -> dict:
     return result
 
 
-def write_tables(report_dir, results: dict, classes: list[str], main_iou: str) -> None:
+def write_tables(report_dir, results: dict, titles: dict[str, str], classes: list[str], main_iou: str) -> None:
     def cell(value):
         return "n/a" if value is None else value
-    primary = results[PRIMARY][main_iou]["per_class"]
-    ious = list(results[PRIMARY])
+    first = next(iter(titles))
+    primary = results[first][main_iou]["per_class"]
+    ious = list(results[first])
     per_class = markdown_table(["class", "ground truth", "detections", "AP (VOC07 11-point)", "AP (all-point)"],
                                [[name, primary[name]["positives"], primary[name]["detections"],
                                  cell(primary[name]["ap_voc07_11pt"]), cell(primary[name]["ap_all_point"])]
                                 for name in classes])
     variants = markdown_table(
         ["method"] + [f"mAP@{iou} ({name})" for iou in ious for name in ("VOC07 11-point", "all-point")],
-        [[VARIANT_TITLES[v]] + [cell(by_iou[iou][f"map_{metric}"]) for iou in ious for metric in ("voc07_11pt", "all_point")]
+        [[titles[v]] + [cell(by_iou[iou][f"map_{metric}"]) for iou in ious for metric in ("voc07_11pt", "all_point")]
          for v, by_iou in results.items()])
     (report_dir / "map.md").write_text(
         f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
-        f"## mAP by method\n\n{variants}\n## AP per class at IoU {main_iou}: {VARIANT_TITLES[PRIMARY]}\n\n{per_class}")
+        f"## mAP by method\n\n{variants}\n## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}")
     summary = {variant: {iou: {key: value for key, value in result.items() if key != "per_class"} |
                          {"ap": {name: {"voc07_11pt": c["ap_voc07_11pt"], "all_point": c["ap_all_point"]}
                                  for name, c in result["per_class"].items()}}

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage, image_shards
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage, split_shards
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("lzf", "gzip", "none")
@@ -40,7 +40,7 @@ class Features(Stage):
     """pool5 features of every ground-truth box and proposal, in HDF5 per image shard."""
 
     name = "features"
-    version = "1"
+    version = "2"
     inputs = ("proposals", "finetune")
     headline_metrics = ("regions", "bytes_per_region", "regions_per_second")
     runs_on_device = True
@@ -53,7 +53,7 @@ class Features(Stage):
         return params
 
     def shards(self, ctx: RunContext) -> list[Shard]:
-        return image_shards(ctx.image_ids(), ctx.config["features"]["images_per_shard"])
+        return split_shards(ctx, ctx.config["features"]["images_per_shard"])
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         from stages.finetune import load_finetuned
@@ -68,26 +68,43 @@ class Features(Stage):
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None or image_id not in proposals:  # skipped for bad input
                     continue
-                gt_boxes, gt_labels, difficult = ctx.dataset.ground_truth(image_id)
-                boxes = np.concatenate([gt_boxes, proposals[image_id]]).astype(np.float32)
-                pool5 = pool5_features(net, rgb, boxes, backbone, params["batch_size"], ctx.device, ctx.config["amp"])
-                group = shard_file.create_group(image_id)
-                group["boxes"] = boxes
-                group["gt_label"] = np.concatenate([gt_labels, np.full(len(proposals[image_id]), -1)]).astype(np.int16)
-                group["gt_difficult"] = np.concatenate([difficult, np.zeros(len(proposals[image_id]), bool)])
-                group.create_dataset("pool5", data=pool5.astype(params["dtype"]), chunks=(min(len(boxes), 128), pool5.shape[1]),
-                                     compression=None if params["compression"] == "none" else params["compression"])
-                regions += len(boxes)
+                regions_of_image = image_regions(ctx, image_id, proposals[image_id])
+                pool5 = pool5_features(net, rgb, regions_of_image.boxes, backbone, params["batch_size"], ctx.device,
+                                       ctx.config["amp"])
+                write_image_features(shard_file, image_id, regions_of_image, pool5, params)
+                regions += len(pool5)
         return {"regions": regions, "pool5_dim": int(pool5.shape[1]) if regions else 0}
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        regions = sum(record["metrics"]["regions"] for record in records.values())
-        stored = sum(record["bytes"] for record in records.values())
-        seconds = sum(record["seconds"] for record in records.values())
-        return {"regions": regions, "bytes_per_region": stored / max(regions, 1), "bytes": stored,
-                "regions_per_second": regions / max(seconds, 1e-9), "device": ctx.device,
-                "pool5_dim": max(record["metrics"]["pool5_dim"] for record in records.values()),
-                "dtype": ctx.config["features"]["dtype"]}
+        return features_summary(ctx, records)
+
+
+def features_summary(ctx: RunContext, records: dict) -> dict:
+    """Regions, bytes per region and throughput of a features output (R-CNN's or SPP-net's)."""
+    regions = sum(record["metrics"]["regions"] for record in records.values())
+    stored = sum(record["bytes"] for record in records.values())
+    seconds = sum(record["seconds"] for record in records.values())
+    return {"regions": regions, "bytes_per_region": stored / max(regions, 1), "bytes": stored,
+            "regions_per_second": regions / max(seconds, 1e-9), "device": ctx.device,
+            "pool5_dim": max(record["metrics"]["pool5_dim"] for record in records.values()),
+            "dtype": ctx.config["features"]["dtype"]}
+
+
+def image_regions(ctx: RunContext, image_id: str, proposals: np.ndarray) -> ImageFeatures:
+    """The regions whose features are stored for an image: its ground-truth boxes, then its proposals."""
+    gt_boxes, gt_labels, difficult = ctx.dataset.ground_truth(image_id)
+    return ImageFeatures(np.concatenate([gt_boxes, proposals]).astype(np.float32),
+                         np.concatenate([gt_labels, np.full(len(proposals), -1)]).astype(np.int16),
+                         np.concatenate([difficult, np.zeros(len(proposals), bool)]), None)
+
+
+def write_image_features(shard_file: h5py.File, image_id: str, regions: ImageFeatures, pool5: np.ndarray,
+                         params: dict) -> None:
+    """One image's group: boxes, labels, difficult flags and features, chunked and compressed per `params`."""
+    group = shard_file.create_group(image_id)
+    group["boxes"], group["gt_label"], group["gt_difficult"] = regions.boxes, regions.gt_label, regions.gt_difficult
+    group.create_dataset("pool5", data=pool5.astype(params["dtype"]), chunks=(min(len(pool5), 128), pool5.shape[1]),
+                         compression=None if params["compression"] == "none" else params["compression"])
 
 
 def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: dict, batch_size: int, device: str,
@@ -117,6 +134,12 @@ class FeatureReader:
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.file_of
+
+    def regions(self, image_id: str) -> ImageFeatures:
+        """The image's regions without their features (pool5 is None)."""
+        with h5py.File(self.file_of[image_id], "r") as shard_file:
+            group = shard_file[image_id]
+            return ImageFeatures(group["boxes"][()], group["gt_label"][()], group["gt_difficult"][()], None)
 
     def read(self, image_id: str, ground_truth_only: bool = False) -> ImageFeatures:
         """All regions of the image, or only its ground-truth boxes (stored first, so read alone)."""

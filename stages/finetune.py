@@ -26,7 +26,7 @@ class Finetune(Stage):
     """Fine-tune the CNN on warped proposals as an (N + 1)-way classifier."""
 
     name = "finetune"
-    version = "1"
+    version = "2"
     shard_suffix = ".pt"
     headline_metrics = ("final_loss", "window_accuracy", "foreground_windows")
     runs_on_device = True
@@ -36,16 +36,10 @@ class Finetune(Stage):
                 "train_split": config["data"]["train_split"], "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
-        return ("proposals", "pretrain") if config["backbone"]["weights"] == "pretrain" else ("proposals",)
+        return ("proposals",) + pretrain_input(config)
 
     def key_extras(self, ctx: RunContext) -> dict:
-        """The bytes of an ImageNet weights file change the result: hash them into the key."""
-        backbone = ctx.config["backbone"]
-        if backbone["weights"] in ("pretrain", "none"):
-            return {}
-        from pipeline.models import torchvision_weights_file
-        path = torchvision_weights_file(backbone["name"], backbone["weights"])
-        return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return weights_key_extras(ctx)
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return [Shard("00000", ())]
@@ -79,7 +73,7 @@ class Finetune(Stage):
             return augment_crops(crops, rng) if params["augment"] else crops, labels[chosen].to(crops.device)
 
         losses = train(net, next_batch, settings, out.checkpoint, ctx.device, amp=ctx.config["amp"],
-                       threads=ctx.config["torch_threads"], desc="finetune")
+                       threads=ctx.config["torch_threads"], desc="finetune").losses
         sample = np.sort(np.random.default_rng(settings.seed).choice(len(labels), min(len(labels), 4096), replace=False))
         predicted = predict_classes(net, training, windows.image_index[sample], windows.boxes[sample], backbone)
         torch.save({"model": net.state_dict(), "backbone": backbone_params(ctx.config),
@@ -95,6 +89,21 @@ class Finetune(Stage):
         losses = torch.load(cache.shard_path("00000"), weights_only=True)["losses"]
         plot_loss(losses, cache.report_dir / "loss.png", "finetune: (N + 1)-way loss on warped proposals")
         return {**records["00000"]["metrics"], "device": ctx.device}
+
+
+def pretrain_input(config: dict) -> tuple[str, ...]:
+    """("pretrain",) when the backbone's weights come from the pretrain stage, else ()."""
+    return ("pretrain",) if config["backbone"]["weights"] == "pretrain" else ()
+
+
+def weights_key_extras(ctx: RunContext) -> dict:
+    """The bytes of an ImageNet weights file change a result: hash them into the key."""
+    backbone = ctx.config["backbone"]
+    if backbone["weights"] in ("pretrain", "none"):
+        return {}
+    from pipeline.models import torchvision_weights_file
+    path = torchvision_weights_file(backbone["name"], backbone["weights"])
+    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _draw(rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarray:
@@ -145,12 +154,16 @@ def initial_net(ctx: RunContext, inputs: dict):
 
 
 def load_finetuned(cache: StageCache, device: str):
-    """The fine-tuned RegionNet (eval mode, on `device`) and the backbone settings it was trained with."""
+    """The fine-tuned RegionNet (eval mode, on `device`) and the backbone settings it was trained with.
+
+    Reads finetune's output and sppnet-finetune's (whose fc6 takes the pyramid, `fc6_input_dim`).
+    """
     import torch
 
     from pipeline.models import build_region_net
     saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
     backbone = saved["backbone"]
-    net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"])
+    net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"],
+                           fc6_input_dim=saved.get("fc6_input_dim"))
     net.load_state_dict(saved["model"])
     return net.to(device).eval(), backbone

@@ -52,7 +52,7 @@ class Pretrain(Stage):
     """Train the backbone from scratch as a classifier on jittered ground-truth crops."""
 
     name = "pretrain"
-    version = "1"
+    version = "2"
     shard_suffix = ".pt"
     headline_metrics = ("final_loss", "train_accuracy")
     runs_on_device = True
@@ -87,7 +87,7 @@ class Pretrain(Stage):
             return augment_crops(crops, rng) if params["augment"] else crops, labels[chosen].to(crops.device)
 
         losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.config["torch_threads"],
-                       desc="pretrain")
+                       desc="pretrain").losses
         predicted = predict_classes(net, training, windows, boxes, backbone)
         torch.save({"model": net.state_dict(), "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])),

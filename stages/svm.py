@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
 from pipeline.reports import markdown_table
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
 from stages.features import LAYERS, FeatureReader, layer_features, mean_norm_scale
 
 
@@ -45,12 +45,12 @@ def training_image_ids(ctx: RunContext, reader: FeatureReader) -> list[str]:
     return [image_id for image_id in ctx.dataset.image_ids(ctx.config["data"]["train_split"]) if image_id in reader]
 
 
-class SVM(Stage):
+class SVM(MethodStage):
     """Per-class linear SVMs on cached features, with hard negative mining."""
 
-    name = "svm"
+    base_name = "svm"
     version = "1"
-    inputs = ("features", "finetune")
+    base_inputs = ("features", "finetune")
     shard_suffix = ".npz"
     headline_metrics = ("classes", "mean_cached_negatives", "retrains")
     runs_on_device = True  # fc6/fc7 from the cached pool5
@@ -68,8 +68,8 @@ class SVM(Stage):
         from stages.finetune import load_finetuned
 
         params = ctx.config["svm"]
-        net, _ = load_finetuned(inputs["finetune"], ctx.device)
-        reader = FeatureReader(inputs["features"])
+        net, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
+        reader = FeatureReader(self.upstream(inputs, "features"))
         image_ids = training_image_ids(ctx, reader)
 
         def features_of(pool5: np.ndarray) -> np.ndarray:

@@ -23,11 +23,25 @@ def test_torchvision_backbones_have_the_papers_pool5(name, size, pool5_shape):
         assert net.fc(pool5).shape == (1, 4096) and net(torch.randn(1, 3, size, size)).shape == (1, 21)
 
 
+@pytest.mark.parametrize("name, size", [("small", 48), ("alexnet", 227), ("vgg16", 224)])
+def test_trunk_runs_on_any_image_size_at_its_stride(name, size):
+    net = build_region_net(name, num_outputs=3, input_size=size).eval()
+    with torch.no_grad():
+        conv5 = net.trunk(torch.randn(1, 3, 160, 224))
+    assert conv5.shape[1] == net.trunk_channels
+    assert abs(conv5.shape[2] - 160 / net.trunk_stride) <= 1 and abs(conv5.shape[3] - 224 / net.trunk_stride) <= 1
+
+
+def test_fc6_input_dim_gives_a_new_fc6():
+    net = build_region_net("small", 6, 48, fc6_input_dim=64 * 14)
+    assert net.fc(torch.randn(2, 64 * 14)).shape == (2, 256)
+
+
 def test_replace_head_keeps_the_rest():
     net = build_region_net("small", 6, 48)
-    conv_weight = net.conv[0].weight.clone()
+    conv_weight = net.trunk[0].weight.clone()
     net.replace_head(7)
-    assert net.head.out_features == 7 and torch.equal(net.conv[0].weight, conv_weight)
+    assert net.head.out_features == 7 and torch.equal(net.trunk[0].weight, conv_weight)
 
 
 def test_missing_torchvision_weights_say_which_file_and_where(tmp_path, monkeypatch):

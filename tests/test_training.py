@@ -29,7 +29,7 @@ def batches(fail_at: int | None = None):
 
 
 def test_loss_goes_down(tmp_path):
-    losses = train(tiny_model(), batches(), SETTINGS, tmp_path / "ckpt", "cpu")
+    losses = train(tiny_model(), batches(), SETTINGS, tmp_path / "ckpt", "cpu").losses
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
@@ -44,8 +44,18 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     torch.manual_seed(12345)  # the global RNG moved on meanwhile: the checkpoint must restore it
     torch.set_num_threads(1)  # and the process now has another thread count: the checkpoint's wins
     fresh = tiny_model()
-    losses = train(fresh, batches(), SETTINGS, tmp_path / "b", "cpu")
+    losses = train(fresh, batches(), SETTINGS, tmp_path / "b", "cpu").losses
     assert torch.get_num_threads() == 2
     assert len(losses) == 12
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[name]), name
+
+
+def test_named_losses_are_summed_and_kept_apart(tmp_path):
+    def two_losses(model, batch):
+        inputs, targets = batch
+        logits = model(inputs)
+        return {"classification": nn.functional.cross_entropy(logits, targets), "penalty": logits.pow(2).mean() * 0.01}
+    history = train(tiny_model(), batches(), SETTINGS, tmp_path / "ckpt", "cpu", loss_of=two_losses)
+    assert set(history.parts) == {"classification", "penalty"}
+    assert np.allclose(history.losses, np.add(history.parts["classification"], history.parts["penalty"]), atol=1e-5)

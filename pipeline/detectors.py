@@ -1,0 +1,129 @@
+"""Fast R-CNN and Faster R-CNN on a RegionNet backbone, built from torchvision's detection blocks.
+
+Both take the pretrained trunk (conv1..conv5; BatchNorm frozen, as detection backbones do: batches of
+one or two images give poor statistics), RoI pooling (pipeline.roi.RoIPooler) in place of pool5, and
+the pretrained fc6 and fc7 as the box head; then torchvision's RoIHeads: the two sibling outputs
+(softmax over N + 1 classes, per-class box regression), the multitask loss (log loss + smooth L1)
+and the sampler of `rois_per_image` RoIs per image with `fg_fraction` foreground (Fast R-CNN's
+hierarchical sampling when a mini-batch holds `images_per_batch` images).
+Fast R-CNN (`FastRCNN`) is given the cached selective-search proposals; Faster R-CNN is torchvision's
+FasterRCNN with torchvision's RegionProposalNetwork (anchors of several sizes and aspect ratios,
+objectness + box regression) on the same conv5 map, trained jointly with the head: four losses.
+Images are normalised before (pipeline.regions.normalised), so torchvision's transform only resizes
+them (shorter side `min_size`, longer side at most `max_size`) and batches them.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from pipeline.models import RegionNet
+from pipeline.roi import RoIPooler, compress_fc
+from pipeline.timing import Clock
+
+NO_NORMALISATION = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+
+
+class FastRCNN(nn.Module):
+    """Shared conv5 of the whole image, RoI pooling of the given proposals, the two sibling heads."""
+
+    def __init__(self, net: RegionNet, num_classes: int, params: dict):
+        super().__init__()
+        self.transform = GeneralizedRCNNTransform(params["min_size"], params["max_size"], *NO_NORMALISATION)
+        self.backbone = freeze_batchnorm(net.trunk)
+        self.roi_heads = roi_heads(net, num_classes, params)
+
+    def forward(self, images: list[torch.Tensor], proposals: list[torch.Tensor], targets: list[dict]) -> dict:
+        """Training: normalised images[3, H, W], proposals[K, 4] and targets (boxes, labels 1..N) -> the losses."""
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        image_list, targets = self.transform(images, targets)
+        proposals = [resize_boxes(boxes, size, new_size)
+                     for boxes, size, new_size in zip(proposals, original_sizes, image_list.image_sizes)]
+        _, losses = self.roi_heads({"0": self.backbone(image_list.tensors)}, proposals, image_list.image_sizes, targets)
+        return losses
+
+
+def build_faster_rcnn(net: RegionNet, num_classes: int, params: dict) -> FasterRCNN:
+    """torchvision's FasterRCNN: our trunk, its RPN, and the same RoI heads as Fast R-CNN's."""
+    trunk = freeze_batchnorm(net.trunk)
+    trunk.out_channels = net.trunk_channels
+    anchors = AnchorGenerator(sizes=(tuple(params["anchor_sizes"]),), aspect_ratios=(tuple(params["aspect_ratios"]),))
+    model = FasterRCNN(
+        trunk, num_classes=num_classes + 1, min_size=params["min_size"], max_size=params["max_size"],
+        image_mean=NO_NORMALISATION[0], image_std=NO_NORMALISATION[1], rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=params["rpn_pre_nms_train"], rpn_post_nms_top_n_train=params["rpn_post_nms_train"],
+        rpn_pre_nms_top_n_test=params["rpn_pre_nms_test"], rpn_post_nms_top_n_test=params["rpn_post_nms_test"],
+        rpn_nms_thresh=params["rpn_nms_iou"], rpn_batch_size_per_image=params["rpn_anchors_per_image"])
+    model.roi_heads = roi_heads(net, num_classes, params)
+    return model
+
+
+def roi_heads(net: RegionNet, num_classes: int, params: dict) -> RoIHeads:
+    """RoI pooling to pool5's size, fc6 + fc7 as the box head, cls_score + bbox_pred, the multitask loss."""
+    return RoIHeads(
+        box_roi_pool=RoIPooler(net.roi_size, net.trunk_stride, params["pooling"]),
+        box_head=nn.Sequential(nn.Flatten(), net.fc6, net.fc7),
+        box_predictor=FastRCNNPredictor(net.head.in_features, num_classes + 1),
+        fg_iou_thresh=params["fg_iou"], bg_iou_thresh=params["fg_iou"],  # background: IoU below fg_iou
+        batch_size_per_image=params["rois_per_image"], positive_fraction=params["fg_fraction"],
+        bbox_reg_weights=None, score_thresh=0.0, nms_thresh=params["nms_iou"],
+        detections_per_img=params["max_per_image"])
+
+
+def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
+    """A copy of a Fast/Faster R-CNN model whose fc6 and fc7 are replaced by their truncated SVD (ranks[0], ranks[1])."""
+    compressed = copy.deepcopy(model)
+    _, fc6, fc7 = compressed.roi_heads.box_head
+    for block, rank in zip((fc6, fc7), ranks):
+        compress_fc(block, rank)
+    return compressed
+
+
+def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.Tensor] | None = None,
+           clock: Clock | None = None, laps: dict | None = None) -> list[dict]:
+    """Test-time detection (model in eval mode): boxes, scores and labels (1..N) per image, in its pixels.
+
+    Fast R-CNN is given `proposals` (boxes in each image's pixels); Faster R-CNN's RPN makes its own.
+    With a `clock`, the seconds of each part are added to `laps`: "conv" (resize + trunk), "proposal"
+    (the RPN, or scaling the given boxes) and "region-wise" (RoI pooling, heads, NMS): Faster R-CNN's Table 5.
+    """
+    def lap(part: str) -> None:
+        if clock is not None:
+            laps[part] = laps.get(part, 0.0) + clock.lap()
+
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    with torch.no_grad():
+        image_list, _ = model.transform(images)
+        features = {"0": model.backbone(image_list.tensors)}
+        lap("conv")
+        if proposals is None:
+            proposals, _ = model.rpn(image_list, features)
+        else:
+            proposals = [resize_boxes(boxes, size, new_size)
+                         for boxes, size, new_size in zip(proposals, original_sizes, image_list.image_sizes)]
+        lap("proposal")
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        lap("region-wise")
+    return detections
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a FrozenBatchNorm2d with its statistics and affine terms."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module

@@ -1,0 +1,81 @@
+"""Pooling regions of a shared conv map (SPP-net, Fast R-CNN) and Fast R-CNN's truncated SVD.
+
+Region boxes are (x1, y1, x2, y2) in the pipeline's continuous pixel coordinates (x2 is one past the
+last pixel). torchvision's roi_pool follows Caffe, whose boxes name their last pixel, so boxes are
+shifted by one there; roi_align(aligned=True) takes continuous coordinates as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align, roi_pool
+
+POOLINGS = ("roi_pool", "roi_align")
+
+
+def pool_regions(feature_map: torch.Tensor, boxes: list[torch.Tensor], output_size: int, spatial_scale: float,
+                 method: str = "roi_pool") -> torch.Tensor:
+    """feature_map[B, C, h, w], boxes[K_b, 4] per image (image pixels) -> pooled[sum K_b, C, s, s].
+
+    `spatial_scale` maps image pixels to map cells (1 / the conv stride, times any image rescaling).
+    """
+    if method == "roi_pool":
+        last_pixel = [image_boxes - image_boxes.new_tensor([0, 0, 1, 1]) for image_boxes in boxes]
+        return roi_pool(feature_map, last_pixel, output_size, spatial_scale)
+    if method == "roi_align":
+        return roi_align(feature_map, boxes, output_size, spatial_scale, sampling_ratio=2, aligned=True)
+    raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLINGS)}")
+
+
+def spatial_pyramid_pool(feature_map: torch.Tensor, boxes: list[torch.Tensor], levels: list[int],
+                         spatial_scale: float) -> torch.Tensor:
+    """SPP-net's pyramid: each region max-pooled into l x l bins for every level l, flattened and
+    concatenated (per level: channel-major, as .flatten(1) orders it) -> [K, C * sum(l * l)].
+
+    One level of the pyramid is exactly RoI pooling (Fast R-CNN §2.1), so each level is roi_pool.
+    """
+    return torch.cat([pool_regions(feature_map, boxes, level, spatial_scale).flatten(1) for level in levels], dim=1)
+
+
+def spp_dim(channels: int, levels: list[int]) -> int:
+    return channels * sum(level * level for level in levels)
+
+
+class RoIPooler(nn.Module):
+    """The RoI pooling layer in the form torchvision's RoIHeads calls it: (features, proposals, image sizes).
+
+    Pools the single map `features["0"]` at 1 / stride, the scale of the (resized) image the boxes are in.
+    """
+
+    def __init__(self, output_size: int, stride: int, method: str = "roi_pool"):
+        super().__init__()
+        if method not in POOLINGS:
+            raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLINGS)}")
+        self.output_size, self.spatial_scale, self.method = output_size, 1.0 / stride, method
+
+    def forward(self, features: dict, proposals: list[torch.Tensor], image_shapes=None) -> torch.Tensor:
+        return pool_regions(features["0"], proposals, self.output_size, self.spatial_scale, self.method)
+
+
+def truncated_svd(linear: nn.Linear, rank: int) -> nn.Sequential:
+    """Fast R-CNN §3.1: W[out, in] ~ U_t S_t V_t^T as two layers, S_t V_t^T (no bias) then U_t (W's bias).
+
+    Parameters fall from out * in to rank * (out + in); the layer's output is the best rank-t one.
+    """
+    U, S, Vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    rank = min(rank, len(S))
+    first = nn.Linear(linear.in_features, rank, bias=False)
+    second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(S[:rank, None] * Vh[:rank])
+        second.weight.copy_(U[:, :rank])
+        if linear.bias is not None:
+            second.bias.copy_(linear.bias)
+    return nn.Sequential(first, second)
+
+
+def compress_fc(block: nn.Sequential, rank: int) -> None:
+    """Replace the Linear layers of an fc block (e.g. fc6 = [Dropout, Linear, ReLU]) by their truncated SVD."""
+    for index, layer in enumerate(block):
+        if isinstance(layer, nn.Linear) and rank and rank < min(layer.in_features, layer.out_features):
+            block[index] = truncated_svd(layer, rank)

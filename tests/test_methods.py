@@ -1,0 +1,101 @@
+"""SPP-net, Fast R-CNN, Faster R-CNN and the timing table on the tiny generated set, as a user runs them."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.runner import plan_stages
+from stages import REGISTRY
+from test_rcnn_pipeline import TINY
+
+pytestmark = pytest.mark.slow
+
+METHOD_TINY = [*TINY, "sppnet.images_per_shard=4", "sppnet_finetune.iterations=40", "sppnet_finetune.checkpoint_every=10",
+               "fast_rcnn.iterations=40", "fast_rcnn.checkpoint_every=10", "fast_rcnn.images_per_shard=3",
+               "faster_rcnn.iterations=40", "faster_rcnn.checkpoint_every=10", "faster_rcnn.images_per_shard=3",
+               "timing.images=2", "timing.warmup=1"]
+
+
+def options(data, cache, reports):
+    return [*(item for value in METHOD_TINY for item in ("--set", value)),
+            "--data", str(data), "--cache", str(cache), "--reports", str(reports)]
+
+
+@pytest.fixture(scope="module")
+def timing_run(shapes_root, tmp_path_factory):
+    """One `rcnn timing-table` on the tiny set: every method trained, evaluated and timed."""
+    work = tmp_path_factory.mktemp("methods")
+    assert main(["timing-table", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    return shapes_root, work / "cache", work / "reports"
+
+
+def rows_of(timing_run, capsys):
+    data, cache, reports = timing_run
+    capsys.readouterr()
+    assert main(["status", "--json", *options(data, cache, reports)]) == 0
+    return {row["stage"]: row for row in json.loads(capsys.readouterr().out)["stages"]}
+
+
+@pytest.mark.parametrize("stage", ["sppnet-finetune", "fast-rcnn", "faster-rcnn"])
+def test_each_new_training_stage_lowers_its_loss(timing_run, capsys, stage):
+    _, cache, _ = timing_run
+    saved = torch.load(cache / stage / rows_of(timing_run, capsys)[stage]["key"] / "00000.pt", weights_only=True)
+    assert len(saved["losses"]) == 40
+    assert np.mean(saved["losses"][-8:]) < np.mean(saved["losses"][:8])
+
+
+def test_faster_rcnn_trains_the_four_losses_jointly(timing_run, capsys):
+    _, cache, _ = timing_run
+    saved = torch.load(cache / "faster-rcnn" / rows_of(timing_run, capsys)["faster-rcnn"]["key"] / "00000.pt",
+                       weights_only=True)
+    assert set(saved["loss_parts"]) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    assert np.allclose(saved["losses"], np.sum([saved["loss_parts"][name] for name in saved["loss_parts"]], axis=0),
+                       atol=1e-4)
+
+
+def test_every_method_is_evaluated_with_the_voc_metrics(timing_run, capsys):
+    rows = rows_of(timing_run, capsys)
+    for stage in ("evaluate", "sppnet-evaluate", "fast-rcnn-evaluate", "faster-rcnn-evaluate"):
+        assert rows[stage]["state"] == "cached", stage
+        assert 0.0 <= rows[stage]["metrics"]["map_voc07_11pt"] <= 1.0
+    assert "map_voc07_11pt_svd" in rows["fast-rcnn-evaluate"]["metrics"]
+
+
+def test_sppnet_reuses_the_rcnn_stages_on_its_own_features(shapes_root, tmp_path):
+    from pipeline.cli import build_parser, make_context
+    ctx = make_context(build_parser().parse_args(["status", *options(shapes_root, tmp_path / "c", tmp_path / "r")]))
+    plans = {plan.stage.name: plan for plan in plan_stages(["sppnet-evaluate"], REGISTRY, ctx)}
+    assert type(plans["sppnet-svm"].stage) is type(REGISTRY["svm"])
+    assert set(plans["sppnet-svm"].description["inputs"]) == {"sppnet-features", "sppnet-finetune"}
+    assert set(plans["sppnet-detect"].description["inputs"]) == {"sppnet-features", "sppnet-finetune", "sppnet-svm",
+                                                                 "sppnet-bbox"}
+    assert not {"features", "finetune", "svm"} & set(plans)
+
+
+def test_timing_table_writes_markdown_json_and_plot(timing_run):
+    _, _, reports = timing_run
+    report = reports / "demo" / "timing-table"
+    table = json.loads((report / "timing.json").read_text())
+    assert isinstance(table["hardware"], str) and table["config"] == "demo"
+    methods = {entry["method"]: entry for entry in table["methods"]}
+    assert {"R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN"} <= set(methods)
+    for entry in table["methods"]:
+        assert set(entry) == {"method", "train_s", "test_s_per_image", "test_s_per_image_with_proposals", "map"}
+        assert entry["train_s"] > 0 and entry["test_s_per_image"] > 0 and 0 <= entry["map"] <= 1
+    for name in ("R-CNN", "SPP-net", "Fast R-CNN"):
+        assert methods[name]["test_s_per_image_with_proposals"] > methods[name]["test_s_per_image"]
+    assert methods["Faster R-CNN"]["test_s_per_image_with_proposals"] == methods["Faster R-CNN"]["test_s_per_image"]
+    markdown = (report / "timing.md").read_text()
+    for published in ("| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |", "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 |"):
+        assert published in markdown
+    assert "## Protocol" in markdown and "warm-up" in markdown and table["hardware"] in markdown
+    assert (report / "timing.png").stat().st_size > 0
+
+
+def test_cached_timing_table_reruns_nothing(timing_run, capsys):
+    data, cache, reports = timing_run
+    capsys.readouterr()
+    assert main(["timing-table", *options(data, cache, reports)]) == 0
+    assert " computed " not in capsys.readouterr().out
