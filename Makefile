@@ -1,5 +1,6 @@
 # One-line entry points for a fresh machine. Each installs what it needs first, once:
-#   make demo    generate the shapes set and run the pipeline on it (CPU)
+#   make demo    generate the shapes set and run the R-CNN pipeline on it (CPU)
+#   make timing  the same data, then `rcnn timing-table`: R-CNN, SPP-net, Fast and Faster R-CNN compared
 #   make test    run the test suite (the slow end-to-end tests included)
 #   make bench   print the benchmark tables
 # Override TORCH to install another torch build, e.g. make demo TORCH="torch torchvision".
@@ -8,7 +9,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench
+.PHONY: demo timing test bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/rcnn data shapes --out data/shapes --images 400 --seed 0
 	$(BIN)/rcnn run --config demo
+
+timing: $(VENV)/.installed
+	$(BIN)/rcnn data shapes --out data/shapes --images 400 --seed 0
+	$(BIN)/rcnn timing-table --config demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -16,7 +16,6 @@ each part, and the overhead: everything but the forward and selective search, ov
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,10 @@ from pipeline.regions import mean_subtracted, warp_regions
 from pipeline.reports import markdown_table
 from pipeline.runner import plan_stages
 from pipeline.stage import RunContext
+from pipeline.timing import Clock
 from stages import REGISTRY
 from stages.bbox import load_regressors
-from stages.detect import detect_image
+from stages.detect import PRIMARY, detect_image
 from stages.features import ImageFeatures
 from stages.finetune import load_finetuned
 from stages.proposals import propose
@@ -89,7 +89,8 @@ def time_pipeline(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple[
         features = ImageFeatures(boxes, np.full(len(boxes), -1, np.int16), np.zeros(len(boxes), bool),
                                  np.concatenate(pool5_parts))
         annotation = ctx.dataset.annotation(image_id)
-        detect_image(net, svms, regressors, features, annotation.width, annotation.height, ctx.config["detect"], device)
+        detect_image(net, svms, regressors, features, annotation.width, annotation.height, ctx.config["detect"], device,
+                     variants=(PRIMARY,))
         spent["svm+nms"] = clock.lap()
         if index:  # the first image warms up caches, allocators and kernels
             for part in PARTS:
@@ -113,24 +114,6 @@ def time_forward_only(ctx: RunContext, caches: dict, crop_counts: list[int]) -> 
                 net.fc(net.pool5(batch).flatten(1)).cpu()
         seconds = clock.lap()
     return seconds
-
-
-class Clock:
-    """Wall-clock laps, with the device synchronised before each reading."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.last = self._now()
-
-    def _now(self) -> float:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self) -> float:
-        now = self._now()
-        lap, self.last = now - self.last, now
-        return lap
 
 
 def report(totals: dict, forward_only: float, crop_counts: list[int], ctx: RunContext) -> None:

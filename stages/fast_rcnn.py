@@ -23,6 +23,8 @@ from stages.finetune import pretrain_input, weights_key_extras
 from stages.pretrain import backbone_params
 
 FAST_RCNN_VARIANTS = {"fast_rcnn": "Fast R-CNN", "svd": "Fast R-CNN, truncated SVD of fc6 and fc7"}
+# settings that only change detection: part of the detect stage's key, not the training stage's
+TEST_PARAMS = ("svd_ranks", "nms_iou", "max_per_image", "rpn_pre_nms_test", "rpn_post_nms_test", "images_per_shard")
 
 
 class FastRCNNTrain(Stage):
@@ -37,7 +39,8 @@ class FastRCNNTrain(Stage):
     uses_proposals = True          # False for Faster R-CNN, whose RPN proposes
 
     def params(self, config: dict) -> dict:
-        return {**config[self.section], "backbone": {**backbone_params(config), "weights": config["backbone"]["weights"]},
+        training = {name: value for name, value in config[self.section].items() if name not in TEST_PARAMS}
+        return {**training, "backbone": {**backbone_params(config), "weights": config["backbone"]["weights"]},
                 "train_split": config["data"]["train_split"], "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -89,17 +92,19 @@ class FastRCNNTrain(Stage):
                     f"{self.name}: multitask loss")
         return {**records["00000"]["metrics"], "device": ctx.device}
 
-    def load(self, cache: StageCache, device: str):
-        """The trained model (eval mode, on `device`) and the params it was trained with."""
+    def load(self, cache: StageCache, device: str, config: dict):
+        """The trained model (eval mode, on `device`) with the config's test-time settings, and its params."""
         import torch
 
         from pipeline.models import build_region_net
         saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
         backbone, num_classes = saved["backbone"], len(saved["classes"])
+        params = {**saved["params"], **{name: value for name, value in config[self.section].items()
+                                        if name in TEST_PARAMS}}
         model = self.build(build_region_net(backbone["name"], num_classes + 1, backbone["input_size"]), num_classes,
-                           saved["params"])
+                           params)
         model.load_state_dict(saved["model"])
-        return model.to(device).eval(), saved["params"]
+        return model.to(device).eval(), params
 
 
 def image_batches(training, proposals: dict | None, params: dict):
@@ -144,17 +149,18 @@ class FastRCNNDetect(Stage):
     variants = FAST_RCNN_VARIANTS
 
     def params(self, config: dict) -> dict:
-        return {"images_per_shard": config[self.trainer.section]["images_per_shard"],
+        section = config[self.trainer.section]
+        return {**{name: section[name] for name in TEST_PARAMS if name in section},
                 "test_split": config["data"]["test_split"]}
 
     def shards(self, ctx: RunContext) -> list[Shard]:
         return image_shards(ctx.dataset.image_ids(ctx.config["data"]["test_split"]),
                             ctx.config[self.trainer.section]["images_per_shard"])
 
-    def models(self, inputs: dict, device: str) -> dict:
+    def models(self, inputs: dict, ctx: RunContext) -> dict:
         """variant -> model."""
         from pipeline.detectors import with_truncated_svd
-        model, params = self.trainer.load(inputs[self.trainer.name], device)
+        model, params = self.trainer.load(inputs[self.trainer.name], ctx.device, ctx.config)
         return {"fast_rcnn": model, "svd": with_truncated_svd(model, params["svd_ranks"])}
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
@@ -164,7 +170,7 @@ class FastRCNNDetect(Stage):
         from pipeline.regions import normalised
         from stages.proposals import read_proposals
 
-        models = self.models(inputs, ctx.device)
+        models = self.models(inputs, ctx)
         proposals = read_proposals(inputs["proposals"], shard.items) if self.trainer.uses_proposals else None
         detections = 0
         with h5py.File(out.path, "w") as shard_file:

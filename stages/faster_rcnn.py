@@ -40,6 +40,6 @@ class FasterRCNNDetect(FastRCNNDetect):
     trainer = FasterRCNNTrain()
     variants = FASTER_RCNN_VARIANTS
 
-    def models(self, inputs: dict, device: str) -> dict:
-        model, _ = self.trainer.load(inputs[self.trainer.name], device)
+    def models(self, inputs: dict, ctx) -> dict:
+        model, _ = self.trainer.load(inputs[self.trainer.name], ctx.device, ctx.config)
         return {"faster_rcnn": model}

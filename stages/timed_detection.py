@@ -55,8 +55,8 @@ def detectors(ctx: RunContext, inputs: dict) -> dict[str, Detector]:
     from pipeline.detectors import with_truncated_svd
     from stages.fast_rcnn import FastRCNNTrain
     from stages.faster_rcnn import FasterRCNNTrain
-    fast_rcnn, fast_params = FastRCNNTrain().load(inputs["fast-rcnn"], ctx.device)
-    faster_rcnn, _ = FasterRCNNTrain().load(inputs["faster-rcnn"], ctx.device)
+    fast_rcnn, fast_params = FastRCNNTrain().load(inputs["fast-rcnn"], ctx.device, ctx.config)
+    faster_rcnn, _ = FasterRCNNTrain().load(inputs["faster-rcnn"], ctx.device, ctx.config)
     return {"R-CNN": svm_detector(ctx, inputs, "", spp=False),
             "SPP-net": svm_detector(ctx, inputs, "sppnet-", spp=True),
             "Fast R-CNN": network_detector(ctx, fast_rcnn, uses_proposals=True),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
