@@ -1,5 +1,6 @@
 """SPP-net, Fast R-CNN, Faster R-CNN and the timing table on the tiny generated set, as a user runs them."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,3 +100,20 @@ def test_cached_timing_table_reruns_nothing(timing_run, capsys):
     capsys.readouterr()
     assert main(["timing-table", *options(data, cache, reports)]) == 0
     assert " computed " not in capsys.readouterr().out
+
+
+def test_killed_fast_rcnn_training_resumes_with_identical_weights(timing_run, tmp_path, capsys):
+    from test_rcnn_pipeline import run_until_killed
+    data, original_cache, _ = timing_run
+    key = rows_of(timing_run, capsys)["fast-rcnn"]["key"]
+    cache = shutil.copytree(original_cache, tmp_path / "cache")
+    shutil.rmtree(cache / "fast-rcnn" / key)
+    checkpoint = cache / "fast-rcnn" / key / "00000.checkpoint"
+    run_until_killed(["fast-rcnn", *options(data, cache, tmp_path / "reports")], checkpoint.exists)
+    assert not (cache / "fast-rcnn" / key / "00000.pt").exists()
+    assert main(["fast-rcnn", *options(data, cache, tmp_path / "reports")]) == 0
+    expected = torch.load(original_cache / "fast-rcnn" / key / "00000.pt", weights_only=True)
+    resumed = torch.load(cache / "fast-rcnn" / key / "00000.pt", weights_only=True)
+    assert expected["losses"] == resumed["losses"]
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
