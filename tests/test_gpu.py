@@ -1,4 +1,4 @@
-"""CUDA paths (skipped without a GPU): the same warps and features as on the CPU, and AMP training."""
+"""CUDA paths (skipped without a GPU): the same warps, features and detections as on the CPU, AMP training."""
 import numpy as np
 import pytest
 import torch
@@ -42,5 +42,25 @@ def test_amp_training_steps_reduce_the_loss(tmp_path):
         crops[:, 0] += torch.from_numpy(labels).float()[:, None, None]  # a learnable signal
         return crops.cuda(), torch.from_numpy(labels).cuda()
 
-    losses = train(net, next_batch, settings, tmp_path / "ckpt", "cuda", amp=True)
+    losses = train(net, next_batch, settings, tmp_path / "ckpt", "cuda", amp=True).losses
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+DETECTOR_PARAMS = {"min_size": 120, "max_size": 200, "pooling": "roi_pool", "fg_iou": 0.5, "rois_per_image": 64,
+                   "fg_fraction": 0.25, "nms_iou": 0.3, "max_per_image": 100, "anchor_sizes": [32, 64],
+                   "aspect_ratios": [0.5, 1.0, 2.0], "rpn_pre_nms_train": 500, "rpn_post_nms_train": 100,
+                   "rpn_pre_nms_test": 300, "rpn_post_nms_test": 50, "rpn_nms_iou": 0.7, "rpn_anchors_per_image": 128}
+
+
+@pytest.mark.parametrize("method", ["fast", "faster"])
+def test_cuda_detections_match_cpu(method):
+    from pipeline.detectors import FastRCNN, build_faster_rcnn, detect
+    torch.manual_seed(0)
+    build = FastRCNN if method == "fast" else build_faster_rcnn
+    model = build(build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
+    image = torch.randn(3, 120, 160)
+    proposals = [torch.tensor([[10.0, 5.0, 90.0, 60.0], [100.0, 40.0, 150.0, 119.0]])] if method == "fast" else None
+    on_cpu = detect(model, [image], proposals)[0]
+    on_gpu = detect(model.cuda(), [image.cuda()], [p.cuda() for p in proposals] if proposals else None)[0]
+    top = min(5, len(on_cpu["scores"]))
+    assert torch.allclose(on_cpu["scores"][:top], on_gpu["scores"][:top].cpu(), atol=1e-3)

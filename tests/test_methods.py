@@ -9,19 +9,19 @@ import torch
 from pipeline.cli import main
 from pipeline.runner import plan_stages
 from stages import REGISTRY
-from test_rcnn_pipeline import TINY
+from test_rcnn_pipeline import options as rcnn_options
+from test_rcnn_pipeline import run_until_killed, status
 
 pytestmark = pytest.mark.slow
 
-METHOD_TINY = [*TINY, "sppnet.images_per_shard=4", "sppnet_finetune.iterations=40", "sppnet_finetune.checkpoint_every=10",
+METHOD_TINY = ["sppnet.images_per_shard=4", "sppnet_finetune.iterations=40", "sppnet_finetune.checkpoint_every=10",
                "fast_rcnn.iterations=40", "fast_rcnn.checkpoint_every=10", "fast_rcnn.images_per_shard=3",
                "faster_rcnn.iterations=40", "faster_rcnn.checkpoint_every=10", "faster_rcnn.images_per_shard=3",
                "timing.images=2", "timing.warmup=1"]
 
 
 def options(data, cache, reports):
-    return [*(item for value in METHOD_TINY for item in ("--set", value)),
-            "--data", str(data), "--cache", str(cache), "--reports", str(reports)]
+    return rcnn_options(data, cache, reports, *METHOD_TINY)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,7 @@ def timing_run(shapes_root, tmp_path_factory):
 
 
 def rows_of(timing_run, capsys):
-    data, cache, reports = timing_run
-    capsys.readouterr()
-    assert main(["status", "--json", *options(data, cache, reports)]) == 0
-    return {row["stage"]: row for row in json.loads(capsys.readouterr().out)["stages"]}
+    return status(*timing_run, capsys, *METHOD_TINY)
 
 
 @pytest.mark.parametrize("stage", ["sppnet-finetune", "fast-rcnn", "faster-rcnn"])
@@ -103,7 +100,6 @@ def test_cached_timing_table_reruns_nothing(timing_run, capsys):
 
 
 def test_killed_fast_rcnn_training_resumes_with_identical_weights(timing_run, tmp_path, capsys):
-    from test_rcnn_pipeline import run_until_killed
     data, original_cache, _ = timing_run
     key = rows_of(timing_run, capsys)["fast-rcnn"]["key"]
     cache = shutil.copytree(original_cache, tmp_path / "cache")
