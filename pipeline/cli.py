@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage in REGISTRY.values():
         summary = (stage.__doc__ or sys.modules[type(stage).__module__].__doc__ or stage.name).strip().splitlines()[0]
+        if getattr(stage, "prefix", ""):
+            summary += f" The {stage.prefix.rstrip('-')} copy of the {stage.base_name} stage, on its inputs."
         stage_parser = commands.add_parser(stage.name, help=summary, description=(
             f"{summary} Runs the stages it reads from first when they are not cached, reuses what is "
             f"cached and resumes from the first missing shard after an interruption."))
