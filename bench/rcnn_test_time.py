@@ -24,7 +24,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.voc import VOCDataset
 from pipeline.errors import UserError
-from pipeline.regions import mean_subtracted, warp_regions
+from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 from pipeline.reports import markdown_table
 from pipeline.runner import plan_stages
 from pipeline.stage import RunContext
@@ -75,7 +75,7 @@ def time_pipeline(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple[
         spent = {"read": clock.lap()}
         boxes = propose(rgb, params["mode"], params["search_side"], params["min_size"], params["max_proposals"])
         spent["proposals"] = clock.lap()
-        image = mean_subtracted(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device))
+        image = mean_subtracted(image_tensor(rgb, device))
         spent["warp"] = spent["forward"] = 0.0
         pool5_parts = []
         with torch.no_grad():

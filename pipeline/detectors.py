@@ -45,8 +45,7 @@ class FastRCNN(nn.Module):
         """Training: normalised images[3, H, W], proposals[K, 4] and targets (boxes, labels 1..N) -> the losses."""
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         image_list, targets = self.transform(images, targets)
-        proposals = [resize_boxes(boxes, size, new_size)
-                     for boxes, size, new_size in zip(proposals, original_sizes, image_list.image_sizes)]
+        proposals = resized_proposals(proposals, original_sizes, image_list.image_sizes)
         _, losses = self.roi_heads({"0": self.backbone(image_list.tensors)}, proposals, image_list.image_sizes, targets)
         return losses
 
@@ -107,13 +106,17 @@ def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.T
         if proposals is None:
             proposals, _ = model.rpn(image_list, features)
         else:
-            proposals = [resize_boxes(boxes, size, new_size)
-                         for boxes, size, new_size in zip(proposals, original_sizes, image_list.image_sizes)]
+            proposals = resized_proposals(proposals, original_sizes, image_list.image_sizes)
         lap("proposal")
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         lap("region-wise")
     return detections
+
+
+def resized_proposals(proposals: list[torch.Tensor], original_sizes: list, new_sizes: list) -> list[torch.Tensor]:
+    """Each image's proposals[K, 4] scaled from its original size to the size torchvision's transform gave it."""
+    return [resize_boxes(boxes, size, new_size) for boxes, size, new_size in zip(proposals, original_sizes, new_sizes)]
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

@@ -111,9 +111,10 @@ def dask_client(kind: str, workers_or_address: int | str, resources: set[str] = 
     with client:
         offered = {name for worker in client.scheduler_info()["workers"].values()
                    for name in worker.get("resources", {})}
-        for name in sorted(set(resources) - offered):
-            raise ConfigError(f"--scheduler {workers_or_address}: no worker offers the {name} resource; "
-                              f"start one with `dask worker {workers_or_address} --resources {name}=1`")
+        missing = sorted(set(resources) - offered)
+        if missing:
+            raise ConfigError(f"--scheduler {workers_or_address}: no worker offers the {missing[0]} resource; "
+                              f"start one with `dask worker {workers_or_address} --resources {missing[0]}=1`")
         yield client
 
 

@@ -21,6 +21,9 @@ from pipeline.errors import ConfigError, UserError
 BACKBONES = ("small", "alexnet", "vgg16")
 TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights"}
 SMALL_CHANNELS = (16, 32, 64, 64)
+# pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two
+# max-pools; VGG16's four max-pools
+TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16}
 
 
 class RegionNet(nn.Module):
@@ -87,7 +90,8 @@ def _torchvision_net(name: str, num_outputs: int, torchvision_state: dict | None
     # AlexNet: [Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8]; VGG16: [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]
     fc6, fc7 = nn.Sequential(*model.classifier[:3]), nn.Sequential(*model.classifier[3:6])
     roi_size = model.avgpool.output_size[0]
-    return RegionNet(trunk, pool5_layer, fc6, fc7, 4096, num_outputs, trunk_stride=16, roi_size=roi_size)
+    return RegionNet(trunk, pool5_layer, fc6, fc7, 4096, num_outputs, trunk_stride=TRUNK_STRIDES[name],
+                     roi_size=roi_size)
 
 
 def _small_net(num_outputs: int, input_size: int) -> RegionNet:
@@ -102,8 +106,8 @@ def _small_net(num_outputs: int, input_size: int) -> RegionNet:
     roi_size = input_size // 16
     fc6 = nn.Sequential(nn.Dropout(), nn.Linear(in_channels * roi_size ** 2, 256), nn.ReLU(inplace=True))
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(256, 256), nn.ReLU(inplace=True))
-    return RegionNet(nn.Sequential(*layers[:-1]), layers[-1], fc6, fc7, 256, num_outputs, trunk_stride=8,
-                     roi_size=roi_size)
+    return RegionNet(nn.Sequential(*layers[:-1]), layers[-1], fc6, fc7, 256, num_outputs,
+                     trunk_stride=TRUNK_STRIDES["small"], roi_size=roi_size)
 
 
 def torchvision_weights_file(name: str, weights: str) -> Path:

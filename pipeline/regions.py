@@ -26,6 +26,11 @@ def context_boxes(boxes: torch.Tensor, output_size: int, context_pad: float) -> 
     return torch.cat([centers - half_sizes, centers + half_sizes], dim=1)
 
 
+def image_tensor(rgb: np.ndarray, device: str) -> torch.Tensor:
+    """An RGB uint8[H, W, 3] image (as the data set reads it) as uint8[3, H, W] on the device."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device)
+
+
 def mean_subtracted(image: torch.Tensor) -> torch.Tensor:
     """uint8[3, H, W] RGB -> float32[3, H, W] in [0, 1] minus the mean colour."""
     mean = torch.tensor(MEAN_RGB, device=image.device).view(3, 1, 1)
@@ -46,8 +51,7 @@ class ImageBank:
     """Images kept on the device as uint8, for warping windows drawn from many images at once."""
 
     def __init__(self, images_rgb: list[np.ndarray], device: str):
-        self.images = [torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device)
-                       for rgb in images_rgb]
+        self.images = [image_tensor(rgb, device) for rgb in images_rgb]
 
     def warp(self, image_index: np.ndarray, boxes: torch.Tensor, output_size: int, context_pad: float) -> torch.Tensor:
         """Crops[K, 3, S, S] for windows given as (image_index[K], boxes[K, 4]), in that order."""
@@ -83,10 +87,12 @@ def sample_windows(rng: np.random.Generator, labels: np.ndarray, count: int, fg_
     """
     foreground, background = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
     fg_count = min(round(count * fg_fraction), len(foreground)) if len(background) else count
+    return np.concatenate([draw(rng, foreground, fg_count), draw(rng, background, count - fg_count)])
 
-    def draw(pool: np.ndarray, size: int) -> np.ndarray:
-        return rng.choice(pool, size=size, replace=len(pool) < size) if size and len(pool) else pool[:0]
-    return np.concatenate([draw(foreground, fg_count), draw(background, count - fg_count)])
+
+def draw(rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarray:
+    """`count` distinct members of pool, with replacement only when the pool is smaller (none from an empty one)."""
+    return rng.choice(pool, size=count, replace=len(pool) < count) if count and len(pool) else pool[:0]
 
 
 def augment_crops(crops: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -109,6 +109,30 @@ class Stage:
         return {}
 
 
+class TrainingStage(Stage):
+    """A stage that trains one network: one shard, `00000.pt`, holding at least its "losses" per iteration
+    (and "loss_parts" when the loss has named parts); the report plots them under `loss_title`."""
+    shard_suffix = ".pt"
+    runs_on_device = True
+    loss_title: str = ""
+
+    def shards(self, ctx: RunContext) -> list[Shard]:
+        return [Shard("00000", ())]
+
+    def reduce(self, ctx: RunContext, cache: StageCache, records: dict[str, dict],
+               inputs: dict[str, StageCache]) -> dict:
+        import torch
+
+        from pipeline.reports import plot_loss, plot_losses
+        saved = torch.load(cache.shard_path("00000"), weights_only=True)
+        if saved.get("loss_parts"):
+            plot_losses({"total": saved["losses"], **saved["loss_parts"]}, cache.report_dir / "loss.png",
+                        self.loss_title)
+        else:
+            plot_loss(saved["losses"], cache.report_dir / "loss.png", self.loss_title)
+        return {**records["00000"]["metrics"], "device": ctx.device}
+
+
 class MethodStage(Stage):
     """A stage several methods share: R-CNN's SVMs, box regressors, detection and evaluation serve
     SPP-net too, and the evaluation every method. `prefix` ("" for R-CNN, e.g. "sppnet-") names this

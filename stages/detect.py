@@ -63,10 +63,16 @@ class Detect(MethodStage):
         return {"images": len(shard.items), "detections": detections}
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        images = sum(record["metrics"]["images"] for record in records.values())
-        write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"], PRIMARY)
-        return {"images": images, "variants": list(VARIANTS),
-                "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1)}
+        return summarise_detections(ctx, cache, records, VARIANTS)
+
+
+def summarise_detections(ctx: RunContext, cache: StageCache, records: dict, variants) -> dict:
+    """A detection stage's metrics (shard records hold images and the first variant's detections);
+    writes the devkit's results files of the first variant, the method's result."""
+    images = sum(record["metrics"]["images"] for record in records.values())
+    write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"], next(iter(variants)))
+    return {"images": images, "variants": list(variants),
+            "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1)}
 
 
 def detect_image(net, svms: dict, regressors: dict, image, width: int, height: int, params: dict,

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 
 from pipeline.cache import StageCache
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage, image_shards
-from stages.finetune import pretrain_input, weights_key_extras
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage, TrainingStage, image_shards
+from stages.finetune import initial_backbone_params, pretrain_input, weights_key_extras
 from stages.pretrain import backbone_params
 
 FAST_RCNN_VARIANTS = {"fast_rcnn": "Fast R-CNN", "svd": "Fast R-CNN, truncated SVD of fc6 and fc7"}
@@ -27,20 +27,19 @@ FAST_RCNN_VARIANTS = {"fast_rcnn": "Fast R-CNN", "svd": "Fast R-CNN, truncated S
 TEST_PARAMS = ("svd_ranks", "nms_iou", "max_per_image", "rpn_pre_nms_test", "rpn_post_nms_test", "images_per_shard")
 
 
-class FastRCNNTrain(Stage):
+class FastRCNNTrain(TrainingStage):
     """Train Fast R-CNN (RoI pooling, two sibling heads, multitask loss) on the cached proposals."""
 
     name = "fast-rcnn"
     section = "fast_rcnn"          # its config section
     version = "1"
-    shard_suffix = ".pt"
     headline_metrics = ("final_loss",)
-    runs_on_device = True
+    loss_title = "fast-rcnn: multitask loss"
     uses_proposals = True          # False for Faster R-CNN, whose RPN proposes
 
     def params(self, config: dict) -> dict:
         training = {name: value for name, value in config[self.section].items() if name not in TEST_PARAMS}
-        return {**training, "backbone": {**backbone_params(config), "weights": config["backbone"]["weights"]},
+        return {**training, "backbone": initial_backbone_params(config),
                 "train_split": config["data"]["train_split"], "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -48,9 +47,6 @@ class FastRCNNTrain(Stage):
 
     def key_extras(self, ctx: RunContext) -> dict:
         return weights_key_extras(ctx)
-
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return [Shard("00000", ())]
 
     def build(self, net, num_classes: int, params: dict):
         from pipeline.detectors import FastRCNN
@@ -82,15 +78,6 @@ class FastRCNNTrain(Stage):
                     "classes": ctx.dataset.classes, "losses": history.losses, "loss_parts": history.parts}, out.path)
         return {"final_loss": float(np.mean(history.losses[-20:])),
                 **{f"final_{name}": float(np.mean(values[-20:])) for name, values in history.parts.items()}}
-
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        import torch
-
-        from pipeline.reports import plot_losses
-        saved = torch.load(cache.shard_path("00000"), weights_only=True)
-        plot_losses({"total": saved["losses"], **saved["loss_parts"]}, cache.report_dir / "loss.png",
-                    f"{self.name}: multitask loss")
-        return {**records["00000"]["metrics"], "device": ctx.device}
 
     def load(self, cache: StageCache, device: str, config: dict):
         """The trained model (eval mode, on `device`) with the config's test-time settings, and its params."""
@@ -167,7 +154,7 @@ class FastRCNNDetect(Stage):
         import torch
 
         from pipeline.detectors import detect
-        from pipeline.regions import normalised
+        from pipeline.regions import image_tensor, normalised
         from stages.proposals import read_proposals
 
         models = self.models(inputs, ctx)
@@ -178,7 +165,7 @@ class FastRCNNDetect(Stage):
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None or (proposals is not None and image_id not in proposals):  # skipped for bad input
                     continue
-                image = normalised(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(ctx.device))
+                image = normalised(image_tensor(rgb, ctx.device))
                 boxes = [torch.from_numpy(proposals[image_id]).to(ctx.device)] if proposals is not None else None
                 for variant, model in models.items():
                     rows = detection_rows(detect(model, [image], boxes)[0])
@@ -187,11 +174,8 @@ class FastRCNNDetect(Stage):
         return {"images": len(shard.items), "detections": detections}
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        from stages.detect import write_devkit_results
-        images = sum(record["metrics"]["images"] for record in records.values())
-        write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"], next(iter(self.variants)))
-        return {"images": images, "variants": list(self.variants),
-                "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1)}
+        from stages.detect import summarise_detections
+        return summarise_detections(ctx, cache, records, self.variants)
 
 
 def detection_rows(detection: dict) -> np.ndarray:

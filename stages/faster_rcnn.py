@@ -24,6 +24,7 @@ class FasterRCNNTrain(FastRCNNTrain):
     name = "faster-rcnn"
     section = "faster_rcnn"
     version = "1"
+    loss_title = "faster-rcnn: multitask loss"
     uses_proposals = False
 
     def build(self, net, num_classes: int, params: dict):

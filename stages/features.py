@@ -112,8 +112,8 @@ def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: dict, batc
     """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches."""
     import torch
 
-    from pipeline.regions import mean_subtracted, warp_regions
-    image = mean_subtracted(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device))
+    from pipeline.regions import image_tensor, mean_subtracted, warp_regions
+    image = mean_subtracted(image_tensor(rgb, device))
     boxes = torch.from_numpy(boxes)
     outputs = []
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):

@@ -19,20 +19,19 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from pipeline.stage import RunContext, Shard, ShardOutput, TrainingStage
 from stages.pretrain import backbone_params, load_training_images, predict_classes
 
-class Finetune(Stage):
+class Finetune(TrainingStage):
     """Fine-tune the CNN on warped proposals as an (N + 1)-way classifier."""
 
     name = "finetune"
     version = "2"
-    shard_suffix = ".pt"
     headline_metrics = ("final_loss", "window_accuracy", "foreground_windows")
-    runs_on_device = True
+    loss_title = "finetune: (N + 1)-way loss on warped proposals"
 
     def params(self, config: dict) -> dict:
-        return {**config["finetune"], "backbone": {**backbone_params(config), "weights": config["backbone"]["weights"]},
+        return {**config["finetune"], "backbone": initial_backbone_params(config),
                 "train_split": config["data"]["train_split"], "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -41,13 +40,10 @@ class Finetune(Stage):
     def key_extras(self, ctx: RunContext) -> dict:
         return weights_key_extras(ctx)
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return [Shard("00000", ())]
-
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
 
-        from pipeline.regions import augment_crops
+        from pipeline.regions import augment_crops, draw
         from pipeline.training import SGDSettings, train
         from stages.proposals import read_proposals
 
@@ -66,8 +62,8 @@ class Finetune(Stage):
         labels = torch.from_numpy(windows.labels)
 
         def next_batch(rng: np.random.Generator):
-            chosen = np.concatenate([_draw(rng, foreground, fg_per_batch),
-                                     _draw(rng, background, params["batch_size"] - fg_per_batch)])
+            chosen = np.concatenate([draw(rng, foreground, fg_per_batch),
+                                     draw(rng, background, params["batch_size"] - fg_per_batch)])
             crops = training.bank.warp(windows.image_index[chosen], windows.boxes[chosen],
                                        backbone["input_size"], backbone["context_pad"])
             return augment_crops(crops, rng) if params["augment"] else crops, labels[chosen].to(crops.device)
@@ -82,13 +78,10 @@ class Finetune(Stage):
                 "background_windows": len(background),
                 "window_accuracy": float((predicted == labels[sample]).float().mean())}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        import torch
 
-        from pipeline.reports import plot_loss
-        losses = torch.load(cache.shard_path("00000"), weights_only=True)["losses"]
-        plot_loss(losses, cache.report_dir / "loss.png", "finetune: (N + 1)-way loss on warped proposals")
-        return {**records["00000"]["metrics"], "device": ctx.device}
+def initial_backbone_params(config: dict) -> dict:
+    """The backbone a stage starts from, for its key: its shape and where its weights come from."""
+    return {**backbone_params(config), "weights": config["backbone"]["weights"]}
 
 
 def pretrain_input(config: dict) -> tuple[str, ...]:
@@ -104,11 +97,6 @@ def weights_key_extras(ctx: RunContext) -> dict:
     from pipeline.models import torchvision_weights_file
     path = torchvision_weights_file(backbone["name"], backbone["weights"])
     return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-def _draw(rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarray:
-    """`count` distinct members of pool, or with replacement when the pool is smaller."""
-    return rng.choice(pool, size=count, replace=len(pool) < count)
 
 
 @dataclass

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.cache import StageCache
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from pipeline.stage import RunContext, Shard, ShardOutput, TrainingStage
 
 
 @dataclass
@@ -48,21 +47,17 @@ def backbone_params(config: dict) -> dict:
     return {name: backbone[name] for name in ("name", "input_size", "context_pad")}
 
 
-class Pretrain(Stage):
+class Pretrain(TrainingStage):
     """Train the backbone from scratch as a classifier on jittered ground-truth crops."""
 
     name = "pretrain"
     version = "2"
-    shard_suffix = ".pt"
     headline_metrics = ("final_loss", "train_accuracy")
-    runs_on_device = True
+    loss_title = "pretrain: classification loss (ground-truth crops)"
 
     def params(self, config: dict) -> dict:
         return {**config["pretrain"], "backbone": backbone_params(config),
                 "train_split": config["data"]["train_split"]}
-
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return [Shard("00000", ())]
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
@@ -92,14 +87,6 @@ class Pretrain(Stage):
         torch.save({"model": net.state_dict(), "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])),
                 "train_accuracy": float((predicted == labels).float().mean()), "gt_crops": len(windows)}
-
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        import torch
-
-        from pipeline.reports import plot_loss
-        losses = torch.load(cache.shard_path("00000"), weights_only=True)["losses"]
-        plot_loss(losses, cache.report_dir / "loss.png", "pretrain: classification loss (ground-truth crops)")
-        return {**records["00000"]["metrics"], "device": ctx.device}
 
 
 def predict_classes(net, training: TrainingImages, windows: np.ndarray, boxes, backbone: dict, batch_size: int = 256):

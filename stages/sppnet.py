@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from pipeline.cache import StageCache
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage, split_shards
+from pipeline.stage import RunContext, Shard, ShardOutput, Stage, TrainingStage, split_shards
 from stages.features import features_summary
-from stages.finetune import pretrain_input, weights_key_extras
+from stages.finetune import initial_backbone_params, pretrain_input, weights_key_extras
 from stages.pretrain import backbone_params
 
 
@@ -37,8 +37,7 @@ class SPPConv5(Stage):
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {"scales": config["sppnet"]["scales"], "backbone": {**backbone_params(config),
-                                                                   "weights": config["backbone"]["weights"]},
+        return {"scales": config["sppnet"]["scales"], "backbone": initial_backbone_params(config),
                 "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -80,13 +79,13 @@ def conv5_at_scales(trunk, rgb: np.ndarray, scales: list[int], device: str, amp:
     import cv2
     import torch
 
-    from pipeline.regions import normalised
+    from pipeline.regions import image_tensor, normalised
     maps = []
     for scale in scales:
         factor = scale / min(rgb.shape[:2])
         size = (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor))
         resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
-        image = normalised(torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).to(device))
+        image = normalised(image_tensor(resized, device))
         with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
             maps.append((factor, trunk(image[None])[0].float()))
     return maps
@@ -109,13 +108,13 @@ class SPPFeatures(Stage):
         return split_shards(ctx, ctx.config["sppnet"]["images_per_shard"])
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.models import build_region_net
+        from pipeline.models import TRUNK_STRIDES
         from stages.features import image_regions, write_image_features
         from stages.proposals import read_proposals
 
         proposals = read_proposals(inputs["proposals"], shard.items)
         backbone = ctx.config["backbone"]
-        stride = build_region_net(backbone["name"], 1, backbone["input_size"]).trunk_stride
+        stride = TRUNK_STRIDES[backbone["name"]]
         regions, dim = 0, 0
         with h5py.File(inputs["sppnet-conv5"].shard_path(shard.id), "r") as conv5_file, \
                 h5py.File(out.path, "w") as shard_file:
@@ -160,18 +159,16 @@ def pyramid_features(maps: list[tuple[float, object]], boxes: np.ndarray, levels
     return pooled.cpu().numpy()
 
 
-class SPPFinetune(Stage):
+class SPPFinetune(TrainingStage):
     """Fine-tune SPP-net's fc layers on the cached pyramid features of the training windows."""
 
     name = "sppnet-finetune"
     version = "1"
-    shard_suffix = ".pt"
     headline_metrics = ("final_loss", "foreground_windows")
-    runs_on_device = True
+    loss_title = "sppnet-finetune: (N + 1)-way loss, fc layers only"
 
     def params(self, config: dict) -> dict:
-        return {**config["sppnet_finetune"], "backbone": {**backbone_params(config),
-                                                          "weights": config["backbone"]["weights"]},
+        return {**config["sppnet_finetune"], "backbone": initial_backbone_params(config),
                 "train_split": config["data"]["train_split"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -179,9 +176,6 @@ class SPPFinetune(Stage):
 
     def key_extras(self, ctx: RunContext) -> dict:
         return weights_key_extras(ctx)
-
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return [Shard("00000", ())]
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
@@ -224,14 +218,6 @@ class SPPFinetune(Stage):
         foreground = int(sum((image_labels > 0).sum() for image_labels in labels))
         return {"final_loss": float(np.mean(history.losses[-20:])), "foreground_windows": foreground,
                 "background_windows": int(sum(len(image_labels) for image_labels in labels)) - foreground}
-
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        import torch
-
-        from pipeline.reports import plot_loss
-        losses = torch.load(cache.shard_path("00000"), weights_only=True)["losses"]
-        plot_loss(losses, cache.report_dir / "loss.png", "sppnet-finetune: (N + 1)-way loss, fc layers only")
-        return {**records["00000"]["metrics"], "device": ctx.device}
 
 
 def window_labels(reader, image_id: str, fg_iou: float) -> np.ndarray:

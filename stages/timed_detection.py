@@ -101,11 +101,11 @@ def network_detector(ctx: RunContext, model, uses_proposals: bool) -> Detector:
     import torch
 
     from pipeline.detectors import detect
-    from pipeline.regions import normalised
+    from pipeline.regions import image_tensor, normalised
     device = ctx.device
 
     def run(rgb: np.ndarray, boxes: np.ndarray, clock: Clock, laps: dict) -> None:
-        image = normalised(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(device))
+        image = normalised(image_tensor(rgb, device))
         given = [torch.from_numpy(boxes).to(device)] if uses_proposals else None
         detect(model, [image], given, clock, laps)
     return run
