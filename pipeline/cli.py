@@ -16,7 +16,7 @@ from pipeline.errors import BadInputError, ConfigError, UserError
 from pipeline.graph import parse_scheduler
 from pipeline.runner import plan_stages, run_stages
 from pipeline.stage import RunContext
-from stages import METHODS, REGISTRY
+from stages import METHODS, REGISTRY, TASKS
 
 log = logging.getLogger("rcnn")
 
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default: data/shapes)")
     shapes.add_argument("--images", type=int, default=400, help="number of images (default: 400, what the demo preset is tuned for)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    shapes.add_argument("--single-object", action="store_true",
+                        help="exactly one object per image, never difficult: the data of `rcnn localize` "
+                             "(classification + localization); write it to its own --out, e.g. data/shapes-single")
     shapes.set_defaults(handler=command_data_shapes)
 
     for stage in REGISTRY.values():
@@ -93,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "Dask graph, reusing cached stages and resuming interrupted ones; "
                                           "prints where the reports are.")
     add_common_options(run, force_help="recompute these stages even if cached (no names: every stage run)")
-    run.add_argument("--methods", nargs="+", choices=[*METHODS, "all"], default=["rcnn"], metavar="METHOD",
-                     help=f"the methods to run: {', '.join(METHODS)} or all (default: rcnn)")
+    run.add_argument("--methods", nargs="+", choices=[*METHODS, *TASKS, "all"], default=["rcnn"], metavar="METHOD",
+                     help=f"the detection methods to run: {', '.join(METHODS)}; the other tasks on the same data: "
+                          f"fcn (semantic segmentation), localize (single-object data only); or all (every one but localize; "
+                          f"default: rcnn)")
     run.set_defaults(handler=command_run, targets=None)
 
     status = commands.add_parser("status", help="what is cached, stale, partial or missing",
@@ -155,14 +160,16 @@ def make_context(args) -> RunContext:
 
 def command_data_shapes(args) -> int:
     from pipeline.data.shapes import write_shapes
-    written = write_shapes(args.out, args.images, args.seed)
+    written = write_shapes(args.out, args.images, args.seed, args.single_object)
     print(f"{'wrote' if written else 'up to date:'} {args.images} images to {args.out}")
     return 0
 
 
 def command_run(args) -> int:
     ctx = make_context(args)
-    targets = args.targets or [METHODS[name] for name in (METHODS if "all" in args.methods else args.methods)]
+    ends = {**METHODS, **TASKS}
+    everything = [name for name in ends if name != "localize"]  # localize needs single-object data
+    targets = args.targets or [ends[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)
     force = set()
     if args.force is not None:
@@ -202,7 +209,7 @@ def print_summaries(summaries: list[dict]) -> None:
         stage = REGISTRY[summary["stage"]]
         headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
                             for name in stage.headline_metrics if name in summary["metrics"])
-        print(f"{summary['stage']:<20} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
+        print(f"{summary['stage']:<22} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
 
 
 def command_status(args) -> int:
@@ -220,9 +227,9 @@ def command_status(args) -> int:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
                           "cache": str(ctx.cache_root), "stages": rows}, indent=2))
         return 0
-    print(f"{'stage':<20} {'state':<8} {'key':<16}  {'size':>9}  shards")
+    print(f"{'stage':<22} {'state':<8} {'key':<16}  {'size':>9}  shards")
     for row in rows:
-        print(f"{row['stage']:<20} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
+        print(f"{row['stage']:<22} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
               f"{row['shards_done']}/{row['shards']}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -40,8 +41,13 @@ def build(plans, ctx, finalize) -> list:
     return tasks
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
+    with _IMPORT_LOCK:  # torchvision's first import is not thread-safe; stages import it lazily, side by side
+        import torchvision  # noqa: F401
     temporary = temporary_path(plan.cache.shard_path(shard.id))
     started_at, started = time.time(), time.perf_counter()
     metrics = plan.stage.run_shard(ctx, shard, plan.inputs, ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))

@@ -19,8 +19,13 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.cache import commit_file, temporary_path
+from pipeline.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became infinite or NaN."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,11 @@ class SGDSettings:
     gamma: float
     seed: int
     checkpoint_every: int
+    optimizer: str = "sgd"  # sgd (with momentum) | adam (momentum unused; its defaults for the moment estimates)
 
     @classmethod
     def from_config(cls, section: dict) -> SGDSettings:
-        return cls(**{name: section[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: section[name] for name in cls.__dataclass_fields__ if name in section})
 
 
 # next_batch(rng) -> a mini-batch on the device, by default (inputs, class targets)
@@ -68,8 +74,7 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
     inherited) and a resumed run uses the count its checkpoint recorded.
     """
     model.to(device).train()
-    optimizer = torch.optim.SGD(parameters or list(model.parameters()), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(settings, parameters or list(model.parameters()))
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_every, settings.gamma)
     rng, losses, parts, start = np.random.default_rng(settings.seed), [], {}, 0
     torch.manual_seed(settings.seed)
@@ -88,6 +93,9 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
             for name, part in loss.items():
                 parts.setdefault(name, []).append(part.item())
             loss = sum(loss.values())
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"{desc}: the loss is {loss.item()} at iteration {iteration + 1}; training diverged "
+                                   f"(lower the learning rate)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -97,6 +105,14 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
             _save(checkpoint, model, optimizer, schedule, rng, iteration + 1, losses, parts, threads)
     model.eval()
     return History(losses, parts)
+
+
+def make_optimizer(settings: SGDSettings, parameters: list) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    raise ConfigError(f"optimizer {settings.optimizer!r}: expected sgd or adam")
 
 
 def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iteration: int, losses: list,

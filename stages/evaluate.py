@@ -35,9 +35,11 @@ class Evaluate(MethodStage):
     shard_suffix = ".json"
     headline_metrics = ("map_voc07_11pt", "map_all_point") + tuple(VARIANT_METRICS)
 
-    def __init__(self, prefix: str = "", variants: dict[str, str] = RCNN_VARIANTS):
-        """`variants`: the detection variants to evaluate and their titles; the first is the method's result."""
+    def __init__(self, prefix: str = "", variants: dict[str, str] = RCNN_VARIANTS, name: str = ""):
+        """`variants`: the detection variants to evaluate and their titles; the first is the method's result.
+        `name`: this copy's name when it is not <prefix>evaluate."""
         super().__init__(prefix)
+        self.name = name or self.name
         self.variants = variants
         self.primary = next(iter(variants))
 

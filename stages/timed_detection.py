@@ -1,6 +1,7 @@
 """The timing table's test pass: every method from pixels to detections on the same images, timed.
 
-Each method runs its own test-time path, assembled from its stages' functions: R-CNN warps every
+Each method runs its own test-time path, assembled from its stages' functions: the sliding window
+warps every window of its grid through R-CNN's fine-tuned CNN (stages.sliding_window); R-CNN warps every
 proposal and runs the whole CNN on each crop (stages.features), SPP-net runs conv5 once per scale and
 pools the pyramid (stages.sppnet), both then score with their SVMs, refine with their regressors and
 apply per-class NMS (stages.detect, the result variant only); Fast and Faster R-CNN run
@@ -57,7 +58,8 @@ def detectors(ctx: RunContext, inputs: dict) -> dict[str, Detector]:
     from stages.faster_rcnn import FasterRCNNTrain
     fast_rcnn, fast_params = FastRCNNTrain().load(inputs["fast-rcnn"], ctx.device, ctx.config)
     faster_rcnn, _ = FasterRCNNTrain().load(inputs["faster-rcnn"], ctx.device, ctx.config)
-    return {"R-CNN": svm_detector(ctx, inputs, "", spp=False),
+    return {"Sliding window": window_detector(ctx, inputs),
+            "R-CNN": svm_detector(ctx, inputs, "", spp=False),
             "SPP-net": svm_detector(ctx, inputs, "sppnet-", spp=True),
             "Fast R-CNN": network_detector(ctx, fast_rcnn, uses_proposals=True),
             "Fast R-CNN (SVD)": network_detector(ctx, with_truncated_svd(fast_rcnn, fast_params["svd_ranks"]), True),
@@ -93,6 +95,20 @@ def svm_detector(ctx: RunContext, inputs: dict, prefix: str, spp: bool) -> Detec
         detect_image(net, svms, regressors, regions, rgb.shape[1], rgb.shape[0], ctx.config["detect"], device,
                      variants=(PRIMARY,))
         laps["fc + SVM + bbox + NMS"] = clock.lap()
+    return run
+
+
+def window_detector(ctx: RunContext, inputs: dict) -> Detector:
+    """The sliding-window baseline: R-CNN's fine-tuned classifier on a grid of windows (no proposals)."""
+    from stages.finetune import load_finetuned
+    from stages.sliding_window import detect_windows, grid_windows
+    net, backbone = load_finetuned(inputs["finetune"], ctx.device)
+    params = ctx.config["sliding_window"]
+
+    def run(rgb: np.ndarray, _proposals: np.ndarray, clock: Clock, laps: dict) -> None:
+        boxes = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
+        detect_windows(net, backbone, rgb, boxes, params, ctx.device)
+        laps["warp + CNN on every window + NMS"] = clock.lap()
     return run
 
 

@@ -1,7 +1,8 @@
-"""`rcnn timing-table`: R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN, measured on this machine.
+"""`rcnn timing-table`: sliding window vs R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN, measured here.
 
 Training time: each method's training stages, from their manifests (shards record when they started
 and how long they ran; pipeline.timing.union_seconds counts work that ran side by side once):
+    Sliding window  finetune (it applies R-CNN's fine-tuned classifier to a grid of windows)
     R-CNN         finetune, features of the training split, svm, bbox
     SPP-net       sppnet-conv5 and sppnet-features of the training split, sppnet-finetune, -svm, -bbox
     Fast R-CNN    fast-rcnn;  Faster R-CNN: faster-rcnn
@@ -23,9 +24,11 @@ from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
 from pipeline.stage import RunContext, Shard, ShardOutput, Stage
 
-METHOD_NAMES = ("R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN")
+METHOD_NAMES = ("Sliding window", "R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN")
+WITHOUT_PROPOSALS = ("Sliding window", "Faster R-CNN")  # no selective search in their test time
 # method -> (stage, whether only its training-split shards count) of its training; its evaluation stage
 TRAINING_STAGES = {
+    "Sliding window": [("finetune", False)],
     "R-CNN": [("finetune", False), ("features", True), ("svm", False), ("bbox", False)],
     "SPP-net": [("sppnet-conv5", True), ("sppnet-features", True), ("sppnet-finetune", False),
                 ("sppnet-svm", False), ("sppnet-bbox", False)],
@@ -33,12 +36,13 @@ TRAINING_STAGES = {
     "Faster R-CNN": [("faster-rcnn", False)],
 }
 TRAINED_AS = {"Fast R-CNN (SVD)": "Fast R-CNN"}  # a test-time variant of a method trains as that method
-EVALUATION_STAGES = {"R-CNN": "evaluate", "SPP-net": "sppnet-evaluate", "Fast R-CNN": "fast-rcnn-evaluate",
+EVALUATION_STAGES = {"Sliding window": "sliding-window", "R-CNN": "evaluate", "SPP-net": "sppnet-evaluate", "Fast R-CNN": "fast-rcnn-evaluate",
                      "Faster R-CNN": "faster-rcnn-evaluate"}
 # Girshick, "Fast R-CNN" (ICCV 2015), Table 4 (VGG16 = model L, VOC07, Nvidia K40, proposal time excluded);
 # Faster R-CNN: Ren et al. (NIPS 2015), Table 5 (VGG16, K40), total 198 ms per image with its own proposals
 # and mAP 69.9 (VOC07 trainval, RPN shared); selective search: 1.51 s per image (same table).
 PUBLISHED = {
+    "Sliding window": {"train_h": None, "test_s": None, "map": None},  # no published figure on VOC07
     "R-CNN": {"train_h": 84.0, "test_s": 47.0, "map": 66.0},
     "SPP-net": {"train_h": 25.0, "test_s": 2.3, "map": 63.1},
     "Fast R-CNN": {"train_h": 9.5, "test_s": 0.32, "map": 66.9},
@@ -69,7 +73,7 @@ class TimingTable(Stage):
     """Train and test R-CNN, SPP-net, Fast and Faster R-CNN on the same data and hardware; compare."""
 
     name = "timing-table"
-    version = "1"
+    version = "2"
     shard_suffix = ".json"
     headline_metrics = ("fast_rcnn_train_speedup", "fast_rcnn_test_speedup")
     runs_on_device = True
@@ -111,7 +115,7 @@ class TimingTable(Stage):
         methods = []
         for method in (*METHOD_NAMES, *TRAINED_AS):
             test_s = measured["methods"][method]["seconds_per_image"]
-            proposals_s = 0.0 if method == "Faster R-CNN" else measured["selective_search_s_per_image"]
+            proposals_s = 0.0 if method in WITHOUT_PROPOSALS else measured["selective_search_s_per_image"]
             methods.append({"method": method,
                             "train_s": training_seconds(manifests, TRAINING_STAGES[TRAINED_AS.get(method, method)],
                                                         train_split),
@@ -121,7 +125,7 @@ class TimingTable(Stage):
         training_hardware = sorted({manifests[stage].get("hardware", "unknown")
                                     for stages in TRAINING_STAGES.values() for stage, _ in stages})
         write_report(cache.report_dir, table, measured, ctx, training_hardware)
-        rcnn, fast = methods[0], methods[METHOD_NAMES.index("Fast R-CNN")]
+        rcnn, fast = (next(m for m in methods if m["method"] == name) for name in ("R-CNN", "Fast R-CNN"))
         return {"hardware": table["hardware"], "methods": methods,
                 "fast_rcnn_train_speedup": rcnn["train_s"] / fast["train_s"],
                 "fast_rcnn_test_speedup": rcnn["test_s_per_image"] / fast["test_s_per_image"]}
@@ -167,9 +171,13 @@ def markdown_report(table: dict, measured: dict, ctx: RunContext, training_hardw
         ["method", "train (s)", "train speedup", "test (s/image)", "test speedup", "test with proposals (s/image)",
          "mAP (VOC07 11-pt, IoU 0.5)", "paper: train (h)", "paper: train speedup", "paper: test (s/image)",
          "paper: test speedup", "paper: mAP (VOC07)"], rows)
-    test_order = [methods[name]["test_s_per_image"] for name in METHOD_NAMES[:3]]
+    test_order = [methods[name]["test_s_per_image"] for name in ("R-CNN", "SPP-net", "Fast R-CNN")]
+    window = methods["Sliding window"]
     with_proposals = {name: methods[name]["test_s_per_image_with_proposals"] for name in METHOD_NAMES}
     checks = [
+        f"- the sliding window, with no proposals, is slower at test than R-CNN with its selective search: "
+        f"{'holds' if window['test_s_per_image'] > rcnn['test_s_per_image_with_proposals'] else 'does NOT hold'} "
+        f"here; its mAP is {'below' if window['map'] < rcnn['map'] else 'NOT below'} R-CNN's",
         f"- test time, proposals excluded, R-CNN > SPP-net > Fast R-CNN (the papers' order): "
         f"{'holds' if test_order[0] > test_order[1] > test_order[2] else 'does NOT hold'} here",
         f"- Faster R-CNN fastest once proposal time is included: "
@@ -200,7 +208,7 @@ def markdown_report(table: dict, measured: dict, ctx: RunContext, training_hardw
         ["mAP (VOC07 11-pt, test split)", fast["map"], rcnn["map"], methods["SPP-net"]["map"]],
         ["with SVD", svd["map"], "-", "-"]])
     return "\n".join([
-        "# Timing: R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN\n",
+        "# Timing: sliding window vs R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN\n",
         f"Measured on **{table['hardware']}** with config **{table['config']}** (data: {ctx.dataset.root}).\n",
         measured_table, *checks, "",
         "## Protocol\n", *protocol(ctx, measured, training_hardware), "",
@@ -222,6 +230,9 @@ def protocol(ctx: RunContext, measured: dict, training_hardware: list[str]) -> l
         f"{backbone['input_size']} px ({config['features']['batch_size']} crops per forward); SPP-net: conv5 at "
         f"shorter sides {config['sppnet']['scales']}, pyramid {config['sppnet']['levels']}; Fast / Faster R-CNN: "
         f"shorter side {config['fast_rcnn']['min_size']} / {config['faster_rcnn']['min_size']}, one image per forward",
+        f"- sliding window: windows of sides {config['sliding_window']['sizes']} px, aspect ratios "
+        f"{config['sliding_window']['aspect_ratios']}, every {config['sliding_window']['step']} of a window's side, "
+        f"through R-CNN's fine-tuned classifier (so its training time is fine-tuning's); no proposals",
         f"- proposals: selective search ({config['proposals']['mode']}), {measured['proposals_per_image']:.0f} per "
         f"image on average, {measured['selective_search_s_per_image']:.3f} s per image measured on the same images "
         f"in this run; Faster R-CNN: its RPN's {config['faster_rcnn']['rpn_post_nms_test']} per image",
@@ -241,16 +252,17 @@ def plot_timing(path, methods: list[dict]) -> None:
     from pipeline.reports import new_figure, save_figure
     figure = new_figure(11, 7)
     names = [m["method"] for m in methods if m["method"] in METHOD_NAMES]
+    published = [n for n in names if PUBLISHED[n]["test_s"] is not None]
     measured = {m["method"]: m for m in methods}
     panels = [
-        ("measured: training time (s)", [measured[n]["train_s"] for n in names], None),
-        ("published: training time (h)", [PUBLISHED[n]["train_h"] or 0.0 for n in names], None),
-        ("measured: test time per image (s)", [measured[n]["test_s_per_image"] for n in names],
+        ("measured: training time (s)", names, [measured[n]["train_s"] for n in names], None),
+        ("published: training time (h)", published, [PUBLISHED[n]["train_h"] or 0.0 for n in published], None),
+        ("measured: test time per image (s)", names, [measured[n]["test_s_per_image"] for n in names],
          [measured[n]["test_s_per_image_with_proposals"] for n in names]),
-        ("published: test time per image (s)", [PUBLISHED[n]["test_s"] for n in names],
-         [PUBLISHED[n]["test_s"] + (0 if n == "Faster R-CNN" else PUBLISHED_SELECTIVE_SEARCH_S) for n in names]),
+        ("published: test time per image (s)", published, [PUBLISHED[n]["test_s"] for n in published],
+         [PUBLISHED[n]["test_s"] + (0 if n in WITHOUT_PROPOSALS else PUBLISHED_SELECTIVE_SEARCH_S) for n in published]),
     ]
-    for index, (title, values, with_proposals) in enumerate(panels):
+    for index, (title, names, values, with_proposals) in enumerate(panels):
         axes = figure.add_subplot(2, 2, index + 1)
         if with_proposals:
             axes.bar(names, with_proposals, color="#cccccc", label="with proposal time")

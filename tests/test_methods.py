@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 METHOD_TINY = ["sppnet.images_per_shard=4", "sppnet_finetune.iterations=40", "sppnet_finetune.checkpoint_every=10",
                "fast_rcnn.iterations=40", "fast_rcnn.checkpoint_every=10", "fast_rcnn.images_per_shard=3",
                "faster_rcnn.iterations=40", "faster_rcnn.checkpoint_every=10", "faster_rcnn.images_per_shard=3",
-               "timing.images=2", "timing.warmup=1"]
+               "sliding_window.sizes=[48, 96]", "sliding_window.aspect_ratios=[1.0]", "sliding_window.step=0.5",
+               "sliding_window.images_per_shard=3", "timing.images=2", "timing.warmup=1"]
 
 
 def options(data, cache, reports):
@@ -55,7 +56,7 @@ def test_faster_rcnn_trains_the_four_losses_jointly(timing_run, capsys):
 
 def test_every_method_is_evaluated_with_the_voc_metrics(timing_run, capsys):
     rows = rows_of(timing_run, capsys)
-    for stage in ("evaluate", "sppnet-evaluate", "fast-rcnn-evaluate", "faster-rcnn-evaluate"):
+    for stage in ("sliding-window", "evaluate", "sppnet-evaluate", "fast-rcnn-evaluate", "faster-rcnn-evaluate"):
         assert rows[stage]["state"] == "cached", stage
         assert 0.0 <= rows[stage]["metrics"]["map_voc07_11pt"] <= 1.0
     assert "map_voc07_11pt_svd" in rows["fast-rcnn-evaluate"]["metrics"]
@@ -72,19 +73,34 @@ def test_sppnet_reuses_the_rcnn_stages_on_its_own_features(shapes_root, tmp_path
     assert not {"features", "finetune", "svm"} & set(plans)
 
 
+def test_sliding_window_classifies_a_grid_of_windows_with_the_fine_tuned_network(timing_run, capsys):
+    data, cache, reports = timing_run
+    detect = rows_of(timing_run, capsys)["sliding-window-detect"]
+    from pipeline.cli import build_parser, make_context
+    ctx = make_context(build_parser().parse_args(["status", *options(data, cache, reports)]))
+    plans = {plan.stage.name: plan for plan in plan_stages(["sliding-window"], REGISTRY, ctx)}
+    assert set(plans) == {"proposals", "pretrain", "finetune", "sliding-window-detect", "sliding-window"}
+    assert set(plans["sliding-window-detect"].description["inputs"]) == {"finetune"}
+    assert detect["metrics"]["windows_per_image"] > 0
+    assert detect["metrics"]["detections_per_image"] <= detect["metrics"]["windows_per_image"]
+
+
 def test_timing_table_writes_markdown_json_and_plot(timing_run):
     _, _, reports = timing_run
     report = reports / "demo" / "timing-table"
     table = json.loads((report / "timing.json").read_text())
     assert isinstance(table["hardware"], str) and table["config"] == "demo"
     methods = {entry["method"]: entry for entry in table["methods"]}
-    assert {"R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN"} <= set(methods)
+    assert [entry["method"] for entry in table["methods"]][:5] == ["Sliding window", "R-CNN", "SPP-net", "Fast R-CNN",
+                                                                   "Faster R-CNN"]  # the lecture's story, in order
     for entry in table["methods"]:
         assert set(entry) == {"method", "train_s", "test_s_per_image", "test_s_per_image_with_proposals", "map"}
         assert entry["train_s"] > 0 and entry["test_s_per_image"] > 0 and 0 <= entry["map"] <= 1
     for name in ("R-CNN", "SPP-net", "Fast R-CNN"):
         assert methods[name]["test_s_per_image_with_proposals"] > methods[name]["test_s_per_image"]
-    assert methods["Faster R-CNN"]["test_s_per_image_with_proposals"] == methods["Faster R-CNN"]["test_s_per_image"]
+    for name in ("Sliding window", "Faster R-CNN"):  # no selective search
+        assert methods[name]["test_s_per_image_with_proposals"] == methods[name]["test_s_per_image"]
+    assert methods["Sliding window"]["train_s"] < methods["R-CNN"]["train_s"]  # fine-tuning only
     markdown = (report / "timing.md").read_text()
     for published in ("| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |", "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 |"):
         assert published in markdown

@@ -6,7 +6,8 @@ earlier ones (each keeps at least half of itself visible); objects cut by the bo
 truncated; tiny ones are flagged difficult. Boxes are the extent of the visible pixels, as in VOC.
 `SegmentationClass/` holds palette PNGs: 0 background, class index + 1, 255 void (object boundaries
 and difficult objects, as in VOC). The same seed gives the same bytes; image i depends only on
-(seed, i), so a larger set extends a smaller one.
+(seed, i), so a larger set extends a smaller one. With `single_object`, every image holds exactly one
+object, never difficult (for classification + localization, stages/localize.py).
 """
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ BORDER_PROBABILITY = 0.15      # share of objects placed across the image border
 SUBPIXEL_BITS = 4              # cv2.fillPoly fixed-point precision
 
 
-def write_shapes(out: Path, images: int, seed: int) -> bool:
+def write_shapes(out: Path, images: int, seed: int, single_object: bool = False) -> bool:
     """Write the set to `out`; returns False when an identical set is already there."""
     if images < 1:
         raise UserError(f"--images must be at least 1, not {images}")
     out = Path(out)
     marker = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed, "classes": list(CLASSES)}
+    if single_object:
+        marker["single_object"] = True
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists():
@@ -55,7 +58,7 @@ def write_shapes(out: Path, images: int, seed: int) -> bool:
                             f"remove it or choose another --out")
     staging = temporary_path(out)
     try:
-        _write_all(staging, images, seed)
+        _write_all(staging, images, seed, single_object)
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _replace_dir(staging, out)
     finally:
@@ -63,12 +66,12 @@ def write_shapes(out: Path, images: int, seed: int) -> bool:
     return True
 
 
-def _write_all(root: Path, images: int, seed: int) -> None:
+def _write_all(root: Path, images: int, seed: int, single_object: bool) -> None:
     for folder in ("Annotations", "JPEGImages", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
     image_ids = [f"{index:06d}" for index in range(images)]
     for index in tqdm(range(images), desc="shapes", unit="image", disable=None):
-        rgb, labels, objects = render_image(np.random.default_rng([seed, index]))
+        rgb, labels, objects = render_image(np.random.default_rng([seed, index]), single_object)
         image_id = image_ids[index]
         Image.fromarray(rgb).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
         mask = Image.fromarray(labels, mode="P")
@@ -101,14 +104,14 @@ def _replace_dir(staging: Path, out: Path) -> None:
 
 
 # ---- one image ----------------------------------------------------------------------------------
-def render_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def render_image(rng: np.random.Generator, single_object: bool = False) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """RGB uint8[H, W, 3], class mask uint8[H, W] and the objects' annotations of one image."""
     width, height = int(rng.integers(200, 289)), int(rng.integers(160, 241))
     canvas = _background(rng, width, height)
     instances = np.full((height, width), -1, dtype=np.int16)
     placed: list[dict] = []
-    for _ in range(int(rng.integers(1, 7))):
-        candidate = _place_object(rng, width, height, instances, placed)
+    for _ in range(1 if single_object else int(rng.integers(1, 7))):
+        candidate = _place_object(rng, width, height, instances, placed, allow_tiny=not single_object)
         if candidate is None:
             continue
         _paint(rng, canvas, candidate["alpha"])
@@ -118,11 +121,11 @@ def render_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list
     return canvas.clip(0, 255).astype(np.uint8), _class_mask(instances, objects), objects
 
 
-def _place_object(rng, width, height, instances, placed) -> dict | None:
+def _place_object(rng, width, height, instances, placed, allow_tiny: bool = True) -> dict | None:
     """A new object that leaves every earlier one at least half visible (a few tries, else None)."""
     for _ in range(30):
         class_index = int(rng.integers(len(CLASSES)))
-        tiny = rng.random() < DIFFICULT_PROBABILITY
+        tiny = rng.random() < DIFFICULT_PROBABILITY and allow_tiny
         half_size = rng.uniform(6, 10) if tiny else rng.uniform(14, 48)
         aspect, angle = rng.uniform(0.6, 1.6), rng.uniform(0, 2 * np.pi)
         across_border = rng.random() < BORDER_PROBABILITY

@@ -3,7 +3,8 @@
     <root>/Annotations/<id>.xml          name, bndbox (1-based, inclusive), difficult, truncated
     <root>/JPEGImages/<id>.jpg
     <root>/ImageSets/Main/<split>.txt    one image id per line
-    <root>/SegmentationClass/<id>.png    optional per-pixel class masks (255 = void)
+    <root>/SegmentationClass/<id>.png    optional per-pixel class masks (0 background, class index + 1,
+                                         255 void), for the images of ImageSets/Segmentation/<split>.txt
 
 It reads a real VOCdevkit/VOC2007 unchanged. Every problem with an item raises a BadInputError naming
 the file; with on_bad_input="skip" the item is left out instead and listed in `skipped`.
@@ -84,9 +85,14 @@ class VOCDataset:
             raise BadInputError(self.split_file(split), "no annotated objects to take the class list from")
         return sorted(names)
 
-    def listed_ids(self, split: str) -> list[str]:
-        """Every id the split file lists, in order, bad items included."""
-        path = self.split_file(split)
+    def segmentation_ids(self, split: str) -> list[str]:
+        """The images of the split's segmentation list (ImageSets/Segmentation/), without bad items."""
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        return [image_id for image_id in self.listed_ids(split, path) if self.annotation(image_id) is not None]
+
+    def listed_ids(self, split: str, path: Path | None = None) -> list[str]:
+        """Every id the split file (default: ImageSets/Main/<split>.txt) lists, in order, bad items included."""
+        path = path or self.split_file(split)
         if not path.is_file():
             raise BadInputError(path, f"split file is missing (expected one image id per line for split {split!r})")
         ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
@@ -138,6 +144,14 @@ class VOCDataset:
 
     def segmentation_path(self, image_id: str) -> Path:
         return self.root / "SegmentationClass" / f"{image_id}.png"
+
+    def read_segmentation(self, image_id: str) -> np.ndarray | None:
+        """The class mask uint8[H, W] (0 background, class index + 1, 255 void), or None when bad and skipped."""
+        annotation = self.annotation(image_id)
+        if annotation is None:
+            return None
+        return self._guard(lambda: read_mask(self.segmentation_path(image_id), annotation.width, annotation.height,
+                                             len(self.classes)))
 
     def _guard(self, read):
         try:
@@ -214,3 +228,25 @@ def read_rgb(path: Path, expected_width: int | None = None, expected_height: int
         raise BadInputError(path, f"image is {width}x{height} but its annotation says "
                                   f"{expected_width}x{expected_height}")
     return rgb
+
+
+def read_mask(path: Path, width: int, height: int, num_classes: int) -> np.ndarray:
+    """A VOC class mask: a palette (or greyscale) PNG whose values are labels, not colours."""
+    if not path.is_file():
+        raise BadInputError(path, "segmentation mask is missing (SegmentationClass/<id>.png)")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise BadInputError(path, f"segmentation mask has mode {image.mode}; expected a palette (P) or "
+                                          f"greyscale (L) PNG whose values are class labels")
+            labels = np.asarray(image).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadInputError(path, f"segmentation mask is not a readable PNG ({exc})") from None
+    if labels.shape != (height, width):
+        raise BadInputError(path, f"segmentation mask is {labels.shape[1]}x{labels.shape[0]} but its annotation "
+                                  f"says {width}x{height}")
+    beyond = labels[(labels != 255) & (labels > num_classes)]
+    if beyond.size:
+        raise BadInputError(path, f"segmentation mask holds label {int(beyond.max())}, but there are only "
+                                  f"{num_classes} classes (labels 1-{num_classes}, 0 background, 255 void)")
+    return labels
