@@ -42,15 +42,18 @@ def build(plans, ctx, finalize) -> list:
 
 
 _IMPORT_LOCK = threading.Lock()
+_EXCLUSIVE_LOCK = threading.Lock()  # shards of stages that must not share this process (Stage.exclusive)
 
 
 def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
     with _IMPORT_LOCK:  # torchvision's first import is not thread-safe; stages import it lazily, side by side
         import torchvision  # noqa: F401
-    temporary = temporary_path(plan.cache.shard_path(shard.id))
-    started_at, started = time.time(), time.perf_counter()
-    metrics = plan.stage.run_shard(ctx, shard, plan.inputs, ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
+    with _EXCLUSIVE_LOCK if plan.stage.exclusive else nullcontext():
+        temporary = temporary_path(plan.cache.shard_path(shard.id))
+        started_at, started = time.time(), time.perf_counter()
+        metrics = plan.stage.run_shard(ctx, shard, plan.inputs,
+                                       ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
     plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
                                                   "metrics": metrics})
     return shard.id

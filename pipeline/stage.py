@@ -79,6 +79,9 @@ class Stage:
     shard_suffix: str = ".h5"
     headline_metrics: tuple[str, ...] = ()  # printed by the CLI after a run
     runs_on_device: bool = False  # runs networks on ctx.device, so its tasks need a GPU when that is cuda
+    # its shards use process-wide state (torch's global RNG and thread count): one at a time per process, or a
+    # training running beside another in a thread would draw from its random numbers and not reproduce
+    exclusive: bool = False
 
     def params(self, config: dict) -> dict:
         """The config values that change this stage's result (part of its cache key)."""
@@ -114,6 +117,7 @@ class TrainingStage(Stage):
     (and "loss_parts" when the loss has named parts); the report plots them under `loss_title`."""
     shard_suffix = ".pt"
     runs_on_device = True
+    exclusive = True
     loss_title: str = ""
 
     def shards(self, ctx: RunContext) -> list[Shard]:

@@ -105,9 +105,9 @@ def test_changing_an_svm_param_reuses_proposals_finetuning_and_features(tiny_run
     for stage in upstream:
         assert after[stage]["key"] == before[stage]["key"], stage
         assert tree_digest(cache / stage / after[stage]["key"]) == digests[stage], stage
-        assert f"{stage:<20} cached" in printed
+        assert f"{stage:<22} cached" in printed
     for stage in ("svm", "detect", "evaluate"):
-        assert after[stage]["key"] != before[stage]["key"] and f"{stage:<20} computed" in printed
+        assert after[stage]["key"] != before[stage]["key"] and f"{stage:<22} computed" in printed
 
 
 def run_until_killed(argv, stop_when, timeout=180):
