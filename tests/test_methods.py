@@ -1,6 +1,5 @@
 """SPP-net, Fast R-CNN, Faster R-CNN and the timing table on the tiny generated set, as a user runs them."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from pipeline.cli import main
 from pipeline.runner import plan_stages
 from stages import REGISTRY
 from test_rcnn_pipeline import options as rcnn_options
-from test_rcnn_pipeline import run_until_killed, status
+from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
 
 pytestmark = pytest.mark.slow
 
@@ -118,14 +117,5 @@ def test_cached_timing_table_reruns_nothing(timing_run, capsys):
 def test_killed_fast_rcnn_training_resumes_with_identical_weights(timing_run, tmp_path, capsys):
     data, original_cache, _ = timing_run
     key = rows_of(timing_run, capsys)["fast-rcnn"]["key"]
-    cache = shutil.copytree(original_cache, tmp_path / "cache")
-    shutil.rmtree(cache / "fast-rcnn" / key)
-    checkpoint = cache / "fast-rcnn" / key / "00000.checkpoint"
-    run_until_killed(["fast-rcnn", *options(data, cache, tmp_path / "reports")], checkpoint.exists)
-    assert not (cache / "fast-rcnn" / key / "00000.pt").exists()
-    assert main(["fast-rcnn", *options(data, cache, tmp_path / "reports")]) == 0
-    expected = torch.load(original_cache / "fast-rcnn" / key / "00000.pt", weights_only=True)
-    resumed = torch.load(cache / "fast-rcnn" / key / "00000.pt", weights_only=True)
-    assert expected["losses"] == resumed["losses"]
-    for name, tensor in expected["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert_killed_training_resumes_identically("fast-rcnn", key, original_cache, tmp_path,
+                                               lambda cache: options(data, cache, tmp_path / "reports"))

@@ -141,21 +141,28 @@ def test_killed_features_run_resumes_at_the_first_missing_shard_with_an_identica
                     assert np.array_equal(expected[image_id][name][()], resumed[image_id][name][()])
 
 
-def test_killed_finetuning_resumes_from_its_checkpoint_with_identical_weights(tiny_run, tmp_path, capsys):
-    data, original_cache, reports = tiny_run
-    key = status(data, original_cache, reports, capsys)["finetune"]["key"]
+def assert_killed_training_resumes_identically(stage: str, key: str, original_cache, tmp_path, argv_of) -> None:
+    """Copy the cache without `stage`'s output, SIGKILL `rcnn <stage>` once it has checkpointed, run it
+    again: the weights and losses equal those of the original, uninterrupted run. argv_of(cache) -> options."""
     cache = shutil.copytree(original_cache, tmp_path / "cache")
-    shutil.rmtree(cache / "finetune" / key)
-    checkpoint = cache / "finetune" / key / "00000.checkpoint"
-    run_until_killed(["finetune", *options(data, cache, tmp_path / "reports")], checkpoint.exists)
-    assert not (cache / "finetune" / key / "00000.pt").exists()
-    assert main(["finetune", *options(data, cache, tmp_path / "reports")]) == 0
+    shutil.rmtree(cache / stage / key)
+    checkpoint = cache / stage / key / "00000.checkpoint"
+    run_until_killed([stage, *argv_of(cache)], checkpoint.exists)
+    assert not (cache / stage / key / "00000.pt").exists()
+    assert main([stage, *argv_of(cache)]) == 0
     assert not checkpoint.exists()
-    expected = torch.load(original_cache / "finetune" / key / "00000.pt", weights_only=True)
-    resumed = torch.load(cache / "finetune" / key / "00000.pt", weights_only=True)
+    expected = torch.load(original_cache / stage / key / "00000.pt", weights_only=True)
+    resumed = torch.load(cache / stage / key / "00000.pt", weights_only=True)
     assert expected["losses"] == resumed["losses"]
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_killed_finetuning_resumes_from_its_checkpoint_with_identical_weights(tiny_run, tmp_path, capsys):
+    data, original_cache, reports = tiny_run
+    key = status(data, original_cache, reports, capsys)["finetune"]["key"]
+    assert_killed_training_resumes_identically("finetune", key, original_cache, tmp_path,
+                                               lambda cache: options(data, cache, tmp_path / "reports"))
 
 
 def test_pipeline_runs_on_any_voc_layout_set_with_classes_from_its_annotations(shapes_copy, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """The FCN's upsamplings against the lecture's worked examples, its metrics, and the segmentation stages."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from pipeline.segmentation import (FCN, UPSAMPLINGS, confusion_matrix, out_chann
 from pipeline.training import SGDSettings, train
 from stages.fcn import SegmentationSet, load_training_masks, patches, random_crops, segment_by_windows
 from test_rcnn_pipeline import options as rcnn_options
-from test_rcnn_pipeline import run_until_killed, status
+from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
 
 TWO_BY_TWO = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, None]
 
@@ -246,14 +245,5 @@ def test_cached_fcn_recomputes_nothing_and_a_test_setting_keeps_the_training(fcn
 def test_killed_fcn_training_resumes_with_identical_weights(fcn_run, tmp_path, capsys):
     data, original_cache, reports = fcn_run
     key = status(data, original_cache, reports, capsys, *SEGMENTATION_TINY)["fcn-train"]["key"]
-    cache = shutil.copytree(original_cache, tmp_path / "cache")
-    shutil.rmtree(cache / "fcn-train" / key)
-    checkpoint = cache / "fcn-train" / key / "00000.checkpoint"
-    run_until_killed(["fcn-train", *options(data, cache, tmp_path / "reports")], checkpoint.exists)
-    assert not (cache / "fcn-train" / key / "00000.pt").exists()
-    assert main(["fcn-train", *options(data, cache, tmp_path / "reports")]) == 0
-    expected = torch.load(original_cache / "fcn-train" / key / "00000.pt", weights_only=True)
-    resumed = torch.load(cache / "fcn-train" / key / "00000.pt", weights_only=True)
-    assert expected["losses"] == resumed["losses"]
-    for name, tensor in expected["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert_killed_training_resumes_identically("fcn-train", key, original_cache, tmp_path,
+                                               lambda cache: options(data, cache, tmp_path / "reports"))
