@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.cache import StageCache
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.stage import RunContext, Shard, ShardOutput, Stage, TrainingStage, image_shards
-from stages.finetune import initial_backbone_params, pretrain_input, weights_key_extras
+from stages.finetune import initial_backbone_params, load_finetuned, pretrain_input, weights_key_extras
 
 # test-time settings of the fcn stage, not part of what fcn-train learns
 TEST_PARAMS = ("images_per_shard", "baseline_images", "baseline_stride", "pictures")
@@ -270,17 +270,6 @@ def segment_by_windows(net, image, patch_size: int, stride: int, batch_size: int
     return np.repeat(np.repeat(grid, stride, axis=0), stride, axis=1)[:height, :width]
 
 
-def load_pixel_classifier(cache: StageCache, device: str):
-    import torch
-
-    from pipeline.models import build_region_net
-    saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
-    backbone = saved["backbone"]
-    net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"])
-    net.load_state_dict(saved["model"])
-    return net.to(device).eval(), backbone["input_size"]
-
-
 class FCNEvaluate(Stage):
     """Segment the test split with the FCN (and the sliding-window baseline); pixel accuracy, mean IoU."""
 
@@ -304,7 +293,7 @@ class FCNEvaluate(Stage):
         params, num_labels = ctx.config["fcn"], len(ctx.dataset.classes) + 1
         baseline_ids = set(ctx.dataset.segmentation_ids(ctx.config["data"]["test_split"])[:params["baseline_images"]])
         fcn = load_fcn(inputs["fcn-train"], ctx.device)
-        window_net, patch_size = load_pixel_classifier(inputs["pixel-classifier"], ctx.device)
+        window_net, backbone = load_finetuned(inputs["pixel-classifier"], ctx.device)  # the same kind of file
         test = load_segmentation_set(ctx, shard.items, ctx.device)
         tallies = {name: {"confusion": np.zeros((num_labels, num_labels), np.int64), "seconds": 0.0, "images": 0}
                    for name in TALLIES}
@@ -322,7 +311,8 @@ class FCNEvaluate(Stage):
                 shard_file.create_dataset(f"fcn/{image_id}", data=fcn_mask, compression="lzf")
                 tally("fcn", truth, fcn_mask, fcn_seconds)
                 if image_id in baseline_ids:
-                    window_mask = segment_by_windows(window_net, image, patch_size, params["baseline_stride"])
+                    window_mask = segment_by_windows(window_net, image, backbone["input_size"],
+                                                     params["baseline_stride"])
                     shard_file.create_dataset(f"sliding_window/{image_id}", data=window_mask, compression="lzf")
                     tally("sliding_window", truth, window_mask, clock.lap())
                     tally("fcn_on_baseline_images", truth, fcn_mask, fcn_seconds)

@@ -163,10 +163,7 @@ def train_phase(net, phase: str, training: SingleObjectImages, params: dict, ctx
         saved = torch.load(done, map_location=ctx.device, weights_only=True)
         net.load_state_dict(saved["model"])
         return History(saved["losses"], {})
-    settings = SGDSettings(iterations=params[f"{phase}_iterations"], lr=params["lr"], momentum=params["momentum"],
-                           weight_decay=params["weight_decay"], step_every=params["step_every"],
-                           gamma=params["gamma"], seed=params["seed"], checkpoint_every=params["checkpoint_every"],
-                           optimizer=params["optimizer"])
+    settings = SGDSettings.from_config({**params, "iterations": params[f"{phase}_iterations"]})
     trained = list(net.box_head.parameters()) if phase == "head" else None  # None: every parameter
 
     def loss_of(net, batch):
