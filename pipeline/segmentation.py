@@ -1,8 +1,9 @@
 """Semantic segmentation: a fully convolutional network with every upsampling of the lecture, and metrics.
 
 FCN (Long, Shelhamer and Darrell, CVPR 2015) and the encoder-decoder of Noh et al. (ICCV 2015): the
-encoder is either a classification network's conv layers cut at their 2x2 max-pools (FCN's recipe:
-`trunk_levels` of the pretrained backbone) or fresh conv blocks of `channels`; it halves the
+encoder is either a classification network's conv layers cut at their 2x2 max-pools, with its fully
+connected layers turned into convolutions as the bottleneck (FCN's recipe: `trunk_levels` and
+`convolutionalized` of the pretrained backbone), or fresh conv blocks of `channels`; it halves the
 resolution once per level (2x2 max-pooling, or for fresh blocks a stride-2 3x3 convolution),
 the decoder doubles it back as many times and ends in a 1x1 convolution giving a score per class and
 background for every pixel. Each decoder step is an upsampling followed by a 3x3 convolution (so that
@@ -82,15 +83,35 @@ def out_channels(level: nn.Module) -> int:
     return next(m.out_channels for m in reversed(list(level.modules())) if isinstance(m, nn.Conv2d))
 
 
+def convolutionalized(fc_layers: nn.Sequential, in_channels: int, kernel: int) -> nn.Sequential:
+    """A classifier's fully connected layers as convolutions with the same weights (FCN §3.1): the first
+    one reads a kernel x kernel window of pool5 cells (the window it was trained on), the rest are 1x1.
+    On a bigger map they give, at every pool5 cell, the activations the classifier computes for the
+    window around it (from (kernel - 1) // 2 cells before it to kernel // 2 after, zeros beyond the
+    border); ReLU and dropout carry over unchanged."""
+    layers = []
+    for layer in fc_layers:
+        if isinstance(layer, nn.Linear):
+            conv = nn.Conv2d(in_channels, layer.out_features, kernel, padding="same")
+            with torch.no_grad():
+                conv.weight.copy_(layer.weight.view(layer.out_features, in_channels, kernel, kernel))
+                conv.bias.copy_(layer.bias)
+            layer, in_channels, kernel = conv, layer.out_features, 1
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
 class FCN(nn.Module):
     """images[N, 3, H, W] (H, W multiples of `stride`) -> scores[N, num_outputs, H, W].
 
-    `encoder`: the conv levels of a classifier (trunk_levels), or None for fresh blocks of `channels`.
+    `encoder`: the conv levels of a classifier (trunk_levels), or None for fresh blocks of `channels`;
+    `fc_layers`: that classifier's fully connected layers, convolutionalized, which then replace the fresh
+    bottleneck (their output is brought to the decoder's width by one more conv-BN-ReLU).
     """
 
     def __init__(self, num_outputs: int, channels: tuple[int, ...] = (16, 32, 64, 96),
                  upsampling: str = "transpose-conv", downsampling: str = "max-pool", skips: int = 0,
-                 encoder: list[nn.Module] | None = None):
+                 encoder: list[nn.Module] | None = None, fc_layers: nn.Sequential | None = None):
         super().__init__()
         if encoder is not None:
             channels = tuple(out_channels(level) for level in encoder)
@@ -109,8 +130,9 @@ class FCN(nn.Module):
                                                  for i in range(len(channels))))
         self.downsample = nn.ModuleList(nn.MaxPool2d(2, return_indices=True) if downsampling == "max-pool"
                                         else conv_bn_relu(width, width, stride=2) for width in channels)
-        self.bottleneck = nn.Sequential(conv_bn_relu(channels[-1], channels[-1]),
-                                        conv_bn_relu(channels[-1], channels[-1]))
+        bottleneck_input = channels[-1] if fc_layers is None else out_channels(fc_layers)
+        self.bottleneck = nn.Sequential(*(fc_layers or [conv_bn_relu(channels[-1], channels[-1])]),
+                                        conv_bn_relu(bottleneck_input, channels[-1]))
         self.upsample = nn.ModuleList(upsampler(upsampling, width) for width in channels)
         self.decoder = nn.ModuleList(conv_bn_relu(width, channels[max(level - 1, 0)])
                                      for level, width in enumerate(channels))

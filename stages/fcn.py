@@ -5,7 +5,8 @@
                        per-pixel cross-entropy with the void label (255) ignored; flips and, with
                        `augment`, colour changes. With `encoder: pretrain` its encoder starts as the
                        classifier the detectors start from (backbone.weights: the pretrain stage, or
-                       ImageNet weights), cut at its max-pools: FCN's "adapting classifiers for dense
+                       ImageNet weights), cut at its max-pools, and its fully connected layers, turned
+                       into convolutions, as the bottleneck: FCN's "adapting classifiers for dense
                        prediction"; with `scratch`, fresh blocks of `channels`. Output `00000.pt`.
     pixel-classifier   the baseline's network: the backbone the detectors start from (backbone.weights),
                        with an (N + 1)-way head, classifying a patch of its input size by the label of
@@ -80,7 +81,7 @@ class FCNTrain(TrainingStage):
     """Train a fully convolutional network for semantic segmentation on the training masks."""
 
     name = "fcn-train"
-    version = "1"
+    version = "2"
     headline_metrics = ("final_loss",)
     loss_title = "fcn-train: per-pixel cross-entropy"
 
@@ -123,15 +124,19 @@ def build_fcn(params: dict, num_classes: int, backbone: dict, classifier=None):
     """The FCN of `params`; with encoder pretrain, its encoder is `classifier`'s trunk (a RegionNet; when
     None, one of the backbone's shape, for weights that are loaded next)."""
     from pipeline.models import build_region_net
-    from pipeline.segmentation import FCN, trunk_levels
-    encoder = None
+    from torch import nn
+
+    from pipeline.segmentation import FCN, convolutionalized, trunk_levels
+    encoder = fc_layers = None
     if params["encoder"] == "pretrain":
         classifier = classifier or build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
         encoder = trunk_levels(classifier.trunk)
+        fc_layers = convolutionalized(nn.Sequential(*classifier.fc6, *classifier.fc7), classifier.trunk_channels,
+                                      classifier.roi_size)
     elif params["encoder"] != "scratch":
         raise ConfigError(f"fcn.encoder {params['encoder']!r}: expected pretrain or scratch")
     return FCN(num_classes + 1, tuple(params["channels"]), params["upsampling"], params["downsampling"],
-               params["skips"], encoder)
+               params["skips"], encoder, fc_layers)
 
 
 def load_fcn(cache: StageCache, device: str):
@@ -366,10 +371,14 @@ def markdown_report(ctx: RunContext, results: dict, labels: list[str]) -> str:
     per_label = markdown_table(["label", *(titles[name] for name in results)], [
         [label, *("-" if r["iou"][index] is None else r["iou"][index] for r in results.values())]
         for index, label in enumerate(labels)])
+    encoder = (f"the {ctx.config['backbone']['name']} classifier's conv layers and convolutionalized fc layers "
+               f"(backbone.weights: {ctx.config['backbone']['weights']})" if params["encoder"] == "pretrain"
+               else f"fresh conv blocks of {params['channels']} channels")
     lines = ["# Semantic segmentation\n",
-             f"FCN: {params['upsampling']} upsampling, {params['downsampling']} downsampling, {params['skips']} skip "
-             f"connections, channels {params['channels']}; trained {params['iterations']} iterations on "
-             f"{params['crop_size']} px crops. Device: {ctx.device}. Void pixels (255) are not counted.\n",
+             f"FCN: encoder {encoder}, {params['upsampling']} upsampling, {params['downsampling']} downsampling, "
+             f"{params['skips']} skip connections; images scaled by {params['scale']}; trained "
+             f"{params['iterations']} iterations on {params['crop_size']} px crops. Device: {ctx.device}. "
+             f"Void pixels (255) are not counted.\n",
              summary]
     if "sliding_window" in results:
         baseline, fcn = results["sliding_window"], results["fcn_on_baseline_images"]

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from pipeline.cli import main
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.segmentation import (FCN, UPSAMPLINGS, confusion_matrix, out_channels, predict_mask, segmentation_metrics,
-                                   trunk_levels, upsampler)
+from pipeline.segmentation import (FCN, UPSAMPLINGS, confusion_matrix, convolutionalized, out_channels, predict_mask,
+                                   segmentation_metrics, trunk_levels, upsampler)
 from pipeline.training import SGDSettings, train
 from stages.fcn import SegmentationSet, load_training_masks, patches, random_crops, segment_by_windows
 from test_rcnn_pipeline import options as rcnn_options
@@ -89,6 +89,24 @@ def test_a_classifiers_conv_layers_cut_at_its_pools_become_the_encoder():
     assert fcn.stride == 16 and fcn(torch.randn(1, 3, 32, 48)).shape == (1, 7, 32, 48)
     with pytest.raises(ConfigError, match="does not halve"):
         trunk_levels(build_region_net("alexnet", 7, 227).trunk)
+
+
+@pytest.mark.parametrize("name, input_size", [("small", 48), ("small", 32), ("vgg16", 224)])
+def test_convolutionalized_fc_layers_give_the_classifiers_activations_at_every_cell(name, input_size):
+    from pipeline.models import build_region_net
+    torch.manual_seed(0)
+    classifier = build_region_net(name, 7, input_size).eval()
+    fc_layers = convolutionalized(torch.nn.Sequential(*classifier.fc6, *classifier.fc7), classifier.trunk_channels,
+                                  classifier.roi_size).eval()
+    pool5 = classifier.pool5(torch.randn(2, 3, input_size, input_size))
+    centre = (classifier.roi_size - 1) // 2  # the cell whose window is the whole pool5 (even sizes too)
+    with torch.no_grad():
+        assert torch.allclose(fc_layers(pool5)[:, :, centre, centre], classifier.fc(pool5), atol=1e-5)
+        wider = torch.randn(1, classifier.trunk_channels, classifier.roi_size + 2, classifier.roi_size + 4)
+        window = wider[:, :, 1:1 + classifier.roi_size, 3:3 + classifier.roi_size]
+        assert torch.allclose(fc_layers(wider)[:, :, 1 + centre, 3 + centre], classifier.fc(window), atol=1e-5)
+    fcn = FCN(8, encoder=trunk_levels(classifier.trunk), fc_layers=fc_layers, skips=2).eval()
+    assert fcn(torch.randn(1, 3, fcn.stride, 2 * fcn.stride)).shape == (1, 8, fcn.stride, 2 * fcn.stride)
 
 
 def test_fcn_rejects_what_it_cannot_build_or_run():
