@@ -83,14 +83,14 @@ def out_channels(level: nn.Module) -> int:
     return next(m.out_channels for m in reversed(list(level.modules())) if isinstance(m, nn.Conv2d))
 
 
-def convolutionalized(fc_layers: nn.Sequential, in_channels: int, kernel: int) -> nn.Sequential:
-    """A classifier's fully connected layers as convolutions with the same weights (FCN §3.1): the first
-    one reads a kernel x kernel window of pool5 cells (the window it was trained on), the rest are 1x1.
-    On a bigger map they give, at every pool5 cell, the activations the classifier computes for the
-    window around it (from (kernel - 1) // 2 cells before it to kernel // 2 after, zeros beyond the
-    border); ReLU and dropout carry over unchanged."""
-    layers = []
-    for layer in fc_layers:
+def convolutionalized(classifier) -> nn.Sequential:
+    """A classifier's (RegionNet's) fc6 and fc7 as convolutions with the same weights (FCN §3.1): fc6
+    reads a roi_size x roi_size window of pool5 cells (the window it was trained on), fc7 is 1x1. On a
+    bigger map they give, at every pool5 cell, the activations the classifier computes for the window
+    around it (from (roi_size - 1) // 2 cells before it to roi_size // 2 after, zeros beyond the border);
+    ReLU and dropout carry over unchanged."""
+    layers, in_channels, kernel = [], classifier.trunk_channels, classifier.roi_size
+    for layer in (*classifier.fc6, *classifier.fc7):
         if isinstance(layer, nn.Linear):
             conv = nn.Conv2d(in_channels, layer.out_features, kernel, padding="same")
             with torch.no_grad():

@@ -124,15 +124,12 @@ def build_fcn(params: dict, num_classes: int, backbone: dict, classifier=None):
     """The FCN of `params`; with encoder pretrain, its encoder is `classifier`'s trunk (a RegionNet; when
     None, one of the backbone's shape, for weights that are loaded next)."""
     from pipeline.models import build_region_net
-    from torch import nn
-
     from pipeline.segmentation import FCN, convolutionalized, trunk_levels
     encoder = fc_layers = None
     if params["encoder"] == "pretrain":
         classifier = classifier or build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
         encoder = trunk_levels(classifier.trunk)
-        fc_layers = convolutionalized(nn.Sequential(*classifier.fc6, *classifier.fc7), classifier.trunk_channels,
-                                      classifier.roi_size)
+        fc_layers = convolutionalized(classifier)
     elif params["encoder"] != "scratch":
         raise ConfigError(f"fcn.encoder {params['encoder']!r}: expected pretrain or scratch")
     return FCN(num_classes + 1, tuple(params["channels"]), params["upsampling"], params["downsampling"],

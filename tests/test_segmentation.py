@@ -96,8 +96,7 @@ def test_convolutionalized_fc_layers_give_the_classifiers_activations_at_every_c
     from pipeline.models import build_region_net
     torch.manual_seed(0)
     classifier = build_region_net(name, 7, input_size).eval()
-    fc_layers = convolutionalized(torch.nn.Sequential(*classifier.fc6, *classifier.fc7), classifier.trunk_channels,
-                                  classifier.roi_size).eval()
+    fc_layers = convolutionalized(classifier).eval()
     pool5 = classifier.pool5(torch.randn(2, 3, input_size, input_size))
     centre = (classifier.roi_size - 1) // 2  # the cell whose window is the whole pool5 (even sizes too)
     with torch.no_grad():
