@@ -11,10 +11,36 @@ reproduces exactly (pipeline.boxes). Two AP definitions, always labelled:
     voc07_11pt  the VOC2007 metric: mean of the interpolated precision at recall 0, 0.1, ..., 1
     all_point   the VOC2010+ metric: area under the interpolated precision-recall curve
 A class with no non-difficult ground truth has no AP (None) and is left out of the mean.
+paired_bootstrap compares two evaluations of the same images (a method and its ablation) by
+resampling the images, the unit the test set was drawn in.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass
+class ClassMatches:
+    """One class's detections in descending score order: the index of each one's image (into
+    VOCEvaluator.image_ids()), whether it is a true or a false positive (neither: it hit a difficult
+    object), and the number of non-difficult ground-truth boxes of the class in each image."""
+    image: np.ndarray
+    true_positive: np.ndarray
+    false_positive: np.ndarray
+    positives_per_image: np.ndarray
+
+    def curves(self, image_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """recall and precision [B, D] when image i counts image_weights[b, i] times (a bootstrap
+        resample; a row of ones is the test set itself). Matching is decided within an image, so a
+        repeated image repeats its true and false positives."""
+        weights = image_weights[:, self.image]
+        tp = np.cumsum(self.true_positive * weights, axis=1)
+        fp = np.cumsum(self.false_positive * weights, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall = tp / (image_weights @ self.positives_per_image)[:, None]
+        return recall, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
 
 
 class VOCEvaluator:
@@ -44,10 +70,18 @@ class VOCEvaluator:
                 "map_voc07_11pt": float(np.mean([r["ap_voc07_11pt"] for r in scored])) if scored else None,
                 "map_all_point": float(np.mean([r["ap_all_point"] for r in scored])) if scored else None}
 
-    def _evaluate_class(self, class_index: int) -> dict:
+    def image_ids(self) -> list[str]:
+        """Every image with ground truth or detections, sorted: the units a bootstrap resamples."""
+        return sorted(set(self._ground_truth) | {image_id for image_id, *_ in self._detections})
+
+    def class_matches(self, class_index: int) -> ClassMatches:
+        """The class's detections in descending score order, each a true or false positive (or neither)."""
+        image_index = {image_id: index for index, image_id in enumerate(self.image_ids())}
         gt = {image_id: (boxes[labels == class_index], difficult[labels == class_index])
               for image_id, (boxes, labels, difficult) in self._ground_truth.items()}
-        positives = sum(int((~difficult).sum()) for _, difficult in gt.values())
+        positives = np.zeros(len(image_index))
+        for image_id, (_, difficult) in gt.items():
+            positives[image_index[image_id]] = (~difficult).sum()
         image_ids, boxes, scores = [], [], []
         for image_id, image_boxes, image_scores, image_labels in self._detections:
             mine = image_labels == class_index
@@ -56,14 +90,19 @@ class VOCEvaluator:
             scores.append(image_scores[mine])
         order = np.argsort(-np.concatenate(scores), kind="stable") if scores else np.zeros(0, int)
         boxes = np.concatenate(boxes)[order] if boxes else np.zeros((0, 4))
-        true_positive, false_positive = self._match([image_ids[i] for i in order], boxes, gt)
-        tp, fp = np.cumsum(true_positive), np.cumsum(false_positive)
-        recall = tp / positives if positives else np.full(len(tp), np.nan)
-        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        return {"positives": positives, "detections": len(order),
-                "ap_voc07_11pt": voc07_11pt_ap(recall, precision) if positives else None,
-                "ap_all_point": all_point_ap(recall, precision) if positives else None,
-                "recall": recall, "precision": precision}
+        ordered_ids = [image_ids[i] for i in order]
+        true_positive, false_positive = self._match(ordered_ids, boxes, gt)
+        return ClassMatches(np.array([image_index[image_id] for image_id in ordered_ids], int), true_positive,
+                            false_positive, positives)
+
+    def _evaluate_class(self, class_index: int) -> dict:
+        matches = self.class_matches(class_index)
+        recall, precision = matches.curves(np.ones((1, len(matches.positives_per_image))))
+        positives = int(matches.positives_per_image.sum())
+        return {"positives": positives, "detections": len(matches.image),
+                "ap_voc07_11pt": float(voc07_11pt_ap(recall, precision)[0]) if positives else None,
+                "ap_all_point": float(all_point_ap(recall, precision)[0]) if positives else None,
+                "recall": recall[0] if positives else np.full(len(matches.image), np.nan), "precision": precision[0]}
 
     def _match(self, image_ids: list[str], boxes: np.ndarray, gt: dict) -> tuple[np.ndarray, np.ndarray]:
         true_positive, false_positive = np.zeros(len(boxes)), np.zeros(len(boxes))
@@ -93,22 +132,62 @@ def _overlaps(box: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     return intersection / (areas - intersection)
 
 
-def voc07_11pt_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if none).
+def voc07_11pt_ap(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if none); recall and
+    precision [..., D] give one AP per leading index (a 0-d array for 1-D curves).
 
     t is k / 10 (the nearest double to each tenth), not an accumulated 0.1 step, so that a recall of
     exactly 3/10 counts at t = 0.3."""
-    total = 0.0
-    for k in range(11):
-        reached = precision[recall >= k / 10]
-        total += reached.max() if len(reached) else 0.0
-    return total / 11
+    recall, precision = np.asarray(recall), np.asarray(precision)
+    return sum(np.where(recall >= k / 10, precision, 0.0).max(axis=-1, initial=0.0) for k in range(11)) / 11
 
 
-def all_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Area under the precision-recall curve with precision made monotonically decreasing."""
-    recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.concatenate([[0.0], precision, [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    steps = np.flatnonzero(recall[1:] != recall[:-1])
-    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+def all_point_ap(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Area under the precision-recall curve with precision made monotonically decreasing; [..., D]
+    curves as in voc07_11pt_ap. Steps where recall does not change add nothing."""
+    recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
+    zeros, ones = np.zeros(recall.shape[:-1] + (1,)), np.ones(recall.shape[:-1] + (1,))
+    recall = np.concatenate([zeros, recall, ones], axis=-1)
+    precision = np.concatenate([zeros, precision, zeros], axis=-1)
+    precision = np.flip(np.maximum.accumulate(np.flip(precision, -1), axis=-1), -1)
+    return np.sum(np.diff(recall, axis=-1) * precision[..., 1:], axis=-1)
+
+
+def paired_bootstrap(result: VOCEvaluator, other: VOCEvaluator, resamples: int, seed: int, chunk: int = 50) -> dict:
+    """How much `result`'s all-point mAP exceeds `other`'s on these test images, and a 95 % percentile
+    interval for that difference from `resamples` resamples of the images with replacement, the same
+    resamples for both (a paired bootstrap: it asks whether an ablation's effect exceeds what the choice
+    of test images alone would give). Both must have seen the same images and classes.
+
+    The all-point AP, not the VOC07 11-point one: the 11-point AP jumps whenever a class's recall
+    crosses a tenth, which biases its bootstrap distribution (on the demo, percentile and BCa intervals
+    of an 11-point difference barely overlapped, while for the all-point AP they agree to 0.002).
+    Returns {"metric": "all_point", "resamples": n, "difference": d, "ci95": [low, high]}."""
+    images = result.image_ids()
+    if images != other.image_ids() or result.classes != other.classes:
+        raise ValueError("paired bootstrap: the two evaluations cover different images or classes")
+    rng = np.random.default_rng(seed)
+    weights = np.ones((resamples + 1, len(images)))  # row 0: the test set itself
+    for row in range(1, resamples + 1):
+        weights[row] = np.bincount(rng.integers(0, len(images), len(images)), minlength=len(images))
+    matches = [[evaluator.class_matches(class_index) for class_index in range(len(result.classes))]
+               for evaluator in (result, other)]
+    difference = np.concatenate([_resampled_map(matches[0], weights[start:start + chunk]) -
+                                 _resampled_map(matches[1], weights[start:start + chunk])
+                                 for start in range(0, len(weights), chunk)])
+    low, high = np.percentile(difference[1:], [2.5, 97.5]) if resamples else (np.nan, np.nan)
+    return {"metric": "all_point", "resamples": resamples, "difference": float(difference[0]),
+            "ci95": [float(low), float(high)]}
+
+
+def _resampled_map(matches: list[ClassMatches], weights: np.ndarray) -> np.ndarray:
+    """All-point mAP [B] under each row of image weights; a class absent from a resample is left out of
+    that resample's mean, as a class without ground truth is left out of the mAP."""
+    aps = []
+    for class_matches in matches:
+        if class_matches.positives_per_image.sum():
+            present = weights @ class_matches.positives_per_image > 0
+            aps.append(np.where(present, all_point_ap(*class_matches.curves(weights)), np.nan))
+    if not aps:
+        raise ValueError("paired bootstrap: no class has ground truth")
+    return np.nanmean(np.stack(aps), axis=0)

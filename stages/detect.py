@@ -105,7 +105,7 @@ def per_class_nms(class_boxes: np.ndarray, scores: np.ndarray, nms_iou: float, m
     from torchvision.ops import batched_nms
 
     num_regions, num_classes = scores.shape
-    flat_boxes = torch.from_numpy(np.ascontiguousarray(class_boxes, dtype=np.float32).reshape(-1, 4))
+    flat_boxes = torch.from_numpy(np.array(class_boxes, dtype=np.float32).reshape(-1, 4))
     flat_scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32).reshape(-1))
     classes = torch.arange(num_classes).repeat(num_regions)
     keep = batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score

@@ -2,8 +2,10 @@
 
 Evaluates every variant a detection stage wrote: for R-CNN the result (svm_bbox) and the ablations
 (no box regression; the fine-tuned softmax instead of the SVMs); for Fast R-CNN with and without the
-truncated SVD; and so on. Both the VOC2007 11-point AP and the all-point AP, each labelled. The
-manifest's metrics hold the mAPs, so `rcnn status --json` shows them; the report
+truncated SVD; and so on. Both the VOC2007 11-point AP and the all-point AP, each labelled. Each
+ablation's difference from the result comes with a 95 % interval from a paired bootstrap over the test
+images (pipeline.evaluation.paired_bootstrap), so that a difference within noise reads as one. The
+manifest's metrics hold the mAPs and the differences, so `rcnn status --json` shows them; the report
 (`reports/<config>/<stage>/`) holds map.md, map.json, pr_curves.png and a few test images with detections.
 Every method has its copy of this stage (evaluate, sppnet-evaluate, fast-rcnn-evaluate, ...).
 """
@@ -30,7 +32,7 @@ class Evaluate(MethodStage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
     base_name = "evaluate"
-    version = "1"
+    version = "2"
     base_inputs = ("detect",)
     shard_suffix = ".json"
     headline_metrics = ("map_voc07_11pt", "map_all_point") + tuple(VARIANT_METRICS)
@@ -50,25 +52,30 @@ class Evaluate(MethodStage):
         return [Shard("00000", tuple(self.variants))]
 
     def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.evaluation import VOCEvaluator
+        from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 
-        results = {}
+        params, results, evaluators = ctx.config["evaluate"], {}, {}
         for variant in shard.items:
             detections = read_detections(self.upstream(inputs, "detect"), variant)  # every detected image
-            for iou in ctx.config["evaluate"]["ious"]:
-                evaluator = VOCEvaluator(ctx.dataset.classes, iou)
+            for iou in params["ious"]:
+                evaluator = evaluators[variant, iou] = VOCEvaluator(ctx.dataset.classes, iou)
                 for image_id in detections:
                     evaluator.add_ground_truth(image_id, *ctx.dataset.ground_truth(image_id))
                 for image_id, rows in detections.items():
                     evaluator.process(image_id, rows[:, :4], rows[:, 4], rows[:, 5].astype(int))
                 results.setdefault(variant, {})[str(iou)] = _jsonable(evaluator.evaluate())
-        out.path.write_text(json.dumps(results))
+        differences = {variant: {str(iou): paired_bootstrap(evaluators[self.primary, iou], evaluators[variant, iou],
+                                                            params["bootstrap_resamples"], params["bootstrap_seed"])
+                                 for iou in params["ious"]}
+                       for variant in shard.items if variant != self.primary}
+        out.path.write_text(json.dumps({"results": results, "differences": differences}))
         return {}
 
     def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        results = json.loads(cache.shard_path("00000").read_text())
+        saved = json.loads(cache.shard_path("00000").read_text())
+        results, differences = saved["results"], saved["differences"]
         main_iou = str(ctx.config["evaluate"]["ious"][0])
-        write_tables(cache.report_dir, results, self.variants, ctx.dataset.classes, main_iou)
+        write_tables(cache.report_dir, results, differences, self.variants, ctx.dataset.classes, main_iou)
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.dataset.classes)
         draw_detections(ctx, read_detections(self.upstream(inputs, "detect"), self.primary), cache.report_dir)
         primary = results[self.primary][main_iou]
@@ -78,7 +85,8 @@ class Evaluate(MethodStage):
                 "ap_voc07_11pt": {name: r["ap_voc07_11pt"] for name, r in primary["per_class"].items()},
                 "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
                                        for metric in ("voc07_11pt", "all_point")}
-                             for variant, by_iou in results.items()}}
+                             for variant, by_iou in results.items()},
+                "differences": differences}
 
 
 def _jsonable(result: dict) -> dict:
@@ -91,7 +99,8 @@ def _jsonable(result: dict) -> dict:
     return result
 
 
-def write_tables(report_dir, results: dict, titles: dict[str, str], classes: list[str], main_iou: str) -> None:
+def write_tables(report_dir, results: dict, differences: dict, titles: dict[str, str], classes: list[str],
+                 main_iou: str) -> None:
     def cell(value):
         return "n/a" if value is None else value
     first = next(iter(titles))
@@ -107,12 +116,30 @@ def write_tables(report_dir, results: dict, titles: dict[str, str], classes: lis
          for v, by_iou in results.items()])
     (report_dir / "map.md").write_text(
         f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
-        f"## mAP by method\n\n{variants}\n## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}")
+        f"## mAP by method\n\n{variants}\n{difference_section(differences, titles, ious)}"
+        f"## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}")
     summary = {variant: {iou: {key: value for key, value in result.items() if key != "per_class"} |
                          {"ap": {name: {"voc07_11pt": c["ap_voc07_11pt"], "all_point": c["ap_all_point"]}
                                  for name, c in result["per_class"].items()}}
                          for iou, result in by_iou.items()} for variant, by_iou in results.items()}
-    (report_dir / "map.json").write_text(json.dumps(summary, indent=2))
+    (report_dir / "map.json").write_text(json.dumps({"results": summary, "differences": differences}, indent=2))
+
+
+def difference_section(differences: dict, titles: dict[str, str], ious: list[str]) -> str:
+    """The result's all-point mAP minus each variant's, with the paired-bootstrap interval."""
+    if not differences:
+        return ""
+    resamples = next(iter(next(iter(differences.values())).values()))["resamples"]
+    def cell(summary):
+        low, high = summary["ci95"]
+        return f"{summary['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    table = markdown_table(["compared with"] + [f"difference in mAP@{iou}, all-point [95 % interval]" for iou in ious],
+                           [[titles[variant]] + [cell(by_iou[iou]) for iou in ious]
+                            for variant, by_iou in differences.items()])
+    return (f"## {titles[next(iter(titles))]} against each variant\n\nThe result's all-point mAP minus the "
+            f"variant's, with a 95 % interval from {resamples} paired bootstrap resamples of the test images: an "
+            f"interval that contains 0 means these test images cannot tell the two apart. (All-point, because "
+            f"the 11-point AP jumps as recall crosses each tenth, which makes its bootstrap unreliable.)\n\n{table}\n")
 
 
 def plot_pr_curves(path, result: dict, classes: list[str]) -> None:

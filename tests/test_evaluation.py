@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluation import VOCEvaluator, all_point_ap, voc07_11pt_ap
+from pipeline.evaluation import VOCEvaluator, all_point_ap, paired_bootstrap, voc07_11pt_ap
 
 BOX_A = [0, 0, 10, 10]
 BOX_B = [20, 20, 30, 30]
@@ -96,3 +96,62 @@ def test_eleven_point_ap_counts_recall_of_exactly_three_tenths():
     recall, precision = np.array([0.1, 0.2, 0.3]), np.array([1.0, 1.0, 1.0])
     assert voc07_11pt_ap(recall, precision) == pytest.approx(4 / 11)
     assert all_point_ap(recall, precision) == pytest.approx(0.3)
+
+
+def test_ap_of_a_batch_of_curves_is_the_ap_of_each():
+    recall = np.array([[0.5, 0.5, 1.0], [0.1, 0.2, 0.3]])
+    precision = np.array([[1.0, 0.5, 2 / 3], [1.0, 1.0, 1.0]])
+    for metric in (voc07_11pt_ap, all_point_ap):
+        assert metric(recall, precision) == pytest.approx([metric(recall[0], precision[0]), metric(recall[1], precision[1])])
+
+
+def scored_set(correct: list[bool]) -> VOCEvaluator:
+    """One cat per image, detected (score 0.9) where correct[i], else a box beside it at score 0.9
+    (a false positive that also leaves the cat missed)."""
+    evaluator = evaluator_with({f"i{index}": [(BOX_A, 0, False)] for index in range(len(correct))}, classes=("cat",))
+    for index, hit in enumerate(correct):
+        detect(evaluator, f"i{index}", [(BOX_A if hit else BOX_B, 0.9 - index / 1000, 0)])
+    return evaluator
+
+
+def test_bootstrap_of_an_evaluation_against_itself_is_exactly_zero():
+    evaluator = scored_set([True, False, True, True])
+    summary = paired_bootstrap(evaluator, evaluator, resamples=200, seed=0)
+    assert summary["difference"] == 0.0 and summary["ci95"] == [0.0, 0.0]
+
+
+def test_bootstrap_difference_is_the_difference_of_all_point_maps():
+    better, worse = scored_set([True, True, True, False]), scored_set([True, False, False, True])
+    summary = paired_bootstrap(better, worse, resamples=50, seed=0)
+    assert summary["difference"] == pytest.approx(better.evaluate()["map_all_point"] - worse.evaluate()["map_all_point"])
+    assert summary["ci95"][0] <= summary["difference"] <= summary["ci95"][1]
+
+
+def test_a_resample_that_repeats_an_image_counts_its_detections_twice():
+    # weights (2, 0, 1): the same APs as a test set holding i0 twice and i2 once
+    matches = scored_set([True, False, False]).class_matches(0)
+    recall, precision = matches.curves(np.array([[2.0, 0.0, 1.0]]))
+    repeated = evaluator_with({"a": [(BOX_A, 0, False)], "b": [(BOX_A, 0, False)], "c": [(BOX_A, 0, False)]},
+                              classes=("cat",))
+    detect(repeated, "a", [(BOX_A, 0.9, 0)])
+    detect(repeated, "b", [(BOX_A, 0.9, 0)])
+    detect(repeated, "c", [(BOX_B, 0.898, 0)])
+    expected = repeated.evaluate()["per_class"]["cat"]
+    assert recall[0, -1] == pytest.approx(2 / 3) and precision[0, -1] == pytest.approx(2 / 3)
+    assert all_point_ap(recall, precision)[0] == pytest.approx(expected["ap_all_point"])
+    assert voc07_11pt_ap(recall, precision)[0] == pytest.approx(expected["ap_voc07_11pt"])
+
+
+def test_a_consistent_gain_has_an_interval_above_zero_and_noise_one_around_it():
+    rng = np.random.default_rng(1)
+    always = scored_set([True] * 40)
+    mostly = scored_set(list(rng.random(40) < 0.6))
+    assert paired_bootstrap(always, mostly, resamples=300, seed=0)["ci95"][0] > 0
+    odd, even = scored_set([index % 2 == 1 for index in range(40)]), scored_set([index % 2 == 0 for index in range(40)])
+    low, high = paired_bootstrap(odd, even, resamples=300, seed=0)["ci95"]
+    assert low < 0 < high
+
+
+def test_bootstrap_refuses_evaluations_of_different_images():
+    with pytest.raises(ValueError, match="different images"):
+        paired_bootstrap(scored_set([True, True]), scored_set([True, True, True]), resamples=10, seed=0)

@@ -54,6 +54,8 @@ def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
     assert 0.0 <= metrics["map_voc07_11pt"] <= 1.0 and 0.0 <= metrics["map_all_point"] <= 1.0
     assert metrics["ap_voc07_11pt"]["circle"] is None  # the tiny test split has no circle
     assert {"svm_bbox", "svm", "softmax_bbox", "softmax"} == set(metrics["variants"])
+    bbox_effect = metrics["differences"]["svm"]["0.5"]  # the result against the ablation without regression
+    assert bbox_effect["difference"] == pytest.approx(metrics["map_all_point"] - metrics["variants"]["svm"]["map_all_point@0.5"])
     assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "demo" / "evaluate").iterdir()}
     assert "IoU" in (reports / "demo" / "evaluate" / "map.md").read_text()
     assert rows["features"]["metrics"]["bytes_per_region"] > 0
