@@ -11,10 +11,12 @@
     pixel-classifier   the baseline's network: the backbone the detectors start from (backbone.weights),
                        with an (N + 1)-way head, classifying a patch of its input size by the label of
                        the patch's centre pixel (background or a class), trained on patches around
-                       random labelled pixels (background_fraction of them background).
+                       random labelled pixels (background_fraction of them background) of the training
+                       images resized by fcn.scale, as the FCN sees them.
     fcn                segments the test split with the FCN, and its first `baseline_images` with the
-                       sliding-window baseline too (a patch around every `baseline_stride`-th pixel,
-                       each label filling its stride x stride block; 1: every pixel), timing both on the
+                       sliding-window baseline too (a patch around every `baseline_stride`-th pixel of
+                       the image resized by fcn.scale, each label filling its stride x stride block; 1:
+                       every pixel; labels resized back to full size), timing both on the
                        same images. Pixel accuracy, mean accuracy, mean IoU and per-class IoU of both go
                        into the manifest; the report (reports/<config>/fcn/) holds segmentation.md, a
                        confusion matrix and pictures with the predicted masks overlaid.
@@ -176,12 +178,12 @@ class PixelClassifier(TrainingStage):
     """Train the sliding-window baseline's network: the label of a patch's centre pixel."""
 
     name = "pixel-classifier"
-    version = "1"
+    version = "2"
     headline_metrics = ("final_loss",)
     loss_title = "pixel-classifier: centre-pixel cross-entropy"
 
     def params(self, config: dict) -> dict:
-        return {**config["pixel_classifier"], "backbone": initial_backbone_params(config),
+        return {**config["pixel_classifier"], "backbone": initial_backbone_params(config), "scale": config["fcn"]["scale"],
                 "train_split": config["data"]["train_split"], "amp": config["amp"]}
 
     def input_stages(self, config: dict) -> tuple[str, ...]:
@@ -200,7 +202,7 @@ class PixelClassifier(TrainingStage):
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)
         net = initial_net(ctx, inputs)
-        training = load_training_masks(ctx)
+        training = load_training_masks(ctx, ctx.config["fcn"]["scale"])  # objects at the size the FCN sees
         pixels = labelled_pixels(training.masks)
 
         def next_batch(rng: np.random.Generator):
@@ -255,10 +257,17 @@ def patches(image, ys: np.ndarray, xs: np.ndarray, size: int):
     return warp_regions(image, boxes, size, context_pad=0)
 
 
-def segment_by_windows(net, image, patch_size: int, stride: int, batch_size: int = 1024):
-    """The sliding-window baseline: classify a patch around every stride-th pixel (rows and columns),
-    each label filling its stride x stride block. uint8[3, H, W] image -> labels uint8[H, W] (numpy)."""
+def segment_by_windows(net, image, patch_size: int, stride: int, scale: float = 1.0, batch_size: int = 1024):
+    """The sliding-window baseline: classify a patch around every stride-th pixel (rows and columns) of
+    the image resized by `scale` (the FCN's: objects then have the size the classifier was trained on),
+    each label filling its stride x stride block, the labels resized back (nearest).
+    uint8[3, H, W] image -> labels uint8[H, W] (numpy)."""
+    import cv2
     import torch
+
+    from pipeline.segmentation import resize
+    full_height, full_width = image.shape[-2:]
+    image = resize(image[None].float(), scale)[0].round().clamp(0, 255).to(torch.uint8)
     height, width = image.shape[-2:]
     ys = np.minimum(np.arange(0, height, stride) + stride // 2, height - 1)  # the centre of each block
     xs = np.minimum(np.arange(0, width, stride) + stride // 2, width - 1)
@@ -269,14 +278,15 @@ def segment_by_windows(net, image, patch_size: int, stride: int, batch_size: int
             crops = patches(image, grid_y[start:start + batch_size], grid_x[start:start + batch_size], patch_size)
             labels.append(net(crops).argmax(1).to(torch.uint8).cpu())
     grid = torch.cat(labels).numpy().reshape(len(ys), len(xs))
-    return np.repeat(np.repeat(grid, stride, axis=0), stride, axis=1)[:height, :width]
+    blocks = np.repeat(np.repeat(grid, stride, axis=0), stride, axis=1)[:height, :width]
+    return blocks if scale == 1 else cv2.resize(blocks, (full_width, full_height), interpolation=cv2.INTER_NEAREST)
 
 
 class FCNEvaluate(Stage):
     """Segment the test split with the FCN (and the sliding-window baseline); pixel accuracy, mean IoU."""
 
     name = "fcn"
-    version = "1"
+    version = "2"
     inputs = ("fcn-train", "pixel-classifier")
     headline_metrics = ("mean_iou", "pixel_accuracy", "mean_accuracy", "baseline_mean_iou", "baseline_slowdown")
     runs_on_device = True
@@ -314,7 +324,7 @@ class FCNEvaluate(Stage):
                 tally("fcn", truth, fcn_mask, fcn_seconds)
                 if image_id in baseline_ids:
                     window_mask = segment_by_windows(window_net, image, backbone["input_size"],
-                                                     params["baseline_stride"])
+                                                     params["baseline_stride"], params["scale"])
                     shard_file.create_dataset(f"sliding_window/{image_id}", data=window_mask, compression="lzf")
                     tally("sliding_window", truth, window_mask, clock.lap())
                     tally("fcn_on_baseline_images", truth, fcn_mask, fcn_seconds)
@@ -388,9 +398,10 @@ def markdown_report(ctx: RunContext, results: dict, labels: list[str]) -> str:
 
 
 def patches_per_image(ctx: RunContext) -> str:
-    stride = ctx.config["fcn"]["baseline_stride"]
+    stride, scale = ctx.config["fcn"]["baseline_stride"], ctx.config["fcn"]["scale"]
     every = "every pixel" if stride == 1 else f"every pixel {stride} apart in x and y"
-    return f"{every}, a {ctx.config['backbone']['input_size']} px patch each"
+    of_image = "" if scale == 1 else f" of the image scaled by {scale}"
+    return f"{every}{of_image}, a {ctx.config['backbone']['input_size']} px patch each"
 
 
 def plot_confusion(path, confusion: np.ndarray, labels: list[str], title: str) -> None:

@@ -195,20 +195,34 @@ def test_patches_are_centred_on_their_pixel():
     assert torch.nonzero(patch[0] == patch[0].max()).tolist() == [[4, 4]]
 
 
-def test_the_sliding_window_classifies_every_stride_th_pixel_and_fills_its_block():
-    calls = []
+class CentreColour(torch.nn.Module):
+    """Labels a patch 1 when its centre pixel is bright, else 0; counts the patches it sees."""
+    def __init__(self):
+        super().__init__()
+        self.patches_seen = 0
 
-    class CentreColour(torch.nn.Module):
-        """Labels a patch 1 when its centre pixel is bright, else 0; counts the patches it sees."""
-        def forward(self, crops):
-            calls.append(len(crops))
-            return torch.stack([-crops[:, 0, 2, 2], crops[:, 0, 2, 2]], dim=1)
+    def forward(self, crops):
+        self.patches_seen += len(crops)
+        return torch.stack([-crops[:, 0, 2, 2], crops[:, 0, 2, 2]], dim=1)
+
+
+def test_the_sliding_window_classifies_every_stride_th_pixel_and_fills_its_block():
     image = torch.zeros((3, 9, 10), dtype=torch.uint8)
     image[:, :4, :] = 255
-    labels = segment_by_windows(CentreColour(), image, patch_size=4, stride=2, batch_size=7)
-    assert labels.shape == (9, 10) and sum(calls) == 5 * 5
+    net = CentreColour()
+    labels = segment_by_windows(net, image, patch_size=4, stride=2, batch_size=7)
+    assert labels.shape == (9, 10) and net.patches_seen == 5 * 5
     assert (labels[:4] == 1).all() and (labels[4:] == 0).all()
     assert segment_by_windows(CentreColour(), image, patch_size=4, stride=1).tolist() == (image[0] > 0).int().tolist()
+
+
+def test_the_sliding_window_at_half_scale_sees_a_quarter_of_the_pixels_and_answers_at_full_size():
+    image = torch.zeros((3, 16, 20), dtype=torch.uint8)
+    image[:, :8, :] = 255  # the top half bright
+    net = CentreColour()
+    labels = segment_by_windows(net, image, patch_size=4, stride=1, scale=0.5)
+    assert labels.shape == (16, 20) and net.patches_seen == 8 * 10
+    assert labels.tolist() == (image[0] > 0).int().tolist()
 
 
 SEGMENTATION_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "fcn.iterations=30", "fcn.checkpoint_every=10", "fcn.crop_size=64", "fcn.batch_size=4",
