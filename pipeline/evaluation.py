@@ -51,16 +51,19 @@ class VOCEvaluator:
     def reset(self) -> None:
         self._ground_truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._detections: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._matches: dict[int, ClassMatches] = {}  # class_matches, until more data comes
 
     def add_ground_truth(self, image_id: str, boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray) -> None:
         """boxes[G, 4] (x1, y1, x2, y2), class indices labels[G], difficult[G] of one image."""
         self._ground_truth[image_id] = (np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels),
                                         np.asarray(difficult, bool))
+        self._matches.clear()
 
     def process(self, image_id: str, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> None:
         """Detections of one image: boxes[D, 4], scores[D], class indices labels[D]."""
         self._detections.append((image_id, np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores),
                                  np.asarray(labels)))
+        self._matches.clear()
 
     def evaluate(self) -> dict:
         """{"per_class": {name: {...}}, "map_voc07_11pt": float, "map_all_point": float}."""
@@ -75,7 +78,13 @@ class VOCEvaluator:
         return sorted(set(self._ground_truth) | {image_id for image_id, *_ in self._detections})
 
     def class_matches(self, class_index: int) -> ClassMatches:
-        """The class's detections in descending score order, each a true or false positive (or neither)."""
+        """The class's detections in descending score order, each a true or false positive (or neither);
+        computed once (matching is a loop over every detection) for evaluate() and each bootstrap."""
+        if class_index not in self._matches:
+            self._matches[class_index] = self._match_class(class_index)
+        return self._matches[class_index]
+
+    def _match_class(self, class_index: int) -> ClassMatches:
         image_index = {image_id: index for index, image_id in enumerate(self.image_ids())}
         gt = {image_id: (boxes[labels == class_index], difficult[labels == class_index])
               for image_id, (boxes, labels, difficult) in self._ground_truth.items()}

@@ -155,3 +155,11 @@ def test_a_consistent_gain_has_an_interval_above_zero_and_noise_one_around_it():
 def test_bootstrap_refuses_evaluations_of_different_images():
     with pytest.raises(ValueError, match="different images"):
         paired_bootstrap(scored_set([True, True]), scored_set([True, True, True]), resamples=10, seed=0)
+
+
+def test_detections_added_after_an_evaluation_count_in_the_next():
+    evaluator = evaluator_with({"i1": [(BOX_A, 0, False)], "i2": [(BOX_B, 0, False)]}, classes=("cat",))
+    detect(evaluator, "i1", [(BOX_A, 0.9, 0)])
+    assert evaluator.evaluate()["map_all_point"] == pytest.approx(0.5)
+    detect(evaluator, "i2", [(BOX_B, 0.8, 0)])
+    assert evaluator.evaluate()["map_all_point"] == pytest.approx(1.0)
