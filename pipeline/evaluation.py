@@ -111,7 +111,7 @@ class VOCEvaluator:
         return {"positives": positives, "detections": len(matches.image),
                 "ap_voc07_11pt": float(voc07_11pt_ap(recall, precision)[0]) if positives else None,
                 "ap_all_point": float(all_point_ap(recall, precision)[0]) if positives else None,
-                "recall": recall[0] if positives else np.full(len(matches.image), np.nan), "precision": precision[0]}
+                "recall": recall[0], "precision": precision[0]}  # recall NaN without positives (0 / 0)
 
     def _match(self, image_ids: list[str], boxes: np.ndarray, gt: dict) -> tuple[np.ndarray, np.ndarray]:
         true_positive, false_positive = np.zeros(len(boxes)), np.zeros(len(boxes))

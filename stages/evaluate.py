@@ -116,7 +116,7 @@ def write_tables(report_dir, results: dict, differences: dict, titles: dict[str,
          for v, by_iou in results.items()])
     (report_dir / "map.md").write_text(
         f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
-        f"## mAP by method\n\n{variants}\n{difference_section(differences, titles, ious)}"
+        f"## mAP by method\n\n{variants}\n{difference_section(differences, titles, titles[first], ious)}"
         f"## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}")
     summary = {variant: {iou: {key: value for key, value in result.items() if key != "per_class"} |
                          {"ap": {name: {"voc07_11pt": c["ap_voc07_11pt"], "all_point": c["ap_all_point"]}
@@ -125,18 +125,18 @@ def write_tables(report_dir, results: dict, differences: dict, titles: dict[str,
     (report_dir / "map.json").write_text(json.dumps({"results": summary, "differences": differences}, indent=2))
 
 
-def difference_section(differences: dict, titles: dict[str, str], ious: list[str]) -> str:
+def difference_section(differences: dict, titles: dict[str, str], result_title: str, ious: list[str]) -> str:
     """The result's all-point mAP minus each variant's, with the paired-bootstrap interval."""
     if not differences:
         return ""
-    resamples = next(iter(next(iter(differences.values())).values()))["resamples"]
+    resamples = next(iter(differences.values()))[ious[0]]["resamples"]
     def cell(summary):
         low, high = summary["ci95"]
         return f"{summary['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
     table = markdown_table(["compared with"] + [f"difference in mAP@{iou}, all-point [95 % interval]" for iou in ious],
                            [[titles[variant]] + [cell(by_iou[iou]) for iou in ious]
                             for variant, by_iou in differences.items()])
-    return (f"## {titles[next(iter(titles))]} against each variant\n\nThe result's all-point mAP minus the "
+    return (f"## {result_title} against each variant\n\nThe result's all-point mAP minus the "
             f"variant's, with a 95 % interval from {resamples} paired bootstrap resamples of the test images: an "
             f"interval that contains 0 means these test images cannot tell the two apart. (All-point, because "
             f"the 11-point AP jumps as recall crosses each tenth, which makes its bootstrap unreliable.)\n\n{table}\n")
