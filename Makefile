@@ -1,7 +1,7 @@
 # One-line entry points for a fresh machine. Each installs what it needs first, once:
 #   make demo    generate the shapes set and run the R-CNN pipeline on it (CPU)
 #   make timing  the same data, then `rcnn timing-table`: R-CNN, SPP-net, Fast and Faster R-CNN compared
-#   make segmentation  a 2 000-image shapes set, then `rcnn fcn`: FCN and the sliding-window segmentation baseline
+#   make segmentation  a 2 000-image shapes set, then `rcnn run --methods fcn`: FCN and the sliding-window segmentation baseline
 #   make localize      a single-object shapes set, then `rcnn localize`: classification + localization
 #   make test    run the test suite (the slow end-to-end tests included)
 #   make bench   print the benchmark tables
@@ -30,7 +30,7 @@ timing: $(VENV)/.installed
 
 segmentation: $(VENV)/.installed
 	$(BIN)/rcnn data shapes --out data/shapes-seg --images 2000 --seed 0
-	$(BIN)/rcnn fcn --config demo --data data/shapes-seg
+	$(BIN)/rcnn run --methods fcn --config demo --data data/shapes-seg
 
 localize: $(VENV)/.installed
 	$(BIN)/rcnn data shapes --single-object --out data/shapes-single --images 2000 --seed 0

@@ -3,7 +3,7 @@
     python bench/fcn_upsampling.py [--config demo] [--data DIR] [--cache DIR] [--skips 2] [--set KEY=VALUE ...]
 
 For each of nearest, bed-of-nails, max-unpool and transpose-conv it runs `rcnn fcn-train` and `rcnn
-fcn` (with fcn.baseline_images=0: the sliding-window baseline is the fcn stage's business, not this
+fcn-evaluate` (with fcn.baseline_images=0: the sliding-window baseline is fcn-evaluate's business, not this
 comparison's), one variant after another so that no two train at once, reusing what the cache holds,
 then prints the test metrics and the training wall time read from each fcn-train manifest.
 """
@@ -22,11 +22,11 @@ from stages import REGISTRY
 def run_variant(common: list[str], upsampling: str, skips: int, extra: list[str]) -> dict:
     sets = [f"fcn.upsampling={upsampling}", f"fcn.skips={skips}", "fcn.baseline_images=0", *extra]
     argv = [*common, *[item for value in sets for item in ("--set", value)]]
-    if main(["-q", "fcn", *argv]) != 0:
-        raise SystemExit(f"rcnn fcn failed for upsampling {upsampling}")
+    if main(["-q", "fcn-evaluate", *argv]) != 0:
+        raise SystemExit(f"rcnn fcn-evaluate failed for upsampling {upsampling}")
     ctx = make_context(build_parser().parse_args(["status", *argv]))
-    plans = {plan.stage.name: plan for plan in plan_stages(["fcn"], REGISTRY, ctx)}
-    train, evaluation = (plans[name].cache.manifest() for name in ("fcn-train", "fcn"))
+    plans = {plan.stage.name: plan for plan in plan_stages(["fcn-evaluate"], REGISTRY, ctx)}
+    train, evaluation = (plans[name].cache.manifest() for name in ("fcn-train", "fcn-evaluate"))
     return {"upsampling": upsampling, "train_s": train["timings"]["wall_s"], **evaluation["metrics"]}
 
 

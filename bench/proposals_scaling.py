@@ -21,8 +21,7 @@ from pipeline.config import load_config
 from pipeline.data.shapes import write_shapes
 from pipeline.data.voc import VOCDataset
 from pipeline.reports import markdown_table
-from pipeline.runner import plan_stages, run_stages
-from pipeline.stage import RunContext
+from pipeline.runner import RunContext, plan_stages, run_stages
 from stages import REGISTRY
 
 

@@ -8,7 +8,7 @@ regressors. For each of the first --images test images it times, in one run:
     proposals selective search (the proposals stage's propose())
     warp      context-padded warping of every proposal (roi_align on the device)
     forward   conv layers to pool5, then fc6 and fc7, in the features stage's batches
-    svm+nms   SVM scores, box regression, per-class NMS (the detect stage's code)
+    svm+nms   SVM scores, box regression, per-class NMS (pipeline.classifiers.score_regions, as rcnn-detect)
 then runs the forward alone on as many random crops, batched the same way. The first image is a
 warm-up and is not counted; CUDA is synchronised before every clock read. It prints the share of
 each part, and the overhead: everything but the forward and selective search, over the total.
@@ -21,21 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.classifiers import load_regressors, load_svms, score_regions
 from pipeline.config import load_config
 from pipeline.data.voc import VOCDataset
 from pipeline.errors import UserError
+from pipeline.methods import RCNN
+from pipeline.proposals import propose
 from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 from pipeline.reports import markdown_table
-from pipeline.runner import plan_stages
-from pipeline.stage import RunContext
+from pipeline.runner import RunContext, plan_stages
 from pipeline.timing import Clock
+from pipeline.weights import load_finetuned
 from stages import REGISTRY
-from stages.bbox import load_regressors
-from stages.detect import PRIMARY, detect_image
-from stages.features import ImageFeatures
-from stages.finetune import load_finetuned
-from stages.proposals import propose
-from stages.svm import load_svms
 
 PARTS = ("read", "proposals", "warp", "forward", "svm+nms")
 
@@ -52,7 +49,7 @@ def main() -> None:
     data = config["data"]
     dataset = VOCDataset(args.data or data["root"], classes=data["classes"], class_split=data["train_split"])
     ctx = RunContext(config, dataset, Path(args.cache or config["cache_dir"]), Path(config["reports_dir"]))
-    caches = {plan.stage.name: plan.cache for plan in plan_stages(["detect"], REGISTRY, ctx)}
+    caches = {plan.stage.name: plan.cache for plan in plan_stages([RCNN.detect_stage], REGISTRY, ctx)}
     missing = [name for name in ("finetune", "svm", "bbox") if not caches[name].is_complete()]
     if missing:
         raise SystemExit(f"bench: {', '.join(missing)} not cached for this config and data; run `rcnn run` first")
@@ -64,16 +61,16 @@ def main() -> None:
 def time_pipeline(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple[dict, list[int]]:
     """Seconds per part, summed over the images after the first, and the crop count of each image."""
     device, params = ctx.device, ctx.config["proposals"]
-    net, backbone = load_finetuned(caches["finetune"], device)
-    svms = load_svms(caches["svm"], len(ctx.dataset.classes))
-    regressors = load_regressors(caches["bbox"], len(ctx.dataset.classes))
-    batch_size = ctx.config["features"]["batch_size"]
+    net, backbone, classes = load_finetuned(caches["finetune"], device)
+    svms, regressors = load_svms(caches["svm"], len(classes)), load_regressors(caches["bbox"], len(classes))
+    test_params = RCNN.test_params(ctx.config)
+    batch_size = test_params["crops_per_batch"]
     totals, crop_counts = dict.fromkeys(PARTS, 0.0), []
     for index, image_id in enumerate(image_ids):
         clock = Clock(device)
         rgb = ctx.dataset.read_image(image_id)
         spent = {"read": clock.lap()}
-        boxes = propose(rgb, params["mode"], params["search_side"], params["min_size"], params["max_proposals"])
+        boxes = propose(rgb, params)
         spent["proposals"] = clock.lap()
         image = mean_subtracted(image_tensor(rgb, device))
         spent["warp"] = spent["forward"] = 0.0
@@ -86,11 +83,9 @@ def time_pipeline(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple[
                 net.fc(pool5)  # fc6, fc7: the SVMs' input, computed here so the forward is timed whole
                 pool5_parts.append(pool5.float().cpu().numpy())
                 spent["forward"] += clock.lap()
-        features = ImageFeatures(boxes, np.full(len(boxes), -1, np.int16), np.zeros(len(boxes), bool),
-                                 np.concatenate(pool5_parts))
-        annotation = ctx.dataset.annotation(image_id)
-        detect_image(net, svms, regressors, features, annotation.width, annotation.height, ctx.config["detect"], device,
-                     variants=(PRIMARY,))
+        features = np.concatenate(pool5_parts).astype(test_params["feature_dtype"])
+        score_regions(net, svms, regressors, boxes, features, rgb.shape[1], rgb.shape[0], test_params, device,
+                      (RCNN.result,))
         spent["svm+nms"] = clock.lap()
         if index:  # the first image warms up caches, allocators and kernels
             for part in PARTS:
@@ -102,7 +97,7 @@ def time_pipeline(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple[
 def time_forward_only(ctx: RunContext, caches: dict, crop_counts: list[int]) -> float:
     """The conv + fc forward alone on random crops, image by image in the same batches."""
     device = ctx.device
-    net, backbone = load_finetuned(caches["finetune"], device)
+    net, backbone, _ = load_finetuned(caches["finetune"], device)
     size, batch_size = backbone["input_size"], ctx.config["features"]["batch_size"]
     inputs = [torch.randn(count, 3, size, size, device=device) for count in crop_counts]
     clock, seconds = Clock(device), 0.0

@@ -59,7 +59,7 @@ def write_image(group, rng: np.random.Generator, centres: np.ndarray, regions: i
     group["boxes"] = np.concatenate([gt_boxes, proposals]).astype(np.float32)
     group["gt_label"] = np.concatenate([gt_classes, np.full(regions - 3, -1)]).astype(np.int16)
     group["gt_difficult"] = np.zeros(regions, bool)
-    group.create_dataset("pool5", data=pool5.astype(np.float16), chunks=(128, dim), compression="lzf")
+    group.create_dataset("features", data=pool5.astype(np.float16), chunks=(128, dim), compression="lzf")
 
 
 TRAIN = """
@@ -68,7 +68,7 @@ from pathlib import Path
 import sklearn.svm, torchvision.ops  # imported before the baseline: libraries are not training memory
 from pipeline.cache import StageCache
 from pipeline.config import load_config
-from stages.features import FeatureReader
+from pipeline.features import FeatureReader
 from stages.svm import ClassCache, collect_positives, mine_hard_negatives
 directory, image_ids, max_cached = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 params = {**load_config("demo")["svm"], "max_cached_negatives": max_cached, "C": 0.01}

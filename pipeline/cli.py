@@ -14,9 +14,9 @@ from pipeline.config import DEFAULT_PRESET, load_config
 from pipeline.data.voc import ON_BAD_INPUT, VOCDataset
 from pipeline.errors import BadInputError, ConfigError, UserError
 from pipeline.graph import parse_scheduler
-from pipeline.runner import plan_stages, run_stages
-from pipeline.stage import RunContext
-from stages import METHODS, REGISTRY, TASKS
+from pipeline.methods import METHODS, TASKS
+from pipeline.runner import RunContext, plan_stages, run_stages
+from stages import REGISTRY
 
 log = logging.getLogger("rcnn")
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         summary = (stage.__doc__ or sys.modules[type(stage).__module__].__doc__ or stage.name).strip().splitlines()[0]
         if getattr(stage, "prefix", ""):
             summary += f" The {stage.prefix.rstrip('-')} copy of the {stage.base_name} stage, on its inputs."
+        if getattr(stage, "method", None):
+            summary += f" ({stage.method.title}.)"
         stage_parser = commands.add_parser(stage.name, help=summary, description=(
             f"{summary} Runs the stages it reads from first when they are not cached, reuses what is "
             f"cached and resumes from the first missing shard after an interruption."))
@@ -167,7 +169,7 @@ def command_data_shapes(args) -> int:
 
 def command_run(args) -> int:
     ctx = make_context(args)
-    ends = {**METHODS, **TASKS}
+    ends = {**{name: method.evaluate_stage for name, method in METHODS.items()}, **TASKS}
     everything = [name for name in ends if name != "localize"]  # localize needs single-object data
     targets = args.targets or [ends[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)
@@ -192,7 +194,7 @@ def command_timing_table(args) -> int:
     if forced - set(REGISTRY):
         raise ConfigError(f"--force {' '.join(sorted(forced - set(REGISTRY)))}: no such stage "
                           f"(stages: {', '.join(REGISTRY)})")
-    for target in [*METHODS.values(), "timing-table"]:
+    for target in [*(method.evaluate_stage for method in METHODS.values()), "timing-table"]:
         plans = plan_stages([target], REGISTRY, ctx)
         names = {plan.stage.name for plan in plans}
         force = names - shared if args.fresh else forced & names
@@ -209,7 +211,7 @@ def print_summaries(summaries: list[dict]) -> None:
         stage = REGISTRY[summary["stage"]]
         headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
                             for name in stage.headline_metrics if name in summary["metrics"])
-        print(f"{summary['stage']:<22} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
+        print(f"{summary['stage']:<24} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
 
 
 def command_status(args) -> int:
@@ -227,9 +229,9 @@ def command_status(args) -> int:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
                           "cache": str(ctx.cache_root), "stages": rows}, indent=2))
         return 0
-    print(f"{'stage':<22} {'state':<8} {'key':<16}  {'size':>9}  shards")
+    print(f"{'stage':<24} {'state':<8} {'key':<16}  {'size':>9}  shards")
     for row in rows:
-        print(f"{row['stage']:<22} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
+        print(f"{row['stage']:<24} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
               f"{row['shards_done']}/{row['shards']}")
     return 0
 

@@ -77,6 +77,34 @@ def roi_heads(net: RegionNet, num_classes: int, params: dict) -> RoIHeads:
         detections_per_img=params["max_per_image"])
 
 
+# what only detection reads: a model built for training (whose params leave them out, as they do not change
+# its weights) gets these placeholders; load_detection_model gives it the config's test-time settings
+TEST_TIME_PLACEHOLDERS = {"nms_iou": 0.3, "max_per_image": 100, "rpn_pre_nms_test": 1000, "rpn_post_nms_test": 1000}
+
+
+def build_detection_model(architecture: str, net: RegionNet, num_classes: int, params) -> nn.Module:
+    """"fast-rcnn" (FastRCNN, given proposals) or "faster-rcnn" (its RPN proposes) on the backbone `net`."""
+    params = {**TEST_TIME_PLACEHOLDERS, **params}
+    if architecture == "fast-rcnn":
+        return FastRCNN(net, num_classes, params)
+    if architecture == "faster-rcnn":
+        return build_faster_rcnn(net, num_classes, params)
+    raise ValueError(f"architecture {architecture!r}: expected fast-rcnn or faster-rcnn")
+
+
+def load_detection_model(cache, device: str, test_params) -> tuple[nn.Module, dict, list[str]]:
+    """A trained Fast or Faster R-CNN (eval mode, on `device`) with the given test-time settings, its
+    params and its classes, from the training stage's `00000.pt`."""
+    from pipeline.models import build_region_net
+    saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
+    backbone, classes = saved["backbone"], list(saved["classes"])
+    params = {**saved["params"], **test_params}
+    net = build_region_net(backbone["name"], len(classes) + 1, backbone["input_size"])
+    model = build_detection_model(saved["architecture"], net, len(classes), params)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), params, classes
+
+
 def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
     """A copy of a Fast/Faster R-CNN model whose fc6 and fc7 are replaced by their truncated SVD (ranks[0], ranks[1])."""
     compressed = copy.deepcopy(model)
@@ -86,31 +114,27 @@ def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
     return compressed
 
 
-def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.Tensor] | None = None,
-           clock: Clock | None = None, laps: dict | None = None) -> list[dict]:
+def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.Tensor] | None,
+           clock: Clock) -> list[dict]:
     """Test-time detection (model in eval mode): boxes, scores and labels (1..N) per image, in its pixels.
 
     Fast R-CNN is given `proposals` (boxes in each image's pixels); Faster R-CNN's RPN makes its own.
-    With a `clock`, the seconds of each part are added to `laps`: "conv" (resize + trunk), "proposal"
-    (the RPN, or scaling the given boxes) and "region-wise" (RoI pooling, heads, NMS): Faster R-CNN's Table 5.
+    The clock's laps get the seconds of each part: "conv" (resize + trunk), "proposal" (the RPN, or
+    scaling the given boxes) and "region-wise" (RoI pooling, heads, NMS): Faster R-CNN's Table 5.
     """
-    def lap(part: str) -> None:
-        if clock is not None:
-            laps[part] = laps.get(part, 0.0) + clock.lap()
-
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     with torch.no_grad():
         image_list, _ = model.transform(images)
         features = {"0": model.backbone(image_list.tensors)}
-        lap("conv")
+        clock.lap("conv")
         if proposals is None:
             proposals, _ = model.rpn(image_list, features)
         else:
             proposals = resized_proposals(proposals, original_sizes, image_list.image_sizes)
-        lap("proposal")
+        clock.lap("proposal")
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-        lap("region-wise")
+        clock.lap("region-wise")
     return detections
 
 

@@ -24,18 +24,18 @@ from pipeline.stage import ShardOutput
 log = logging.getLogger(__name__)
 
 
-def build(plans, ctx, finalize) -> list:
-    """Delayed tasks for every missing shard and every stage's finalize (`finalize(plan, ctx)`)."""
+def build(plans, finalize) -> list:
+    """Delayed tasks for every missing shard and every stage's finalize (`finalize(plan)`)."""
     finals, tasks = {}, []
     for plan in plans:
         name = plan.stage.name
         upstream = [finals[input_name] for input_name in plan.inputs if input_name in finals]
-        resources = plan.stage.resources(ctx)
+        resources = plan.stage.resources(plan.context)
         with dask.annotate(resources=resources) if resources else nullcontext():
-            shard_tasks = [dask.delayed(run_shard_task, pure=False)(plan, ctx, shard, *upstream,
+            shard_tasks = [dask.delayed(run_shard_task, pure=False)(plan, shard, *upstream,
                                                                    dask_key_name=f"{name}:shard:{shard.id}")
                            for shard in plan.missing_shards]
-        finals[name] = dask.delayed(finalize_task, pure=False)(finalize, plan, ctx, *shard_tasks, *upstream,
+        finals[name] = dask.delayed(finalize_task, pure=False)(finalize, plan, *shard_tasks, *upstream,
                                                               dask_key_name=f"{name}:finalize")
         tasks += shard_tasks + [finals[name]]
     return tasks
@@ -45,22 +45,22 @@ _IMPORT_LOCK = threading.Lock()
 _EXCLUSIVE_LOCK = threading.Lock()  # shards of stages that must not share this process (Stage.exclusive)
 
 
-def run_shard_task(plan, ctx, shard, *_upstream_done) -> str:
+def run_shard_task(plan, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
     with _IMPORT_LOCK:  # torchvision's first import is not thread-safe; stages import it lazily, side by side
         import torchvision  # noqa: F401
     with _EXCLUSIVE_LOCK if plan.stage.exclusive else nullcontext():
         temporary = temporary_path(plan.cache.shard_path(shard.id))
         started_at, started = time.time(), time.perf_counter()
-        metrics = plan.stage.run_shard(ctx, shard, plan.inputs,
+        metrics = plan.stage.run_shard(plan.context, shard, plan.inputs,
                                        ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
     plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
                                                   "metrics": metrics})
     return shard.id
 
 
-def finalize_task(finalize, plan, ctx, *_shards_done) -> str:
-    return finalize(plan, ctx)
+def finalize_task(finalize, plan, *_shards_done) -> str:
+    return finalize(plan)
 
 
 def execute(tasks: list, scheduler: str, resources: set[str] = frozenset()) -> None:

@@ -6,17 +6,15 @@ map of the whole image (stride `trunk_stride`) with an output of `roi_size` x `r
 Backbones: torchvision's AlexNet (227 px input, pool5 256x6x6) and VGG16 (224 px, pool5 512x7x7), and
 a small network for CPU presets (four conv-BN-ReLU-maxpool blocks, pool5 64 x (S/16) x (S/16)).
 ImageNet weights for AlexNet and VGG16 are read from a local file or the torch hub cache, never
-downloaded: a missing file is an error that says which file and where to put it.
+downloaded (pipeline.weights).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError
 
 BACKBONES = ("small", "alexnet", "vgg16")
 TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights"}
@@ -108,28 +106,3 @@ def _small_net(num_outputs: int, input_size: int) -> RegionNet:
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(256, 256), nn.ReLU(inplace=True))
     return RegionNet(nn.Sequential(*layers[:-1]), layers[-1], fc6, fc7, 256, num_outputs,
                      trunk_stride=TRUNK_STRIDES["small"], roi_size=roi_size)
-
-
-def torchvision_weights_file(name: str, weights: str) -> Path:
-    """The file holding ImageNet weights: `weights` itself, or torchvision's file in the hub cache."""
-    if weights != "torchvision":
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
-        return path
-    if name not in TORCHVISION_WEIGHTS:
-        raise ConfigError(f"backbone {name} has no torchvision weights; use backbone.weights: pretrain or none")
-    url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    if not path.is_file():
-        raise UserError(f"{path}: torchvision's {name} ImageNet weights are not in the torch hub cache and "
-                        f"nothing is downloaded at run time; fetch {url} elsewhere and copy it to that path, "
-                        f"or set backbone.weights to the file's path")
-    return path
-
-
-def load_state(path: Path, device: str = "cpu") -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read PyTorch weights ({exc})") from None

@@ -9,6 +9,8 @@ what roi_align(aligned=True) expects.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torchvision.ops import box_iou, roi_align
@@ -124,3 +126,39 @@ def normalised(image: torch.Tensor) -> torch.Tensor:
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """boxes[K, 4] mirrored left-right in an image `width` pixels wide (continuous coordinates)."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+@dataclass
+class TrainingImages:
+    """A split's images in memory (an ImageBank on the device) and their non-difficult ground truth."""
+    image_ids: list[str]
+    bank: ImageBank
+    gt_boxes: list[np.ndarray]   # float32[G, 4] per image
+    gt_labels: list[np.ndarray]  # int64[G] per image (class indices)
+
+
+def load_training_images(dataset, split: str, device: str) -> TrainingImages:
+    """Every readable image of `split` (those skipped for bad input left out) with its non-difficult boxes."""
+    image_ids, images, gt_boxes, gt_labels = [], [], [], []
+    for image_id in dataset.image_ids(split):
+        rgb = dataset.read_image(image_id)
+        if rgb is None:  # skipped for bad input
+            continue
+        boxes, labels, difficult = dataset.ground_truth(image_id)
+        image_ids.append(image_id)
+        images.append(rgb)
+        gt_boxes.append(boxes[~difficult])
+        gt_labels.append(labels[~difficult])
+    return TrainingImages(image_ids, ImageBank(images, device), gt_boxes, gt_labels)
+
+
+def predict_classes(net, bank: ImageBank, image_index: np.ndarray, boxes: torch.Tensor, input_size: int,
+                    context_pad: float, batch_size: int = 256) -> torch.Tensor:
+    """The network's arg-max class of each window (image_index[K], boxes[K, 4]), warped and run in batches."""
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(image_index), batch_size):
+            crops = bank.warp(image_index[start:start + batch_size], boxes[start:start + batch_size], input_size,
+                              context_pad)
+            predicted.append(net(crops).argmax(1).cpu())
+    return torch.cat(predicted)

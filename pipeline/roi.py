@@ -1,4 +1,5 @@
-"""Pooling regions of a shared conv map (SPP-net, Fast R-CNN) and Fast R-CNN's truncated SVD.
+"""Pooling regions of a shared conv map (SPP-net's pyramid, Fast R-CNN's RoI pooling) and Fast R-CNN's
+truncated SVD.
 
 Region boxes are (x1, y1, x2, y2) in the pipeline's continuous pixel coordinates (x2 is one past the
 last pixel). torchvision's roi_pool follows Caffe, whose boxes name their last pixel, so boxes are
@@ -6,6 +7,7 @@ shifted by one there; roi_align(aligned=True) takes continuous coordinates as th
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
@@ -79,3 +81,41 @@ def compress_fc(block: nn.Sequential, rank: int) -> None:
     for index, layer in enumerate(block):
         if isinstance(layer, nn.Linear) and rank and rank < min(layer.in_features, layer.out_features):
             block[index] = truncated_svd(layer, rank)
+
+
+def conv5_at_scales(trunk, rgb: np.ndarray, scales, device: str, amp: bool) -> list[tuple[float, torch.Tensor]]:
+    """SPP-net's image pyramid: (resize factor, conv5 float32[C, h, w] on the device) of an RGB image
+    resized so that its shorter side is each of `scales`."""
+    import cv2
+
+    from pipeline.regions import image_tensor, normalised
+    maps = []
+    for scale in scales:
+        factor = scale / min(rgb.shape[:2])
+        size = (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor))
+        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
+        image = normalised(image_tensor(resized, device))
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+            maps.append((factor, trunk(image[None])[0].float()))
+    return maps
+
+
+def best_scale(boxes: np.ndarray, factors: list[float], input_size: int) -> np.ndarray:
+    """For each box[R, 4], the index of the factor at which its area is closest to input_size^2 (SPP-net §3.1)."""
+    sides = np.sqrt(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1))
+    return np.abs(np.log(sides[:, None] * np.asarray(factors)[None, :] / input_size)).argmin(axis=1)
+
+
+def pyramid_features(maps: list, boxes: np.ndarray, levels, stride: int, input_size: int) -> np.ndarray:
+    """float32[R, C * sum(l^2)] (numpy): each box[R, 4] pooled by the pyramid on its best scale's conv5
+    map (maps: (resize factor, conv5[C, h, w] as a numpy array or a tensor on any device))."""
+    maps = [(factor, torch.as_tensor(conv5, dtype=torch.float32)) for factor, conv5 in maps]
+    chosen = best_scale(boxes, [factor for factor, _ in maps], input_size)
+    device = maps[0][1].device
+    pooled = torch.zeros((len(boxes), spp_dim(maps[0][1].shape[0], levels)), device=device)
+    for index, (factor, conv5) in enumerate(maps):
+        rows = torch.from_numpy(np.flatnonzero(chosen == index)).to(device)
+        if len(rows):
+            scaled_boxes = torch.from_numpy(boxes).to(device)[rows] * factor
+            pooled[rows] = spatial_pyramid_pool(conv5[None], [scaled_boxes], levels, 1.0 / stride)
+    return pooled.cpu().numpy()

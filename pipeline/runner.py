@@ -1,7 +1,8 @@
 """Plan and run stages: cache keys, what is done, locks, the Dask graph, and the reports.
 
-The key of a stage hashes its name, version, params, key extras, the keys of its inputs and the data
-set's identity, so changing a param re-runs that stage and those downstream of it, nothing upstream.
+The key of a stage hashes its name, version, params, key extras, the keys of its inputs, the data
+set's identity and its shard layout (every shard's id and items), so changing a param re-runs that
+stage and those downstream of it, nothing upstream, and a shard file always holds what its id says.
 """
 from __future__ import annotations
 
@@ -11,15 +12,48 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 from pipeline import graph
 from pipeline.cache import StageCache, cache_key, temporary_path
+from pipeline.data.identity import data_identity
+from pipeline.data.voc import VOCDataset
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Shard, Stage
+from pipeline.stage import Shard, Stage, StageContext, freeze, resolve_device, thaw
 from pipeline.timing import describe_hardware, union_seconds
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """One run: the whole config, the data set, and where outputs and reports go. Only the engine and the
+    CLI hold it; each stage is handed its own StageContext."""
+    config: dict
+    dataset: VOCDataset
+    cache_root: Path
+    reports_root: Path
+
+    @property
+    def splits(self) -> dict[str, str]:
+        data = self.config["data"]
+        return {"train": data["train_split"], "test": data["test_split"]}
+
+    @cached_property
+    def device(self) -> str:
+        return resolve_device(self.config.get("device", "auto"))
+
+    @cached_property
+    def data_identity(self) -> dict:
+        """The data set's content digest, and which split plays which role (swapping them changes results)."""
+        identity = data_identity(self.dataset, list(dict.fromkeys(self.splits.values())),
+                                 self.cache_root / ".data-identity.json")
+        return {**identity, "splits": self.splits}
+
+    def stage_context(self, stage: Stage) -> StageContext:
+        return StageContext(freeze(stage.params(self.config)), self.dataset, self.splits["train"],
+                            self.splits["test"], self.config.get("device", "auto"), self.config["torch_threads"])
 
 
 @dataclass
@@ -30,6 +64,7 @@ class StagePlan:
     cache: StageCache
     shards: list[Shard]
     inputs: dict[str, StageCache]
+    context: StageContext
 
     @property
     def missing_shards(self) -> list[Shard]:
@@ -55,7 +90,7 @@ def upstream_order(targets: list[str], registry: dict[str, Stage], config: dict)
             raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(registry)})")
         if name in path:
             raise ConfigError(f"stage inputs form a cycle: {' -> '.join(path + (name,))}")
-        for upstream in registry[name].input_stages(config):
+        for upstream in registry[name].input_stages(freeze(registry[name].params(config))):
             visit(upstream, path + (name,))
         if name not in order:
             order.append(name)
@@ -65,23 +100,26 @@ def upstream_order(targets: list[str], registry: dict[str, Stage], config: dict)
     return order
 
 
-def plan_stages(targets: list[str], registry: dict[str, Stage], ctx: RunContext) -> list[StagePlan]:
+def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext) -> list[StagePlan]:
     plans: dict[str, StagePlan] = {}
-    for name in upstream_order(targets, registry, ctx.config):
+    for name in upstream_order(targets, registry, run.config):
         stage = registry[name]
-        inputs = stage.input_stages(ctx.config)
+        ctx = run.stage_context(stage)
+        inputs = stage.input_stages(ctx.params)
+        shards = stage.shards(ctx)
         description = {
-            "stage": name, "version": stage.version, "params": stage.params(ctx.config),
-            "extras": stage.key_extras(ctx), "data": ctx.data_identity,
+            "stage": name, "version": stage.version, "params": thaw(ctx.params),
+            "extras": stage.key_extras(ctx), "data": run.data_identity,
             "inputs": {upstream: plans[upstream].key for upstream in inputs},
+            "shards": cache_key({shard.id: list(shard.items) for shard in shards}),
         }
         key = cache_key(description)
-        plans[name] = StagePlan(stage, key, description, StageCache(ctx.cache_root, name, key, stage.shard_suffix),
-                                stage.shards(ctx), {upstream: plans[upstream].cache for upstream in inputs})
+        plans[name] = StagePlan(stage, key, description, StageCache(run.cache_root, name, key, stage.shard_suffix),
+                                shards, {upstream: plans[upstream].cache for upstream in inputs}, ctx)
     return list(plans.values())
 
 
-def run_stages(plans: list[StagePlan], ctx: RunContext, scheduler: str, force: set[str] = frozenset()) -> list[dict]:
+def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: set[str] = frozenset()) -> list[dict]:
     """Compute what is not cached (and what `force` names) through Dask; publish every report.
 
     Returns one summary per stage: name, key, whether it was computed, its manifest's metrics.
@@ -103,21 +141,21 @@ def run_stages(plans: list[StagePlan], ctx: RunContext, scheduler: str, force: s
             log.info("%s: computing %s (%d of %d shards already done)", name, plan.key, done, len(plan.shards))
             computed.append(plan)
         if computed:
-            resources = {name for plan in computed for name in plan.stage.resources(ctx)}
-            graph.execute(graph.build(computed, ctx, finalize_stage), scheduler, resources)
+            resources = {name for plan in computed for name in plan.stage.resources(plan.context)}
+            graph.execute(graph.build(computed, finalize_stage), scheduler, resources)
     for plan in plans:
-        publish_report(plan, ctx.reports_root)
+        publish_report(plan, run.reports_root)
     return [{"stage": plan.stage.name, "key": plan.key, "computed": plan in computed,
              "metrics": plan.cache.manifest().get("metrics", {})} for plan in plans]
 
 
-def finalize_stage(plan: StagePlan, ctx: RunContext) -> str:
+def finalize_stage(plan: StagePlan) -> str:
     """Reduce the shard records into metrics and a report, then write the manifest (last)."""
     started_at, started = time.time(), time.perf_counter()
     records = {shard.id: plan.cache.shard_record(shard.id) for shard in plan.shards}
     shutil.rmtree(plan.cache.report_dir, ignore_errors=True)
     plan.cache.report_dir.mkdir(parents=True)
-    metrics = plan.stage.reduce(ctx, plan.cache, records, plan.inputs)
+    metrics = plan.stage.reduce(plan.context, plan.cache, records, plan.inputs)
     reduce_seconds = time.perf_counter() - started
     shard_seconds = sum(record["seconds"] for record in records.values())
     plan.cache.write_manifest({
@@ -127,7 +165,7 @@ def finalize_stage(plan: StagePlan, ctx: RunContext) -> str:
                     "reduce_started": started_at,
                     "wall_s": union_seconds([(r["started"], r["seconds"]) for r in records.values()]
                                             + [(started_at, reduce_seconds)])},
-        "hardware": describe_hardware(ctx.device) if plan.stage.runs_on_device else describe_hardware("cpu"),
+        "hardware": describe_hardware(plan.context.device if plan.stage.runs_on_device else "cpu"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     return plan.key

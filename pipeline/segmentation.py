@@ -217,3 +217,26 @@ def segmentation_metrics(confusion: np.ndarray) -> dict:
             "mean_iou": float(np.nanmean(iou)) if (union > 0).any() else float("nan"),
             "iou": [None if np.isnan(value) else float(value) for value in iou],
             "accuracy": [None if np.isnan(value) else float(value) for value in accuracy]}
+
+
+def build_fcn(params, num_classes: int, backbone, classifier=None) -> FCN:
+    """The FCN of `params`; with encoder pretrain, its encoder is `classifier`'s trunk (a RegionNet; when
+    None, one of the backbone's shape, for weights that are loaded next)."""
+    from pipeline.models import build_region_net
+    encoder = fc_layers = None
+    if params["encoder"] == "pretrain":
+        classifier = classifier or build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
+        encoder = trunk_levels(classifier.trunk)
+        fc_layers = convolutionalized(classifier)
+    elif params["encoder"] != "scratch":
+        raise ConfigError(f"fcn.encoder {params['encoder']!r}: expected pretrain or scratch")
+    return FCN(num_classes + 1, tuple(params["channels"]), params["upsampling"], params["downsampling"],
+               params["skips"], encoder, fc_layers)
+
+
+def load_fcn(cache, device: str) -> tuple[FCN, dict]:
+    """The trained FCN of an fcn-train output (eval mode, on `device`) and the params it was trained with."""
+    saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
+    model = build_fcn(saved["params"], len(saved["classes"]), saved["params"].get("backbone"))
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), saved["params"]

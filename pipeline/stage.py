@@ -4,15 +4,21 @@ A stage declares its name, a version string (bumped when its output format or al
 the upstream stages it reads, and the config params that change its result. It splits its work into
 independent shards, runs one shard into a file the engine hands it, and reduces the shard records
 into the stage's metrics and report. The engine (pipeline.runner) does the caching, locking and Dask.
+
+A stage reads only what its cache key covers: `params(config)` is the one place it looks at the
+config; everything after that (`input_stages`, `key_extras`, `shards`, `run_shard`, `reduce`) gets a
+StageContext holding those params, frozen, beside the data set (whose identity is in the key) and
+the execution settings (device, CPU threads), which choose where the work runs, not what it computes.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 
 from pipeline.cache import StageCache
-from pipeline.data.identity import data_identity
 from pipeline.data.voc import VOCDataset
 from pipeline.errors import ConfigError
 
@@ -32,44 +38,68 @@ class Shard:
     items: tuple
 
 
-@dataclass
-class RunContext:
-    """What every stage may read: the config, the data set, and where outputs and reports go."""
-    config: dict
-    dataset: VOCDataset
-    cache_root: Path
-    reports_root: Path
+def freeze(value):
+    """A read-only copy of a params tree: mappings become mappingproxies, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: freeze(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(item) for item in value)
+    return value
 
-    @property
-    def splits(self) -> list[str]:
-        """Every split the pipeline touches: the training split, then the test split."""
-        data = self.config["data"]
-        return list(dict.fromkeys([data["train_split"], data["test_split"]]))
+
+def thaw(value):
+    """The plain dicts and lists of a frozen params tree (for JSON and the cache key)."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value
+
+
+@dataclass
+class StageContext:
+    """What one stage sees: its keyed params (frozen), the data set and its split roles (both in the key
+    through the data identity), and where to run: `device_setting` (auto | cpu | cuda) and `threads` (CPU
+    threads for training, 0: every core), which change where and how fast, not what is computed."""
+    params: Mapping
+    dataset: VOCDataset
+    train_split: str
+    test_split: str
+    device_setting: str = "auto"
+    threads: int = 0
 
     @cached_property
     def device(self) -> str:
-        """'cuda' or 'cpu', from the config's device: auto | cpu | cuda."""
-        import torch
-        wanted = self.config.get("device", "auto")
-        if wanted not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device {wanted!r}: expected auto, cpu or cuda")
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
-        return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+        """'cuda' or 'cpu', resolved where the stage runs (a dask worker resolves its own)."""
+        return resolve_device(self.device_setting)
 
-    @cached_property
-    def data_identity(self) -> dict:
-        return data_identity(self.dataset, self.splits, self.cache_root / ".data-identity.json")
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
 
     def image_ids(self) -> list[str]:
-        """The images of every split, each once, in split order."""
-        return list(dict.fromkeys(image_id for split in self.splits for image_id in self.dataset.image_ids(split)))
+        """The images of both splits, each once: the training split's, then the test split's."""
+        splits = dict.fromkeys([self.train_split, self.test_split])
+        return list(dict.fromkeys(image_id for split in splits for image_id in self.dataset.image_ids(split)))
 
-    def __getstate__(self):  # the identity is the driver's business; workers resolve their own device
+    def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("data_identity", None)
         state.pop("device", None)
+        state["params"] = thaw(self.params)  # mappingproxy does not pickle
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.params = freeze(state["params"])
+
+
+def resolve_device(wanted: str) -> str:
+    import torch
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device {wanted!r}: expected auto, cpu or cuda")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 class Stage:
@@ -84,29 +114,29 @@ class Stage:
     exclusive: bool = False
 
     def params(self, config: dict) -> dict:
-        """The config values that change this stage's result (part of its cache key)."""
+        """The config values that change this stage's result: its cache key, and all it may read later."""
         return config[self.name]
 
-    def input_stages(self, config: dict) -> tuple[str, ...]:
-        """The upstream stages this stage reads, which may depend on the config."""
+    def input_stages(self, params: Mapping) -> tuple[str, ...]:
+        """The upstream stages this stage reads, which may depend on its params."""
         return self.inputs
 
-    def key_extras(self, ctx: RunContext) -> dict:
+    def key_extras(self, ctx: StageContext) -> dict:
         """Anything else the result depends on, e.g. a library version or a weights file's hash."""
         return {}
 
-    def resources(self, ctx: RunContext) -> dict:
+    def resources(self, ctx: StageContext) -> dict:
         """dask.distributed resources each task of this stage needs: {"GPU": 1} for device work on cuda."""
         return {"GPU": 1} if self.runs_on_device and ctx.device == "cuda" else {}
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
+    def shards(self, ctx: StageContext) -> list[Shard]:
         raise NotImplementedError
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict[str, StageCache], out: ShardOutput) -> dict:
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict[str, StageCache], out: ShardOutput) -> dict:
         """Compute one shard into `out.path`; return JSON-able metrics for its record."""
         raise NotImplementedError
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict[str, dict],
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict[str, dict],
                inputs: dict[str, StageCache]) -> dict:
         """Combine the shard records into the stage's metrics; write tables and plots to cache.report_dir."""
         return {}
@@ -120,10 +150,10 @@ class TrainingStage(Stage):
     exclusive = True
     loss_title: str = ""
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
+    def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", ())]
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict[str, dict],
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict[str, dict],
                inputs: dict[str, StageCache]) -> dict:
         import torch
 
@@ -137,11 +167,10 @@ class TrainingStage(Stage):
         return {**records["00000"]["metrics"], "device": ctx.device}
 
 
-class MethodStage(Stage):
-    """A stage several methods share: R-CNN's SVMs, box regressors, detection and evaluation serve
-    SPP-net too, and the evaluation every method. `prefix` ("" for R-CNN, e.g. "sppnet-") names this
-    copy and the copies of the inputs it reads: sppnet-svm reads sppnet-features and sppnet-finetune.
-    """
+class PrefixedStage(Stage):
+    """A stage R-CNN and SPP-net share: R-CNN's SVMs and box regressors serve SPP-net too. `prefix`
+    ("" for R-CNN, "sppnet-" for SPP-net) names this copy and the copies of the inputs it reads:
+    sppnet-svm reads sppnet-features and sppnet-finetune."""
     base_name: str = ""
     base_inputs: tuple[str, ...] = ()
 
@@ -159,14 +188,3 @@ def image_shards(image_ids: list[str], images_per_shard: int, prefix: str = "") 
     """Consecutive runs of image ids, numbered <prefix>00000, <prefix>00001, ..."""
     return [Shard(f"{prefix}{start // images_per_shard:05d}", tuple(image_ids[start:start + images_per_shard]))
             for start in range(0, len(image_ids), images_per_shard)]
-
-
-def split_shards(ctx: RunContext, images_per_shard: int) -> list[Shard]:
-    """Image shards of every split, each image once, named <split>-00000, ...: a shard holds the images
-    of one split only, so the time spent on the training split can be told from the test split's."""
-    shards, seen = [], set()
-    for split in ctx.splits:
-        image_ids = [image_id for image_id in ctx.dataset.image_ids(split) if image_id not in seen]
-        seen.update(image_ids)
-        shards += image_shards(image_ids, images_per_shard, prefix=f"{split}-")
-    return shards

@@ -13,10 +13,12 @@ from functools import cache
 
 
 class Clock:
-    """Wall-clock laps; on cuda the device is synchronised before each reading."""
+    """Wall-clock laps; on cuda the device is synchronised before each reading. A lap given a name is
+    added to `laps[name]`, so a test pass can report its time by part."""
 
     def __init__(self, device: str = "cpu"):
         self.device = device
+        self.laps: dict[str, float] = {}
         self.last = self._now()
 
     def _now(self) -> float:
@@ -25,11 +27,17 @@ class Clock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def lap(self) -> float:
-        """Seconds since the previous lap (or since the clock was made)."""
+    def lap(self, part: str | None = None) -> float:
+        """Seconds since the previous lap (or since the clock was made), added to laps[part] if named."""
         now = self._now()
         lap, self.last = now - self.last, now
+        if part is not None:
+            self.laps[part] = self.laps.get(part, 0.0) + lap
         return lap
+
+    def total(self) -> float:
+        """Seconds of every named lap."""
+        return sum(self.laps.values())
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:

@@ -17,19 +17,13 @@ import io
 import numpy as np
 
 from pipeline.cache import StageCache
+from pipeline.classifiers import box_coder, class_groups
 from pipeline.errors import ConfigError
-from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
-from stages.features import FeatureReader, mean_norm_scale
-from stages.svm import class_groups, training_image_ids
+from pipeline.features import FeatureReader, mean_norm_scale, training_image_ids
+from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
 
 
-def box_coder():
-    """R-CNN's (dx, dy, dw, dh): torchvision's BoxCoder with unit weights."""
-    from torchvision.models.detection._utils import BoxCoder
-    return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-
-
-class BBox(MethodStage):
+class BBox(PrefixedStage):
     """Per-class ridge regressors from pool5 features to box corrections."""
 
     base_name = "bbox"
@@ -39,17 +33,17 @@ class BBox(MethodStage):
     headline_metrics = ("classes", "examples", "mean_abs_residual")
 
     def params(self, config: dict) -> dict:
-        return {**config["bbox"], "train_split": config["data"]["train_split"]}
+        return config["bbox"]
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return class_groups(len(ctx.dataset.classes), ctx.config["bbox"]["classes_per_task"])
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return class_groups(len(ctx.classes), ctx.params["classes_per_task"])
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         from sklearn.linear_model import Ridge
 
-        params = ctx.config["bbox"]
+        params = ctx.params
         reader = FeatureReader(self.upstream(inputs, "features"))
-        image_ids = training_image_ids(ctx, reader)
+        image_ids = training_image_ids(ctx.dataset, ctx.train_split, reader)
         scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], lambda pool5: pool5.astype(np.float32),
                                 params["feature_norm"])
         examples = regression_examples(reader, image_ids, set(shard.items), params["min_iou"])
@@ -57,7 +51,7 @@ class BBox(MethodStage):
         for class_index in shard.items:
             features, targets = examples[class_index]
             if not len(features):
-                raise ConfigError(f"bbox: class {ctx.dataset.classes[class_index]!r} has no training region with "
+                raise ConfigError(f"bbox: class {ctx.classes[class_index]!r} has no training region with "
                                   f"IoU > {params['min_iou']}")
             features = np.concatenate(features) * scale
             targets = np.concatenate(targets)
@@ -67,7 +61,7 @@ class BBox(MethodStage):
             for name, value in (("coef", ridge.coef_), ("intercept", ridge.intercept_),
                                 ("target_mean", mean), ("target_std", std)):
                 fitted[name].append(value.astype(np.float32))
-            stats[ctx.dataset.classes[class_index]] = {"examples": len(targets),
+            stats[ctx.classes[class_index]] = {"examples": len(targets),
                                                        "mean_abs_residual": float(np.abs(residual).mean()),
                                                        "mean_abs_target": float(np.abs(targets).mean())}
         buffer = io.BytesIO()
@@ -76,7 +70,7 @@ class BBox(MethodStage):
         out.path.write_bytes(buffer.getvalue())
         return stats
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
         examples = sum(stats["examples"] for stats in per_class.values())
         return {"classes": len(per_class), "examples": examples, "per_class": per_class,
@@ -102,34 +96,6 @@ def regression_examples(reader: FeatureReader, image_ids: list[str], classes: se
             rows = np.flatnonzero((best_iou.numpy() > min_iou) & (assigned_class == class_index))
             if len(rows):
                 targets = coder.encode_single(boxes[gt_rows][best[rows]], boxes[rows])
-                examples[class_index][0].append(image.pool5[rows].astype(np.float32))
+                examples[class_index][0].append(image.features[rows].astype(np.float32))
                 examples[class_index][1].append(targets.numpy())
     return examples
-
-
-def apply_regressors(regressors: dict, pool5: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Refined boxes float32[R, N, 4] for each class, from pool5[R, D] of boxes[R, 4]."""
-    import torch
-    features = pool5.astype(np.float32) * regressors["scale"]
-    # [R, D] x [N, 4, D] -> [R, N, 4] standardised deltas, then back to (dx, dy, dw, dh)
-    deltas = np.einsum("rd,nkd->rnk", features, regressors["coef"]) + regressors["intercept"]
-    deltas = deltas * regressors["target_std"] + regressors["target_mean"]
-    decoded = box_coder().decode_single(torch.from_numpy(deltas.reshape(len(boxes), -1)).float(),
-                                        torch.from_numpy(boxes))
-    return decoded.reshape(len(boxes), -1, 4).numpy()
-
-
-def load_regressors(cache: StageCache, num_classes: int) -> dict:
-    """The fitted regressors of every class, stacked in class order."""
-    parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
-    return {**stack_by_class(parts, ("coef", "intercept", "target_mean", "target_std"), num_classes),
-            "scale": float(parts[0]["scale"])}
-
-
-def stack_by_class(parts: list, names: tuple[str, ...], num_classes: int) -> dict:
-    """Concatenate per-task arrays (each with its class_indices) into class order."""
-    class_indices = np.concatenate([part["class_indices"] for part in parts])
-    if sorted(class_indices.tolist()) != list(range(num_classes)):
-        raise RuntimeError(f"per-class outputs cover classes {sorted(class_indices.tolist())}, not 0..{num_classes - 1}")
-    order = np.argsort(class_indices)
-    return {name: np.concatenate([part[name] for part in parts])[order] for name in names}

@@ -1,135 +1,70 @@
-"""Detection on the test split (R-CNN §2.2): score, refine, per-class NMS, keep the top detections.
+"""`<method>-detect`: a method's test-time detector (pipeline.methods) on every test image, timed.
 
-For each test image, every proposal is scored by each class's SVM; its box is refined by that class's
-regressor; greedy NMS per class (torchvision.ops.batched_nms, IoU nms_iou; R-CNN: 0.3) removes
-overlapping detections; the max_per_image highest-scoring remain. Four variants are written so that
-the evaluation can show the paper's ablations side by side:
-    svm_bbox (the R-CNN result), svm (no box regression), softmax_bbox and softmax (the fine-tuned
-    network's own (N + 1)-way softmax instead of the SVMs).
-Shard file: a dataset per variant and image, `<variant>/<image id>`: float32[D, 6] rows of
-(x1, y1, x2, y2, score, class index). The report holds the devkit's results files for svm_bbox,
-`results/comp4_det_<split>_<class>.txt`: image id, score, then xmin ymin xmax ymax (1-based).
+One stage class serves every method: it builds the method's Detector from the outputs of its trained
+stages, runs it on each test image (with its cached proposals, for the methods that read them) for
+every variant of the method, and writes the detections in pipeline.detections' layout. The seconds
+each image took, by part, go into the shard records: the test pass that is evaluated is the one timed.
+The report holds the devkit's results files of the method's result variant, `results/`.
 """
 from __future__ import annotations
 
 import h5py
-import numpy as np
 
-from pipeline.boxes import box_to_voc
 from pipeline.cache import StageCache
-from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput, image_shards
-from stages.features import FeatureReader, layer_features
+from pipeline.detections import read_detections, write_devkit_results
+from pipeline.methods import Method
+from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.timing import Clock
 
-VARIANTS = ("svm_bbox", "svm", "softmax_bbox", "softmax")
-PRIMARY = "svm_bbox"
 
+class Detect(Stage):
+    """Run the method's detector on every test image; its detections of each variant, timed."""
 
-class Detect(MethodStage):
-    """Score test proposals with the SVMs, regress boxes, per-class NMS."""
-
-    base_name = "detect"
-    version = "1"
-    base_inputs = ("features", "finetune", "svm", "bbox")
-    headline_metrics = ("images", "detections_per_image")
+    version = "2"
+    headline_metrics = ("images", "detections_per_image", "seconds_per_image")
     runs_on_device = True
 
+    def __init__(self, method: Method):
+        self.method = method
+        self.name = method.detect_stage
+        self.inputs = ("proposals",) * method.uses_proposals + tuple(dict.fromkeys(method.trained.values()))
+
     def params(self, config: dict) -> dict:
-        return {**config["detect"], "test_split": config["data"]["test_split"]}
+        return self.method.test_params(config)
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return image_shards(ctx.dataset.image_ids(ctx.config["data"]["test_split"]),
-                            ctx.config["detect"]["images_per_shard"])
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return image_shards(ctx.dataset.image_ids(ctx.test_split), ctx.params["images_per_shard"])
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from stages.bbox import load_regressors
-        from stages.finetune import load_finetuned
-        from stages.svm import load_svms
-
-        params, num_classes = ctx.config["detect"], len(ctx.dataset.classes)
-        net, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
-        svms = load_svms(self.upstream(inputs, "svm"), num_classes)
-        regressors = load_regressors(self.upstream(inputs, "bbox"), num_classes)
-        reader = FeatureReader(self.upstream(inputs, "features"))
-        detections = 0
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline.proposals import read_proposals
+        detector = self.method.detector(inputs, ctx.params, ctx.device)
+        proposals = read_proposals(inputs["proposals"], shard.items) if self.method.uses_proposals else {}
+        variants = tuple(variant.name for variant in self.method.variants)
+        images = detections = 0
+        seconds: dict[str, float] = {}
         with h5py.File(out.path, "w") as shard_file:
             for image_id in shard.items:
-                if image_id not in reader:  # skipped for bad input
+                rgb = ctx.dataset.read_image(image_id)
+                if rgb is None or (self.method.uses_proposals and image_id not in proposals):  # bad input
                     continue
-                annotation = ctx.dataset.annotation(image_id)
-                for variant, rows in detect_image(net, svms, regressors, reader.read(image_id), annotation.width,
-                                                  annotation.height, params, ctx.device).items():
+                clock = Clock(ctx.device)
+                for variant, rows in detector(rgb, proposals.get(image_id), variants, clock).items():
                     shard_file[f"{variant}/{image_id}"] = rows
-                    detections += len(rows) if variant == PRIMARY else 0
-        return {"images": len(shard.items), "detections": detections}
+                detections += len(shard_file[f"{self.method.result}/{image_id}"])
+                images += 1
+                for part, lap in clock.laps.items():
+                    seconds[part] = seconds.get(part, 0.0) + lap
+        return {"images": images, "detections": detections, "seconds": seconds}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        return summarise_detections(ctx, cache, records, VARIANTS)
-
-
-def summarise_detections(ctx: RunContext, cache: StageCache, records: dict, variants) -> dict:
-    """A detection stage's metrics (shard records hold images and the first variant's detections);
-    writes the devkit's results files of the first variant, the method's result."""
-    images = sum(record["metrics"]["images"] for record in records.values())
-    write_devkit_results(cache, ctx.dataset.classes, ctx.config["data"]["test_split"], next(iter(variants)))
-    return {"images": images, "variants": list(variants),
-            "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1)}
-
-
-def detect_image(net, svms: dict, regressors: dict, image, width: int, height: int, params: dict,
-                 device: str, variants: tuple[str, ...] = VARIANTS) -> dict[str, np.ndarray]:
-    """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image, per variant asked for."""
-    import torch
-
-    from pipeline.boxes import clip_boxes
-    from stages.bbox import apply_regressors
-
-    rows = image.proposal_rows
-    boxes, pool5 = image.boxes[rows], image.pool5[rows]
-    svm_features = layer_features(net, pool5, svms["layer"], device)
-    scores = {"svm": svm_features * svms["scale"] @ svms["weights"].T + svms["biases"]}
-    if any(variant.startswith("softmax") for variant in variants):
-        fc7 = svm_features if svms["layer"] == "fc7" else layer_features(net, pool5, "fc7", device)
-        with torch.no_grad():
-            scores["softmax"] = torch.softmax(net.head(torch.from_numpy(fc7).to(device)), dim=1)[:, 1:].cpu().numpy()
-    refined = apply_regressors(regressors, pool5, boxes)
-    refined = clip_boxes(refined.reshape(-1, 4), width, height).reshape(refined.shape)
-    plain = np.broadcast_to(boxes[:, None, :], refined.shape)
-    return {variant: per_class_nms(refined if variant.endswith("_bbox") else plain, scores[variant.split("_")[0]],
-                                   params["nms_iou"], params["max_per_image"])
-            for variant in variants}
-
-
-def per_class_nms(class_boxes: np.ndarray, scores: np.ndarray, nms_iou: float, max_detections: int) -> np.ndarray:
-    """NMS within each class over class_boxes[R, N, 4] and scores[R, N]; the best max_detections overall."""
-    import torch
-    from torchvision.ops import batched_nms
-
-    num_regions, num_classes = scores.shape
-    flat_boxes = torch.from_numpy(np.array(class_boxes, dtype=np.float32).reshape(-1, 4))
-    flat_scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32).reshape(-1))
-    classes = torch.arange(num_classes).repeat(num_regions)
-    keep = batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score
-    return torch.cat([flat_boxes[keep], flat_scores[keep, None], classes[keep, None].float()], dim=1).numpy()
-
-
-def read_detections(cache: StageCache, variant: str) -> dict[str, np.ndarray]:
-    """image id -> detections float32[D, 6] of one variant, from every shard of a detect output."""
-    detections = {}
-    for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
-        with h5py.File(path, "r") as shard_file:
-            if variant in shard_file:
-                detections.update({image_id: dataset[()] for image_id, dataset in shard_file[variant].items()})
-    return detections
-
-
-def write_devkit_results(cache: StageCache, classes: list[str], split: str, variant: str) -> None:
-    """PASCAL devkit results files (comp4: trained on any data) for one variant's detections."""
-    results = cache.report_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    lines = {class_index: [] for class_index in range(len(classes))}
-    for image_id, rows in sorted(read_detections(cache, variant).items()):
-        for x1, y1, x2, y2, score, class_index in rows:
-            xmin, ymin, xmax, ymax = box_to_voc((x1, y1, x2, y2))
-            lines[int(class_index)].append(f"{image_id} {score:.6f} {xmin:.1f} {ymin:.1f} {xmax:.1f} {ymax:.1f}\n")
-    for class_index, name in enumerate(classes):
-        (results / f"comp4_det_{split}_{name}.txt").write_text("".join(lines[class_index]))
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        images = sum(record["metrics"]["images"] for record in records.values())
+        seconds: dict[str, float] = {}
+        for record in records.values():
+            for part, lap in record["metrics"]["seconds"].items():
+                seconds[part] = seconds.get(part, 0.0) + lap
+        write_devkit_results(cache.report_dir / "results", read_detections(cache, self.method.result), ctx.classes,
+                             ctx.test_split)
+        return {"images": images, "variants": [variant.name for variant in self.method.variants],
+                "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1),
+                "seconds_per_image": sum(seconds.values()) / max(images, 1),
+                "ms_per_image_by_part": {part: 1000 * lap / max(images, 1) for part, lap in seconds.items()}}

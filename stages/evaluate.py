@@ -1,13 +1,13 @@
-"""PASCAL VOC evaluation of the test detections (pipeline.evaluation.VOCEvaluator).
+"""`<method>-evaluate`: PASCAL VOC evaluation of a method's test detections (pipeline.evaluation.VOCEvaluator).
 
-Evaluates every variant a detection stage wrote: for R-CNN the result (svm_bbox) and the ablations
+Evaluates every variant the method's detect stage wrote: for R-CNN the result (svm_bbox) and the ablations
 (no box regression; the fine-tuned softmax instead of the SVMs); for Fast R-CNN with and without the
 truncated SVD; and so on. Both the VOC2007 11-point AP and the all-point AP, each labelled. Each
 ablation's difference from the result comes with a 95 % interval from a paired bootstrap over the test
 images (pipeline.evaluation.paired_bootstrap), so that a difference within noise reads as one. The
 manifest's metrics hold the mAPs and the differences, so `rcnn status --json` shows them; the report
 (`reports/<config>/<stage>/`) holds map.md, map.json, pr_curves.png and a few test images with detections.
-Every method has its copy of this stage (evaluate, sppnet-evaluate, fast-rcnn-evaluate, ...).
+Every method has its copy of this stage (rcnn-evaluate, sppnet-evaluate, fast-rcnn-evaluate, ...).
 """
 from __future__ import annotations
 
@@ -16,49 +16,42 @@ import json
 import numpy as np
 
 from pipeline.cache import StageCache
+from pipeline.detections import read_detections
+from pipeline.methods import Method
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
-from stages.detect import read_detections
-
-RCNN_VARIANTS = {"svm_bbox": "R-CNN: SVM + bbox regression", "svm": "SVM, no bbox regression",
-                 "softmax_bbox": "fine-tuned softmax + bbox regression",
-                 "softmax": "fine-tuned softmax, no bbox regression"}
-# headline metrics some methods add: the mAP of another variant than the first (the method's own result)
-VARIANT_METRICS = {"map_voc07_11pt_without_bbox": "svm", "map_voc07_11pt_softmax": "softmax_bbox",
-                   "map_voc07_11pt_svd": "svd"}
+from pipeline.stage import Shard, ShardOutput, Stage, StageContext
 
 
-class Evaluate(MethodStage):
+class Evaluate(Stage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
-    base_name = "evaluate"
-    version = "2"
-    base_inputs = ("detect",)
+    version = "3"
     shard_suffix = ".json"
-    headline_metrics = ("map_voc07_11pt", "map_all_point") + tuple(VARIANT_METRICS)
 
-    def __init__(self, prefix: str = "", variants: dict[str, str] = RCNN_VARIANTS, name: str = ""):
-        """`variants`: the detection variants to evaluate and their titles; the first is the method's result.
-        `name`: this copy's name when it is not <prefix>evaluate."""
-        super().__init__(prefix)
-        self.name = name or self.name
-        self.variants = variants
-        self.primary = next(iter(variants))
+    def __init__(self, method: Method):
+        self.method = method
+        self.name = method.evaluate_stage
+        self.inputs = (method.detect_stage,)
+        self.variants = {variant.name: variant.title for variant in method.variants}
+        self.primary = method.result
+        # the mAP of the variants that name a metric: map_voc07_11pt_<metric>, printed after a run
+        self.variant_metrics = {f"map_voc07_11pt_{v.metric}": v.name for v in method.variants if v.metric}
+        self.headline_metrics = ("map_voc07_11pt", "map_all_point", *self.variant_metrics)
 
     def params(self, config: dict) -> dict:
-        return {**config["evaluate"], "test_split": config["data"]["test_split"]}
+        return config["evaluate"]
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
+    def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", tuple(self.variants))]
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 
-        params, results, evaluators = ctx.config["evaluate"], {}, {}
+        params, results, evaluators = ctx.params, {}, {}
         for variant in shard.items:
-            detections = read_detections(self.upstream(inputs, "detect"), variant)  # every detected image
+            detections = read_detections(inputs[self.method.detect_stage], variant)  # every detected image
             for iou in params["ious"]:
-                evaluator = evaluators[variant, iou] = VOCEvaluator(ctx.dataset.classes, iou)
+                evaluator = evaluators[variant, iou] = VOCEvaluator(ctx.classes, iou)
                 for image_id in detections:
                     evaluator.add_ground_truth(image_id, *ctx.dataset.ground_truth(image_id))
                 for image_id, rows in detections.items():
@@ -71,17 +64,16 @@ class Evaluate(MethodStage):
         out.path.write_text(json.dumps({"results": results, "differences": differences}))
         return {}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         saved = json.loads(cache.shard_path("00000").read_text())
         results, differences = saved["results"], saved["differences"]
-        main_iou = str(ctx.config["evaluate"]["ious"][0])
-        write_tables(cache.report_dir, results, differences, self.variants, ctx.dataset.classes, main_iou)
-        plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.dataset.classes)
-        draw_detections(ctx, read_detections(self.upstream(inputs, "detect"), self.primary), cache.report_dir)
+        main_iou = str(ctx.params["ious"][0])
+        write_tables(cache.report_dir, results, differences, self.variants, ctx.classes, main_iou)
+        plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
+        draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
         primary = results[self.primary][main_iou]
         return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"], "map_all_point": primary["map_all_point"],
-                **{name: results[variant][main_iou]["map_voc07_11pt"] for name, variant in VARIANT_METRICS.items()
-                   if variant in results},
+                **{name: results[variant][main_iou]["map_voc07_11pt"] for name, variant in self.variant_metrics.items()},
                 "ap_voc07_11pt": {name: r["ap_voc07_11pt"] for name, r in primary["per_class"].items()},
                 "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
                                        for metric in ("voc07_11pt", "all_point")}
@@ -157,13 +149,13 @@ def plot_pr_curves(path, result: dict, classes: list[str]) -> None:
     save_figure(figure, path)
 
 
-def draw_detections(ctx: RunContext, detections: dict, report_dir) -> None:
+def draw_detections(ctx: StageContext, detections: dict, report_dir) -> None:
     """The first few test images with ground truth (thin, white) and detections above min_score."""
     import cv2
-    params = ctx.config["evaluate"]
+    params = ctx.params
     pictures = report_dir / "detections"
     pictures.mkdir(exist_ok=True)
-    for image_id in ctx.dataset.image_ids(ctx.config["data"]["test_split"])[:params["pictures"]]:
+    for image_id in ctx.dataset.image_ids(ctx.test_split)[:params["pictures"]]:
         rgb = ctx.dataset.read_image(image_id)
         if rgb is None or image_id not in detections:
             continue
@@ -174,6 +166,6 @@ def draw_detections(ctx: RunContext, detections: dict, report_dir) -> None:
             if score < params["picture_min_score"]:
                 continue
             cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (0, 200, 255), 2)
-            cv2.putText(canvas, f"{ctx.dataset.classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
+            cv2.putText(canvas, f"{ctx.classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
         cv2.imwrite(str(pictures / f"{image_id}.jpg"), canvas)

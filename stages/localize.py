@@ -26,8 +26,8 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import BadInputError
-from pipeline.stage import RunContext, Shard, ShardOutput, TrainingStage
-from stages.finetune import initial_backbone_params, pretrain_input, weights_key_extras
+from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
+from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
 PHASES = ("classify", "head", "end_to_end")
 EVALUATED = ("head", "end_to_end")  # the phases after which the box head exists
@@ -42,30 +42,30 @@ class SingleObjectImages:
     left_out: int        # images of the split with other than one non-difficult object
 
 
-def load_single_object_images(ctx: RunContext, split: str, size: int) -> SingleObjectImages:
+def load_single_object_images(dataset, split: str, size: int, device: str) -> SingleObjectImages:
     import torch
 
     from pipeline.regions import image_tensor, normalised
     image_ids, images, labels, boxes, left_out = [], [], [], [], 0
-    for image_id in ctx.dataset.image_ids(split):
-        gt_boxes, gt_labels, difficult = ctx.dataset.ground_truth(image_id)
-        rgb = ctx.dataset.read_image(image_id)
+    for image_id in dataset.image_ids(split):
+        gt_boxes, gt_labels, difficult = dataset.ground_truth(image_id)
+        rgb = dataset.read_image(image_id)
         if rgb is None or len(gt_boxes) != 1 or difficult.any():
             left_out += 1
             continue
         height, width = rgb.shape[:2]
-        image = normalised(image_tensor(rgb, ctx.device))[None]
+        image = normalised(image_tensor(rgb, device))[None]
         images.append(torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
                                                       align_corners=False)[0])
         image_ids.append(image_id)
         labels.append(int(gt_labels[0]))
         boxes.append(gt_boxes[0] / np.array([width, height, width, height], np.float32))
     if not image_ids:
-        raise BadInputError(ctx.dataset.split_file(split), "no image with exactly one object: localize needs "
+        raise BadInputError(dataset.split_file(split), "no image with exactly one object: localize needs "
                             "single-object images (rcnn data shapes --single-object --out data/shapes-single, "
                             "then --data data/shapes-single)")
-    return SingleObjectImages(image_ids, torch.stack(images), torch.tensor(labels, device=ctx.device),
-                              torch.from_numpy(np.stack(boxes)).to(ctx.device), left_out)
+    return SingleObjectImages(image_ids, torch.stack(images), torch.tensor(labels, device=device),
+                              torch.from_numpy(np.stack(boxes)).to(device), left_out)
 
 
 def build_localizer(net, num_classes: int, input_size: int):
@@ -95,24 +95,24 @@ class Localize(TrainingStage):
     loss_title = "localize: loss per phase"
 
     def params(self, config: dict) -> dict:
-        return {**config["localize"], "backbone": initial_backbone_params(config),
-                "splits": [config["data"]["train_split"], config["data"]["test_split"]]}
+        return {**config["localize"], "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
 
-    def input_stages(self, config: dict) -> tuple[str, ...]:
-        return pretrain_input(config)
+    def input_stages(self, params) -> tuple[str, ...]:
+        return pretrain_input(params["backbone"])
 
-    def key_extras(self, ctx: RunContext) -> dict:
-        return weights_key_extras(ctx)
+    def key_extras(self, ctx: StageContext) -> dict:
+        return weights_key_extras(ctx.params["backbone"])
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
 
-        from stages.finetune import initial_net
-        params = ctx.config["localize"]
+        from pipeline.weights import initial_net
+        params = ctx.params
         torch.manual_seed(params["seed"])
-        net = build_localizer(initial_net(ctx, inputs), len(ctx.dataset.classes), params["input_size"])
-        training = load_single_object_images(ctx, ctx.config["data"]["train_split"], params["input_size"])
-        test = load_single_object_images(ctx, ctx.config["data"]["test_split"], params["input_size"])
+        net = build_localizer(initial_net(params["backbone"], len(ctx.classes), inputs), len(ctx.classes),
+                              params["input_size"])
+        training = load_single_object_images(ctx.dataset, ctx.train_split, params["input_size"], ctx.device)
+        test = load_single_object_images(ctx.dataset, ctx.test_split, params["input_size"], ctx.device)
         losses, parts, results = [], {}, {}
         for phase in PHASES:
             if params[f"{phase}_iterations"] == 0:
@@ -134,7 +134,7 @@ class Localize(TrainingStage):
                 "phases": {phase: {name: value for name, value in result.items() if name != "predictions"}
                            for phase, result in results.items()}}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         import torch
 
         from pipeline.reports import plot_loss
@@ -152,7 +152,7 @@ def phase_file(out: ShardOutput, phase: str, suffix: str):
     return out.checkpoint.with_name(f"{out.checkpoint.stem}.{phase}.{suffix}")
 
 
-def train_phase(net, phase: str, training: SingleObjectImages, params: dict, ctx: RunContext, out: ShardOutput):
+def train_phase(net, phase: str, training: SingleObjectImages, params, ctx: StageContext, out: ShardOutput):
     """One phase, resumable: its own checkpoint while it runs, its final weights kept once it is done."""
     import torch
 
@@ -180,7 +180,7 @@ def train_phase(net, phase: str, training: SingleObjectImages, params: dict, ctx
         return classification + params["box_weight"] * torch.nn.functional.mse_loss(predicted, boxes)
 
     history = train(net, image_batches(training, params), settings, phase_file(out, phase, "checkpoint"),
-                    ctx.device, amp=ctx.config["amp"], threads=ctx.config["torch_threads"], desc=f"localize {phase}",
+                    ctx.device, amp=params["amp"], threads=ctx.threads, desc=f"localize {phase}",
                     loss_of=loss_of, parameters=trained)
     temporary = temporary_path(done)
     torch.save({"model": net.state_dict(), "losses": history.losses}, temporary)
@@ -234,9 +234,9 @@ def ordered_boxes(boxes):
                         torch.maximum(boxes[:, 0], boxes[:, 2]), torch.maximum(boxes[:, 1], boxes[:, 3])], dim=1)
 
 
-def markdown_report(ctx: RunContext, metrics: dict) -> str:
+def markdown_report(ctx: StageContext, metrics: dict) -> str:
     from pipeline.reports import markdown_table
-    params = ctx.config["localize"]
+    params = ctx.params
     titles = {"head": "after `head` (regression head alone, features frozen)",
               "end_to_end": "after `end-to-end` (every layer, cross-entropy + L2)"}
     table = markdown_table(["model", "test images", "accuracy", "mean IoU", "IoU >= 0.5"], [
@@ -244,7 +244,7 @@ def markdown_report(ctx: RunContext, metrics: dict) -> str:
         for phase in EVALUATED if phase in metrics["phases"] for r in [metrics["phases"][phase]]])
     return "\n".join([
         "# Classification + localization (single object)\n",
-        f"Backbone: {ctx.config['backbone']['name']} ({ctx.config['backbone']['weights']} weights), on whole images "
+        f"Backbone: {params['backbone']['name']} ({params['backbone']['weights']} weights), on whole images "
         f"warped to {params['input_size']} px; "
         f"{metrics['train_images']} training and {metrics['test_images']} test images with exactly one object "
         f"({metrics['left_out']} others left out). Iterations: classify {params['classify_iterations']}, head "
@@ -253,12 +253,12 @@ def markdown_report(ctx: RunContext, metrics: dict) -> str:
         "one (the box is read as (x1, y1, x2, y2) in fractions of the image, corners put in order).\n"])
 
 
-def draw_boxes(ctx: RunContext, results: dict, folder) -> None:
+def draw_boxes(ctx: StageContext, results: dict, folder) -> None:
     """The first test images with the true box (white) and the last phase's predicted box and class."""
     import cv2
     folder.mkdir(exist_ok=True)
     predictions = results[list(results)[-1]]["predictions"]
-    for image_id in list(predictions)[:ctx.config["localize"]["pictures"]]:
+    for image_id in list(predictions)[:ctx.params["pictures"]]:
         rgb = ctx.dataset.read_image(image_id)
         canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         height, width = rgb.shape[:2]
@@ -268,7 +268,7 @@ def draw_boxes(ctx: RunContext, results: dict, folder) -> None:
         box = np.array(predicted["box"]) * scale
         cv2.rectangle(canvas, (int(truth[0]), int(truth[1])), (int(truth[2]) - 1, int(truth[3]) - 1), (255, 255, 255), 1)
         cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (0, 200, 255), 2)
-        cv2.putText(canvas, f"{ctx.dataset.classes[predicted['class']]} IoU {predicted['iou']:.2f}",
+        cv2.putText(canvas, f"{ctx.classes[predicted['class']]} IoU {predicted['iou']:.2f}",
                     (int(box[0]), max(int(box[1]) - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1,
                     cv2.LINE_AA)
         cv2.imwrite(str(folder / f"{image_id}.jpg"), canvas)

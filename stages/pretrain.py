@@ -11,40 +11,10 @@ torch is imported inside the methods: importing it costs seconds, which cached r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from pipeline.stage import RunContext, Shard, ShardOutput, TrainingStage
-
-
-@dataclass
-class TrainingImages:
-    """The training split in memory: images on the device, non-difficult ground truth per image."""
-    image_ids: list[str]
-    bank: object               # pipeline.regions.ImageBank
-    gt_boxes: list[np.ndarray]  # float32[G, 4] per image
-    gt_labels: list[np.ndarray]  # int64[G] per image (class indices)
-
-
-def load_training_images(ctx: RunContext, device: str) -> TrainingImages:
-    from pipeline.regions import ImageBank
-    image_ids, images, gt_boxes, gt_labels = [], [], [], []
-    for image_id in ctx.dataset.image_ids(ctx.config["data"]["train_split"]):
-        rgb = ctx.dataset.read_image(image_id)
-        if rgb is None:  # skipped for bad input
-            continue
-        boxes, labels, difficult = ctx.dataset.ground_truth(image_id)
-        image_ids.append(image_id)
-        images.append(rgb)
-        gt_boxes.append(boxes[~difficult])
-        gt_labels.append(labels[~difficult])
-    return TrainingImages(image_ids, ImageBank(images, device), gt_boxes, gt_labels)
-
-
-def backbone_params(config: dict) -> dict:
-    backbone = config["backbone"]
-    return {name: backbone[name] for name in ("name", "input_size", "context_pad")}
+from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
+from pipeline.weights import backbone_shape
 
 
 class Pretrain(TrainingStage):
@@ -56,21 +26,20 @@ class Pretrain(TrainingStage):
     loss_title = "pretrain: classification loss (ground-truth crops)"
 
     def params(self, config: dict) -> dict:
-        return {**config["pretrain"], "backbone": backbone_params(config),
-                "train_split": config["data"]["train_split"]}
+        return {**config["pretrain"], "backbone": backbone_shape(config["backbone"])}
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
 
         from pipeline.models import build_region_net
-        from pipeline.regions import augment_crops
+        from pipeline.regions import augment_crops, load_training_images, predict_classes
         from pipeline.training import SGDSettings, train
 
-        params, backbone = ctx.config["pretrain"], ctx.config["backbone"]
+        params, backbone = ctx.params, ctx.params["backbone"]
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)
-        net = build_region_net(backbone["name"], len(ctx.dataset.classes), backbone["input_size"])
-        training = load_training_images(ctx, ctx.device)
+        net = build_region_net(backbone["name"], len(ctx.classes), backbone["input_size"])
+        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
         windows = np.concatenate([np.full(len(boxes), index) for index, boxes in enumerate(training.gt_boxes)])
         boxes = torch.from_numpy(np.concatenate(training.gt_boxes))
         labels = torch.from_numpy(np.concatenate(training.gt_labels))
@@ -81,24 +50,12 @@ class Pretrain(TrainingStage):
             crops = training.bank.warp(windows[chosen], jittered, backbone["input_size"], backbone["context_pad"])
             return augment_crops(crops, rng) if params["augment"] else crops, labels[chosen].to(crops.device)
 
-        losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.config["torch_threads"],
+        losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.threads,
                        desc="pretrain").losses
-        predicted = predict_classes(net, training, windows, boxes, backbone)
+        predicted = predict_classes(net, training.bank, windows, boxes, backbone["input_size"], backbone["context_pad"])
         torch.save({"model": net.state_dict(), "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])),
                 "train_accuracy": float((predicted == labels).float().mean()), "gt_crops": len(windows)}
-
-
-def predict_classes(net, training: TrainingImages, windows: np.ndarray, boxes, backbone: dict, batch_size: int = 256):
-    """The network's arg-max class for each window, warped and classified in batches."""
-    import torch
-    predicted = []
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            crops = training.bank.warp(windows[start:start + batch_size], boxes[start:start + batch_size],
-                                       backbone["input_size"], backbone["context_pad"])
-            predicted.append(net(crops).argmax(1).cpu())
-    return torch.cat(predicted)
 
 
 def jitter_boxes(boxes, min_iou: float, rng: np.random.Generator, tries: int = 10):

@@ -29,23 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.cache import StageCache
+from pipeline.classifiers import class_groups
 from pipeline.errors import ConfigError
+from pipeline.features import LAYERS, FeatureReader, layer_features, mean_norm_scale, training_image_ids
 from pipeline.reports import markdown_table
-from pipeline.stage import MethodStage, RunContext, Shard, ShardOutput
-from stages.features import LAYERS, FeatureReader, layer_features, mean_norm_scale
+from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
 
 
-def class_groups(num_classes: int, per_task: int) -> list[Shard]:
-    """Shards of consecutive class indices, `per_task` at a time."""
-    return [Shard(f"{start // per_task:05d}", tuple(range(start, min(start + per_task, num_classes))))
-            for start in range(0, num_classes, per_task)]
-
-
-def training_image_ids(ctx: RunContext, reader: FeatureReader) -> list[str]:
-    return [image_id for image_id in ctx.dataset.image_ids(ctx.config["data"]["train_split"]) if image_id in reader]
-
-
-class SVM(MethodStage):
+class SVM(PrefixedStage):
     """Per-class linear SVMs on cached features, with hard negative mining."""
 
     base_name = "svm"
@@ -59,18 +50,18 @@ class SVM(MethodStage):
         params = dict(config["svm"])
         if params["layer"] not in LAYERS:
             raise ConfigError(f"svm.layer {params['layer']!r}: expected one of {', '.join(LAYERS)}")
-        return {**params, "train_split": config["data"]["train_split"]}
+        return params
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        return class_groups(len(ctx.dataset.classes), ctx.config["svm"]["classes_per_task"])
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return class_groups(len(ctx.classes), ctx.params["classes_per_task"])
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from stages.finetune import load_finetuned
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline.weights import load_finetuned
 
-        params = ctx.config["svm"]
-        net, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
+        params = ctx.params
+        net, _, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
         reader = FeatureReader(self.upstream(inputs, "features"))
-        image_ids = training_image_ids(ctx, reader)
+        image_ids = training_image_ids(ctx.dataset, ctx.train_split, reader)
 
         def features_of(pool5: np.ndarray) -> np.ndarray:
             return layer_features(net, pool5, params["layer"], ctx.device)
@@ -80,7 +71,7 @@ class SVM(MethodStage):
         def scaled_features_of(pool5: np.ndarray) -> np.ndarray:
             return features_of(pool5) * scale
 
-        positives = collect_positives(reader, image_ids, shard.items, scaled_features_of, ctx.dataset.classes)
+        positives = collect_positives(reader, image_ids, shard.items, scaled_features_of, ctx.classes)
         caches = {class_index: ClassCache(positives[class_index]) for class_index in shard.items}
         mine_hard_negatives(reader, image_ids, caches, scaled_features_of, params)
         buffer = io.BytesIO()
@@ -88,14 +79,14 @@ class SVM(MethodStage):
                  weights=np.stack([caches[c].weights for c in shard.items]),
                  biases=np.array([caches[c].bias for c in shard.items]))
         out.path.write_bytes(buffer.getvalue())
-        return {ctx.dataset.classes[c]: caches[c].summary() for c in shard.items}
+        return {ctx.classes[c]: caches[c].summary() for c in shard.items}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
         rows = [[name, stats["positives"], stats["cached_negatives"], stats["hard_negatives_seen"], stats["retrains"],
                  stats["unconverged_fits"]] for name, stats in per_class.items()]
         (cache.report_dir / "svm.md").write_text(
-            f"# Linear SVMs ({ctx.config['svm']['layer']}, C = {ctx.config['svm']['C']})\n\n"
+            f"# Linear SVMs ({ctx.params['layer']}, C = {ctx.params['C']})\n\n"
             + markdown_table(["class", "positives", "cached negatives at the end", "hard negatives added",
                               "retrains", "fits that hit svm.max_iter"], rows))
         return {"classes": len(per_class), "per_class": per_class,
@@ -132,7 +123,7 @@ def collect_positives(reader: FeatureReader, image_ids: list[str], class_indices
     rows: dict[int, list] = {class_index: [] for class_index in class_indices}
     for image_id in image_ids:
         gt = reader.read(image_id, ground_truth_only=True)
-        features = transform(gt.pool5)
+        features = transform(gt.features)
         for class_index in class_indices:
             rows[class_index].append(features[(gt.gt_label == class_index) & ~gt.gt_difficult])
     positives = {class_index: np.concatenate(parts) for class_index, parts in rows.items()}
@@ -151,7 +142,7 @@ def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dic
     for pass_index in range(params["hard_negative_passes"]):
         for image_index, image_id in enumerate(image_ids):
             image = reader.read(image_id)
-            features = transform(image.pool5)
+            features = transform(image.features)
             proposals = image.proposal_rows
             overlaps = box_iou(torch.from_numpy(image.boxes[proposals]), torch.from_numpy(image.boxes[image.gt_label >= 0]))
             gt_classes = image.gt_label[image.gt_label >= 0]
@@ -196,11 +187,3 @@ def retrain(cache: ClassCache, params: dict) -> None:
     cache.negatives = [negatives[row] for row in keep]
     cache.keys = [cache.keys[row] for row in keep]
     cache.key_set = set(cache.keys)
-
-
-def load_svms(cache: StageCache, num_classes: int) -> dict:
-    """weights[N, D], biases[N] in class order, the feature scale and the layer they were trained on."""
-    from stages.bbox import stack_by_class
-    parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
-    return {**stack_by_class(parts, ("weights", "biases"), num_classes),
-            "scale": float(parts[0]["scale"]), "layer": str(parts[0]["layer"])}

@@ -1,17 +1,15 @@
 """`rcnn timing-table`: sliding window vs R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN, measured here.
 
-Training time: each method's training stages, from their manifests (shards record when they started
-and how long they ran; pipeline.timing.union_seconds counts work that ran side by side once):
-    Sliding window  finetune (it applies R-CNN's fine-tuned classifier to a grid of windows)
-    R-CNN         finetune, features of the training split, svm, bbox
-    SPP-net       sppnet-conv5 and sppnet-features of the training split, sppnet-finetune, -svm, -bbox
-    Fast R-CNN    fast-rcnn;  Faster R-CNN: faster-rcnn
-Excluded, as in the papers: the classification pre-training (pretrain; ImageNet in the papers) and
-selective search. `rcnn timing-table` runs the methods one after another so that their training
-does not share the machine; `--fresh` retrains them all for fresh timings.
-Test time: this stage times every method on the same `timing.images` test images, decoded into
-memory first, after `timing.warmup` images that are not counted, with the device synchronised before
-every clock reading: from pixels to detections after NMS, and selective search on the same images.
+The methods, their training stages, variants and published figures are the records of pipeline.methods.
+Training time: each method's training stages (Method.training), from their manifests (shards record
+when they started and how long they ran; pipeline.timing.union_seconds counts work that ran side by
+side once). Excluded, as in the papers: the classification pre-training (pretrain; ImageNet in the
+papers) and the region proposals. `rcnn timing-table` runs the methods one after another so that their
+training does not share the machine; `--fresh` retrains them all for fresh timings.
+Test time: this stage runs every method's own detector (the one its detect stage runs and evaluates)
+on the same `timing.images` test images, decoded into memory first, after `timing.warmup` images that
+are not counted, with the device synchronised before every clock reading: from pixels to detections
+after NMS, one variant at a time (the timed rows), and the region proposals on the same images.
 The report (`reports/<config>/timing-table/`): timing.md with the table beside the published figures,
 Fast R-CNN's Table 4 and Faster R-CNN's Table 5, the protocol, timing.json, timing.png.
 """
@@ -19,37 +17,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Shard, ShardOutput, Stage
+from pipeline.methods import METHODS, PUBLISHED_PROPOSALS_S
+from pipeline.stage import Shard, ShardOutput, Stage, StageContext
+from pipeline.timing import Clock
+from pipeline.weights import initial_backbone
 
-METHOD_NAMES = ("Sliding window", "R-CNN", "SPP-net", "Fast R-CNN", "Faster R-CNN")
-WITHOUT_PROPOSALS = ("Sliding window", "Faster R-CNN")  # no selective search in their test time
-# method -> (stage, whether only its training-split shards count) of its training; its evaluation stage
-TRAINING_STAGES = {
-    "Sliding window": [("finetune", False)],
-    "R-CNN": [("finetune", False), ("features", True), ("svm", False), ("bbox", False)],
-    "SPP-net": [("sppnet-conv5", True), ("sppnet-features", True), ("sppnet-finetune", False),
-                ("sppnet-svm", False), ("sppnet-bbox", False)],
-    "Fast R-CNN": [("fast-rcnn", False)],
-    "Faster R-CNN": [("faster-rcnn", False)],
-}
-TRAINED_AS = {"Fast R-CNN (SVD)": "Fast R-CNN"}  # a test-time variant of a method trains as that method
-EVALUATION_STAGES = {"Sliding window": "sliding-window", "R-CNN": "evaluate", "SPP-net": "sppnet-evaluate", "Fast R-CNN": "fast-rcnn-evaluate",
-                     "Faster R-CNN": "faster-rcnn-evaluate"}
-# Girshick, "Fast R-CNN" (ICCV 2015), Table 4 (VGG16 = model L, VOC07, Nvidia K40, proposal time excluded);
-# Faster R-CNN: Ren et al. (NIPS 2015), Table 5 (VGG16, K40), total 198 ms per image with its own proposals
-# and mAP 69.9 (VOC07 trainval, RPN shared); selective search: 1.51 s per image (same table).
-PUBLISHED = {
-    "Sliding window": {"train_h": None, "test_s": None, "map": None},  # no published figure on VOC07
-    "R-CNN": {"train_h": 84.0, "test_s": 47.0, "map": 66.0},
-    "SPP-net": {"train_h": 25.0, "test_s": 2.3, "map": 63.1},
-    "Fast R-CNN": {"train_h": 9.5, "test_s": 0.32, "map": 66.9},
-    "Faster R-CNN": {"train_h": None, "test_s": 0.198, "map": 69.9},
-    "Fast R-CNN (SVD)": {"train_h": 9.5, "test_s": 0.22, "map": 66.6},
-}
-PUBLISHED_SELECTIVE_SEARCH_S = 1.51
 FAST_RCNN_TABLE4 = (
     "| | Fast R-CNN S | Fast R-CNN M | Fast R-CNN L | R-CNN S | R-CNN M | R-CNN L | SPP-net L |\n"
     "|---|---|---|---|---|---|---|---|\n"
@@ -73,109 +49,142 @@ class TimingTable(Stage):
     """Train and test R-CNN, SPP-net, Fast and Faster R-CNN on the same data and hardware; compare."""
 
     name = "timing-table"
-    version = "2"
+    version = "3"
     shard_suffix = ".json"
     headline_metrics = ("fast_rcnn_train_speedup", "fast_rcnn_test_speedup")
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {**config["timing"], "test_split": config["data"]["test_split"]}
+        return {**config["timing"], "proposals": config["proposals"], "backbone": initial_backbone(config["backbone"]),
+                "methods": {method.name: method.test_params(config) for method in METHODS.values()}}
 
-    def input_stages(self, config: dict) -> tuple[str, ...]:
-        training = [stage for stages in TRAINING_STAGES.values() for stage, _ in stages]
-        return ("proposals", *training, *EVALUATION_STAGES.values())
+    def input_stages(self, params) -> tuple[str, ...]:
+        stages = ["proposals"]
+        for method in METHODS.values():
+            stages += [*method.training, *method.trained.values(), method.evaluate_stage]
+        return tuple(dict.fromkeys(stages))
 
-    def key_extras(self, ctx: RunContext) -> dict:
+    def key_extras(self, ctx: StageContext) -> dict:
         """Timings belong to a machine: another one (or another thread count) measures again."""
         from pipeline.timing import describe_hardware
-        return {"hardware": describe_hardware(ctx.device), "torch_threads": ctx.config["torch_threads"]}
+        return {"hardware": describe_hardware(ctx.device), "torch_threads": ctx.threads}
 
-    def shards(self, ctx: RunContext) -> list[Shard]:
-        timing = ctx.config["timing"]
-        image_ids = ctx.dataset.image_ids(ctx.config["data"]["test_split"])
-        return [Shard("00000", tuple(image_ids[:timing["warmup"] + timing["images"]]))]
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        image_ids = ctx.dataset.image_ids(ctx.test_split)
+        return [Shard("00000", tuple(image_ids[:ctx.params["warmup"] + ctx.params["images"]]))]
 
-    def run_shard(self, ctx: RunContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from stages.timed_detection import time_test_pass
-        timing = ctx.config["timing"]
-        if len(shard.items) < timing["warmup"] + timing["images"]:
-            raise ConfigError(f"timing: {timing['warmup']} warm-up + {timing['images']} timed images asked for, but "
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        params = ctx.params
+        if len(shard.items) < params["warmup"] + params["images"]:
+            raise ConfigError(f"timing: {params['warmup']} warm-up + {params['images']} timed images asked for, but "
                               f"the test split has {len(shard.items)}; lower timing.images")
-        measured = time_test_pass(ctx, inputs, list(shard.items), timing["warmup"])
+        measured = time_test_pass(ctx, inputs, list(shard.items))
         out.path.write_text(json.dumps(measured))
         return {}
 
-    def reduce(self, ctx: RunContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         from pipeline.timing import describe_hardware
         measured = json.loads(cache.shard_path("00000").read_text())
         manifests = {stage: upstream.manifest() for stage, upstream in inputs.items()}
-        train_split = ctx.config["data"]["train_split"]
-        maps = {method: manifests[EVALUATION_STAGES[method]]["metrics"]["map_voc07_11pt"] for method in METHOD_NAMES}
-        maps["Fast R-CNN (SVD)"] = manifests["fast-rcnn-evaluate"]["metrics"]["map_voc07_11pt_svd"]
-        methods = []
-        for method in (*METHOD_NAMES, *TRAINED_AS):
-            test_s = measured["methods"][method]["seconds_per_image"]
-            proposals_s = 0.0 if method in WITHOUT_PROPOSALS else measured["selective_search_s_per_image"]
-            methods.append({"method": method,
-                            "train_s": training_seconds(manifests, TRAINING_STAGES[TRAINED_AS.get(method, method)],
-                                                        train_split),
-                            "test_s_per_image": test_s, "test_s_per_image_with_proposals": test_s + proposals_s,
-                            "map": maps[method]})
-        table = {"hardware": describe_hardware(ctx.device), "config": ctx.config["config_name"], "methods": methods}
+        rows = []
+        for method in METHODS.values():
+            evaluation = manifests[method.evaluate_stage]["metrics"]
+            train_s = training_seconds(manifests, method.training)
+            for variant in (variant for variant in method.variants if variant.timed):
+                test_s = measured["methods"][variant.timed]["seconds_per_image"]
+                proposals_s = measured["proposals_s_per_image"] if method.uses_proposals else 0.0
+                rows.append({"method": variant.timed, "train_s": train_s, "test_s_per_image": test_s,
+                             "test_s_per_image_with_proposals": test_s + proposals_s,
+                             "map": evaluation["variants"][variant.name][f"map_voc07_11pt@{evaluation['iou']}"]})
+        table = {"hardware": describe_hardware(ctx.device), "methods": rows}
         training_hardware = sorted({manifests[stage].get("hardware", "unknown")
-                                    for stages in TRAINING_STAGES.values() for stage, _ in stages})
-        write_report(cache.report_dir, table, measured, ctx, training_hardware)
-        rcnn, fast = (next(m for m in methods if m["method"] == name) for name in ("R-CNN", "Fast R-CNN"))
-        return {"hardware": table["hardware"], "methods": methods,
+                                    for method in METHODS.values() for stage in method.training})
+        write_report(cache.report_dir, table, measured, ctx, manifests, training_hardware)
+        rcnn, fast = (next(row for row in rows if row["method"] == name) for name in ("R-CNN", "Fast R-CNN"))
+        return {"hardware": table["hardware"], "methods": rows,
                 "fast_rcnn_train_speedup": rcnn["train_s"] / fast["train_s"],
                 "fast_rcnn_test_speedup": rcnn["test_s_per_image"] / fast["test_s_per_image"]}
 
 
-def training_seconds(manifests: dict[str, dict], stages: list[tuple[str, bool]], train_split: str) -> float:
+def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dict:
+    """Seconds per image (and per part, in ms) of each timed variant of each method, and of the region
+    proposals, on these images; the first `timing.warmup` are not counted."""
+    from pipeline.proposals import propose
+    params, warmup = ctx.params, ctx.params["warmup"]
+    images = [ctx.dataset.read_image(image_id) for image_id in image_ids]
+    if any(rgb is None for rgb in images):
+        raise ConfigError("timing: a test image could not be read; see the proposals report")
+    proposals, proposal_seconds = [], []
+    for rgb in images:
+        clock = Clock(ctx.device)
+        proposals.append(propose(rgb, params["proposals"]))
+        proposal_seconds.append(clock.lap())
+    timed = {}
+    for method in METHODS.values():
+        detector = method.detector(inputs, params["methods"][method.name], ctx.device)
+        for variant in (variant for variant in method.variants if variant.timed):
+            parts, per_image = {}, []
+            for index, (rgb, boxes) in enumerate(zip(images, proposals)):
+                clock = Clock(ctx.device)
+                detector(rgb, boxes if method.uses_proposals else None, (variant.name,), clock)
+                if index >= warmup:
+                    per_image.append(clock.total())
+                    for part, seconds in clock.laps.items():
+                        parts[part] = parts.get(part, 0.0) + seconds
+            timed[variant.timed] = {"seconds_per_image": float(np.mean(per_image)),
+                                    "parts_ms": {part: 1000 * seconds / len(per_image) for part, seconds in parts.items()}}
+    return {"images": len(images) - warmup, "warmup": warmup, "methods": timed,
+            "proposals_s_per_image": float(np.mean(proposal_seconds[warmup:])),
+            "proposals_per_image": float(np.mean([len(boxes) for boxes in proposals[warmup:]]))}
+
+
+def training_seconds(manifests: dict[str, dict], stages: tuple[str, ...]) -> float:
     """Wall-clock seconds of a method's training stages, from their manifests (see the module docstring)."""
     from pipeline.timing import union_seconds
     intervals = []
-    for stage, training_split_only in stages:
+    for stage in stages:
         manifest = manifests[stage]
-        for shard_id, record in manifest["shards"].items():
-            if "started" not in record:
-                raise ConfigError(f"{stage}: its manifest predates start times; run `rcnn timing-table --fresh`")
-            if not training_split_only or shard_id.startswith(f"{train_split}-"):
-                intervals.append((record["started"], record["seconds"]))
-        if not training_split_only:
-            intervals.append((manifest["timings"]["reduce_started"], manifest["timings"]["reduce_s"]))
+        intervals += [(record["started"], record["seconds"]) for record in manifest["shards"].values()]
+        intervals.append((manifest["timings"]["reduce_started"], manifest["timings"]["reduce_s"]))
     return union_seconds(intervals)
 
 
-def write_report(report_dir, table: dict, measured: dict, ctx: RunContext, training_hardware: list[str]) -> None:
+def timed_rows() -> dict:
+    """Timing-table row -> (its Variant, its Method), in the table's order."""
+    return {variant.timed: (variant, method) for method in METHODS.values() for variant in method.variants
+            if variant.timed}
+
+
+def write_report(report_dir, table: dict, measured: dict, ctx: StageContext, manifests: dict,
+                 training_hardware: list[str]) -> None:
     """timing.md, timing.json and timing.png."""
     (report_dir / "timing.json").write_text(json.dumps(table, indent=2))
-    (report_dir / "timing.md").write_text(markdown_report(table, measured, ctx, training_hardware))
+    (report_dir / "timing.md").write_text(markdown_report(table, measured, ctx, manifests, training_hardware))
     plot_timing(report_dir / "timing.png", table["methods"])
 
 
-def markdown_report(table: dict, measured: dict, ctx: RunContext, training_hardware: list[str]) -> str:
+def markdown_report(table: dict, measured: dict, ctx: StageContext, manifests: dict,
+                    training_hardware: list[str]) -> str:
     from pipeline.reports import markdown_table
     methods = {m["method"]: m for m in table["methods"]}
-    rcnn = methods["R-CNN"]
+    published = {row: variant.published for row, (variant, _) in timed_rows().items()}
+    rcnn, published_rcnn = methods["R-CNN"], published["R-CNN"]
     rows = []
     for name, m in methods.items():
-        published = PUBLISHED[name]
-        published_rcnn = PUBLISHED["R-CNN"]
         rows.append([name, m["train_s"], f"{rcnn['train_s'] / m['train_s']:.1f}x", m["test_s_per_image"],
                      f"{rcnn['test_s_per_image'] / m['test_s_per_image']:.1f}x", m["test_s_per_image_with_proposals"],
-                     m["map"], _published(published["train_h"]), _ratio(published_rcnn["train_h"], published["train_h"]),
-                     _published(published["test_s"]), _ratio(published_rcnn["test_s"], published["test_s"]),
-                     _published(published["map"])])
+                     m["map"], _published(published[name].train_h), _ratio(published_rcnn.train_h, published[name].train_h),
+                     _published(published[name].test_s), _ratio(published_rcnn.test_s, published[name].test_s),
+                     _published(published[name].map)])
     measured_table = markdown_table(
         ["method", "train (s)", "train speedup", "test (s/image)", "test speedup", "test with proposals (s/image)",
          "mAP (VOC07 11-pt, IoU 0.5)", "paper: train (h)", "paper: train speedup", "paper: test (s/image)",
          "paper: test speedup", "paper: mAP (VOC07)"], rows)
     test_order = [methods[name]["test_s_per_image"] for name in ("R-CNN", "SPP-net", "Fast R-CNN")]
     window = methods["Sliding window"]
-    with_proposals = {name: methods[name]["test_s_per_image_with_proposals"] for name in METHOD_NAMES}
+    with_proposals = {name: methods[name]["test_s_per_image_with_proposals"] for name in result_rows()}
     checks = [
-        f"- the sliding window, with no proposals, is slower at test than R-CNN with its selective search: "
+        f"- the sliding window, with no proposals, is slower at test than R-CNN with its region proposals: "
         f"{'holds' if window['test_s_per_image'] > rcnn['test_s_per_image_with_proposals'] else 'does NOT hold'} "
         f"here; its mAP is {'below' if window['map'] < rcnn['map'] else 'NOT below'} R-CNN's",
         f"- test time, proposals excluded, R-CNN > SPP-net > Fast R-CNN (the papers' order): "
@@ -186,11 +195,11 @@ def markdown_report(table: dict, measured: dict, ctx: RunContext, training_hardw
         f"(paper: 8.8x), test {rcnn['test_s_per_image'] / methods['Fast R-CNN']['test_s_per_image']:.1f}x faster "
         f"(paper: 146x)"]
     parts = measured["methods"]
-    ss_ms = 1000 * measured["selective_search_s_per_image"]
+    proposals_ms = 1000 * measured["proposals_s_per_image"]
     fast_parts, faster_parts = parts["Fast R-CNN"]["parts_ms"], parts["Faster R-CNN"]["parts_ms"]
     table5 = markdown_table(["system", "conv (ms)", "proposal (ms)", "region-wise (ms)", "total (ms)", "rate"], [
-        ["SS + Fast R-CNN", fast_parts["conv"], ss_ms + fast_parts["proposal"], fast_parts["region-wise"],
-         ss_ms + sum(fast_parts.values()), f"{1000 / (ss_ms + sum(fast_parts.values())):.1f} fps"],
+        ["SS + Fast R-CNN", fast_parts["conv"], proposals_ms + fast_parts["proposal"], fast_parts["region-wise"],
+         proposals_ms + sum(fast_parts.values()), f"{1000 / (proposals_ms + sum(fast_parts.values())):.1f} fps"],
         ["RPN + Fast R-CNN (Faster R-CNN)", faster_parts["conv"], faster_parts["proposal"], faster_parts["region-wise"],
          sum(faster_parts.values()), f"{1000 / sum(faster_parts.values()):.1f} fps"]])
     breakdown = markdown_table(["method", "part", "ms per image"], [
@@ -209,58 +218,79 @@ def markdown_report(table: dict, measured: dict, ctx: RunContext, training_hardw
         ["with SVD", svd["map"], "-", "-"]])
     return "\n".join([
         "# Timing: sliding window vs R-CNN vs SPP-net vs Fast R-CNN vs Faster R-CNN\n",
-        f"Measured on **{table['hardware']}** with config **{table['config']}** (data: {ctx.dataset.root}).\n",
+        f"Measured on **{table['hardware']}**.\n",
         measured_table, *checks, "",
-        "## Protocol\n", *protocol(ctx, measured, training_hardware), "",
+        "## Protocol\n", *protocol(ctx, measured, manifests, training_hardware), "",
         "## Fast R-CNN, Table 4 (published; VGG16 = L, VOC07 test, Nvidia K40)\n", FAST_RCNN_TABLE4,
         "Measured here, same rows:\n", table4,
         "## Faster R-CNN, Table 5 (published; K40, ms per image)\n", FASTER_RCNN_TABLE5,
-        "Measured here, same columns (proposal = selective search for SS + Fast R-CNN):\n", table5,
+        "Measured here, same columns (proposal = the region proposals for SS + Fast R-CNN):\n", table5,
         "## Test time by part (ms per image)\n", breakdown])
 
 
-def protocol(ctx: RunContext, measured: dict, training_hardware: list[str]) -> list[str]:
+def result_rows() -> list[str]:
+    """The timing-table rows of the methods' results (every method once, without test-time variants)."""
+    return [method.variants[0].timed for method in METHODS.values()]
+
+
+def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardware: list[str]) -> list[str]:
     import torch
-    config, backbone = ctx.config, ctx.config["backbone"]
+    params, backbone = ctx.params, ctx.params["backbone"]
+    tests = params["methods"]
+    trained = {name: manifests[f"{name}-train"]["description"]["params"] for name in ("fast-rcnn", "faster-rcnn")}
     threads = "" if ctx.device == "cuda" else f", {torch.get_num_threads()} torch threads"
+    window = tests["sliding-window"]
     return [
         f"- device: {ctx.device}{threads}; dtype float32 for every method at test; training as configured "
         f"(amp: bf16 autocast on cuda when `amp` is on)",
         f"- backbone: {backbone['name']} ({backbone['weights']} weights); R-CNN warps each proposal to "
-        f"{backbone['input_size']} px ({config['features']['batch_size']} crops per forward); SPP-net: conv5 at "
-        f"shorter sides {config['sppnet']['scales']}, pyramid {config['sppnet']['levels']}; Fast / Faster R-CNN: "
-        f"shorter side {config['fast_rcnn']['min_size']} / {config['faster_rcnn']['min_size']}, one image per forward",
-        f"- sliding window: windows of sides {config['sliding_window']['sizes']} px, aspect ratios "
-        f"{config['sliding_window']['aspect_ratios']}, every {config['sliding_window']['step']} of a window's side, "
-        f"through R-CNN's fine-tuned classifier (so its training time is fine-tuning's); no proposals",
-        f"- proposals: selective search ({config['proposals']['mode']}), {measured['proposals_per_image']:.0f} per "
-        f"image on average, {measured['selective_search_s_per_image']:.3f} s per image measured on the same images "
-        f"in this run; Faster R-CNN: its RPN's {config['faster_rcnn']['rpn_post_nms_test']} per image",
+        f"{backbone['input_size']} px ({tests['rcnn']['crops_per_batch']} crops per forward); SPP-net: conv5 at "
+        f"shorter sides {list(tests['sppnet']['scales'])}, pyramid {list(tests['sppnet']['levels'])}; Fast / Faster "
+        f"R-CNN: shorter side {trained['fast-rcnn']['min_size']} / {trained['faster-rcnn']['min_size']}, one image "
+        f"per forward",
+        f"- sliding window: windows of sides {list(window['sizes'])} px, aspect ratios {list(window['aspect_ratios'])}, "
+        f"every {window['step']} of a window's side, through R-CNN's fine-tuned classifier (so its training time "
+        f"is fine-tuning's); no proposals",
+        f"- proposals: {method_title(params['proposals'])}, {measured['proposals_per_image']:.0f} per image on "
+        f"average, {measured['proposals_s_per_image']:.3f} s per image measured on the same images in this run; "
+        f"Faster R-CNN: its RPN's {tests['faster-rcnn']['rpn_post_nms_test']} per image",
         f"- test: {measured['images']} test images after {measured['warmup']} warm-up images (not counted), every "
-        f"method on the same images, from decoded pixels to detections after NMS; image decoding and disk I/O "
-        f"excluded (images decoded and models loaded before the clocks start); CUDA synchronised before every "
-        f"clock reading; 'test' excludes proposal time, 'with proposals' adds selective search",
-        f"- training: wall-clock time of each method's training stages (see TRAINING_STAGES in "
-        f"stages/timing_table.py), from their manifests, measured when they were computed, on: "
-        f"{'; '.join(training_hardware)}; classification pre-training and selective search excluded, as in the papers",
+        f"method on the same images, from decoded pixels to detections after NMS, through the detector its "
+        f"detect stage evaluates; image decoding and disk I/O excluded (images decoded and models loaded before "
+        f"the clocks start); CUDA synchronised before every clock reading; 'test' excludes proposal time, "
+        f"'with proposals' adds it",
+        f"- training: wall-clock time of each method's training stages (Method.training in pipeline/methods.py), "
+        f"from their manifests, measured when they were computed, on: {'; '.join(training_hardware)}; "
+        f"classification pre-training and region proposals excluded, as in the papers",
         f"- published figures: Fast R-CNN Table 4 (VGG16, K40; SPP-net with five scales), Faster R-CNN Table 5; "
-        f"their 'with proposals' add selective search at {PUBLISHED_SELECTIVE_SEARCH_S} s per image (Table 5)"]
+        f"their 'with proposals' add selective search at {PUBLISHED_PROPOSALS_S} s per image (Table 5)"]
+
+
+def method_title(proposals) -> str:
+    return (f"selective search ({proposals['mode']})" if proposals["method"] == "selective-search"
+            else proposals["method"])
 
 
 def plot_timing(path, methods: list[dict]) -> None:
     """Training time and test time per image, measured (left) beside the published figures (right)."""
     from pipeline.reports import new_figure, save_figure
     figure = new_figure(11, 7)
-    names = [m["method"] for m in methods if m["method"] in METHOD_NAMES]
-    published = [n for n in names if PUBLISHED[n]["test_s"] is not None]
+    rows = timed_rows()
+    names = [m["method"] for m in methods if m["method"] in result_rows()]
+    published = [n for n in names if rows[n][0].published.test_s is not None]
     measured = {m["method"]: m for m in methods}
+
+    def published_with_proposals(name: str) -> float:
+        variant, method = rows[name]
+        return variant.published.test_s + (PUBLISHED_PROPOSALS_S if method.uses_proposals else 0.0)
+
     panels = [
         ("measured: training time (s)", names, [measured[n]["train_s"] for n in names], None),
-        ("published: training time (h)", published, [PUBLISHED[n]["train_h"] or 0.0 for n in published], None),
+        ("published: training time (h)", published, [rows[n][0].published.train_h or 0.0 for n in published], None),
         ("measured: test time per image (s)", names, [measured[n]["test_s_per_image"] for n in names],
          [measured[n]["test_s_per_image_with_proposals"] for n in names]),
-        ("published: test time per image (s)", published, [PUBLISHED[n]["test_s"] for n in published],
-         [PUBLISHED[n]["test_s"] + (0 if n in WITHOUT_PROPOSALS else PUBLISHED_SELECTIVE_SEARCH_S) for n in published]),
+        ("published: test time per image (s)", published, [rows[n][0].published.test_s for n in published],
+         [published_with_proposals(n) for n in published]),
     ]
     for index, (title, names, values, with_proposals) in enumerate(panels):
         axes = figure.add_subplot(2, 2, index + 1)

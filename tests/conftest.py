@@ -1,3 +1,4 @@
+import contextlib
 import shutil
 
 import pytest
@@ -29,3 +30,54 @@ def rcnn(tmp_path, shapes_root):
         return main([*args, "--data", str(data or shapes_root), "--cache", str(cache or tmp_path / "cache"),
                      "--reports", str(tmp_path / "reports")])
     return run
+
+
+class SealableConfig(dict):
+    """A config tree that raises on any read while sealed: what a stage may read is its keyed params only."""
+    sealed = False
+
+    def __init__(self, mapping):
+        super().__init__({key: SealableConfig(value) if isinstance(value, dict) else value
+                          for key, value in mapping.items()})
+
+    def _check(self):
+        if SealableConfig.sealed:
+            raise AssertionError("a stage read the config outside its keyed params")
+
+    def __getitem__(self, key):
+        self._check()
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._check()
+        return super().get(key, default)
+
+    def __iter__(self):
+        self._check()
+        return super().__iter__()
+
+    def items(self):
+        self._check()
+        return super().items()
+
+
+@contextlib.contextmanager
+def config_sealed_while_stages_run():
+    """Inside, every config the CLI loads is sealed while its planned stages run (pipeline.runner.run_stages):
+    a stage that reads the config instead of the params its key covers fails. Yields the count of sealed runs."""
+    import pipeline.cli
+    sealed_runs = []
+    load_config, run_stages = pipeline.cli.load_config, pipeline.cli.run_stages
+
+    def sealing_run_stages(plans, run, *args, **kwargs):
+        SealableConfig.sealed = True
+        try:
+            return run_stages(plans, run, *args, **kwargs)
+        finally:
+            SealableConfig.sealed = False
+            sealed_runs.append([plan.stage.name for plan in plans])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.cli, "load_config", lambda *args: SealableConfig(load_config(*args)))
+        patch.setattr(pipeline.cli, "run_stages", sealing_run_stages)
+        yield sealed_runs

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.cache import StageCache, sha256_of
 from pipeline.cli import build_parser, main
-from stages import proposals as proposals_module
-from stages.proposals import read_proposals
+from pipeline import proposals as proposals_module
+from pipeline.proposals import read_proposals
 
 
 def status_json(rcnn, capsys, *args, data=None) -> dict:
@@ -93,12 +93,12 @@ def test_opencv_failure_on_one_image_is_reported_by_name(rcnn, shapes_root, monk
     failing_shape = cv2.imread(str(shapes_root / "JPEGImages" / f"{failing_id}.jpg")).shape
     real_search = proposals_module.selective_search
 
-    def search_that_asserts(rgb, mode):
+    def search_that_asserts(rgb, params):
         if rgb.shape == failing_shape:
             raise cv2.error("OpenCV(5.0.0) graphsegmentation.cpp:1: error: (-215:Assertion failed) in function")
-        return real_search(rgb, mode)
+        return real_search(rgb, params)
 
-    monkeypatch.setattr(proposals_module, "selective_search", search_that_asserts)
+    monkeypatch.setitem(proposals_module.PROPOSAL_METHODS, "selective-search", search_that_asserts)
     assert rcnn("proposals") == 0
     metrics = status_json(rcnn, capsys)["proposals"]["metrics"]
     assert failing_id in metrics["failed"] and "Assertion failed" in metrics["failed"][failing_id]

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.bbox import apply_regressors, box_coder
-from stages.detect import per_class_nms
+from pipeline.classifiers import apply_regressors, box_coder, per_class_nms
 from stages.svm import ClassCache, retrain
 
 SVM_PARAMS = {"C": 1.0, "positive_weight": 2.0, "intercept_scaling": 10.0, "max_iter": 10000,

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cache import StageCache
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
-from stages.proposals import read_proposals
+from pipeline.proposals import read_proposals
 
 pytestmark = pytest.mark.slow
 

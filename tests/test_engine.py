@@ -7,7 +7,8 @@ from pipeline.data.voc import VOCDataset
 from pipeline.errors import ConfigError
 from pipeline.graph import parse_scheduler
 from pipeline.runner import plan_stages, run_stages, upstream_order
-from pipeline.stage import RunContext, Shard, Stage
+from pipeline.runner import RunContext
+from pipeline.stage import Shard, Stage
 
 
 class Count(Stage):
@@ -18,9 +19,9 @@ class Count(Stage):
         return [Shard(f"{item:05d}", (item,)) for item in range(3)]
 
     def run_shard(self, ctx, shard, inputs, out):
-        if shard.items[0] == ctx.config["count"].get("fail_on"):
+        if shard.items[0] == ctx.params.get("fail_on"):
             raise RuntimeError("boom")
-        value = shard.items[0] * ctx.config["count"]["factor"]
+        value = shard.items[0] * ctx.params["factor"]
         out.path.write_text(str(value))
         return {"value": value}
 
@@ -37,7 +38,7 @@ class Total(Stage):
 
     def run_shard(self, ctx, shard, inputs, out):
         values = [int(path.read_text()) for path in sorted(inputs["count"].dir.glob("*.txt"))]
-        out.path.write_text(str(sum(values) + ctx.config["total"]["offset"]))
+        out.path.write_text(str(sum(values) + ctx.params["offset"]))
         return {}
 
 
@@ -45,7 +46,7 @@ REGISTRY = {"count": Count(), "total": Total()}
 
 
 def make_ctx(root, tmp_path, factor=2, offset=1, **count_extra):
-    config = {"data": {"train_split": "trainval", "test_split": "test"},
+    config = {"data": {"train_split": "trainval", "test_split": "test"}, "torch_threads": 0,
               "count": {"factor": factor, **count_extra}, "total": {"offset": offset}}
     return RunContext(config, VOCDataset(root), tmp_path / "cache", tmp_path / "reports")
 
@@ -133,7 +134,7 @@ def test_states_missing_cached_stale_partial(shapes_root, tmp_path):
 
 
 def test_upstream_order_puts_inputs_first_and_rejects_unknown_stages():
-    assert upstream_order(["total"], REGISTRY, {}) == ["count", "total"]
+    assert upstream_order(["total"], REGISTRY, {"count": {}, "total": {}}) == ["count", "total"]
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         upstream_order(["nope"], REGISTRY, {})
 

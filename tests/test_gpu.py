@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.features import pool5_features
 from pipeline.models import build_region_net
 from pipeline.regions import warp_regions
+from pipeline.timing import Clock
 from pipeline.training import SGDSettings, train
-from stages.features import pool5_features
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BACKBONE = {"input_size": 48, "context_pad": 3}
@@ -60,7 +61,8 @@ def test_cuda_detections_match_cpu(method):
     model = build(build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
     image = torch.randn(3, 120, 160)
     proposals = [torch.tensor([[10.0, 5.0, 90.0, 60.0], [100.0, 40.0, 150.0, 119.0]])] if method == "fast" else None
-    on_cpu = detect(model, [image], proposals)[0]
-    on_gpu = detect(model.cuda(), [image.cuda()], [p.cuda() for p in proposals] if proposals else None)[0]
+    on_cpu = detect(model, [image], proposals, Clock("cpu"))[0]
+    on_gpu = detect(model.cuda(), [image.cuda()], [p.cuda() for p in proposals] if proposals else None,
+                    Clock("cuda"))[0]
     top = min(5, len(on_cpu["scores"]))
     assert torch.allclose(on_cpu["scores"][:top], on_gpu["scores"][:top].cpu(), atol=1e-3)

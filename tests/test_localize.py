@@ -2,9 +2,11 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import config_sealed_while_stages_run
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
 from pipeline.data.voc import VOCDataset
@@ -39,17 +41,16 @@ def test_single_object_mode_draws_exactly_one_plain_object_per_image(single_root
 
 
 def context(root, **localize):
-    config = {"data": {"train_split": "trainval", "test_split": "test"}, "amp": False, "torch_threads": 2,
-              "localize": {"input_size": 64, "batch_size": 8, "augment": False, "lr": 0.01, "momentum": 0.9,
-                           "weight_decay": 0.0, "step_every": 1000, "gamma": 0.1, "seed": 0, "checkpoint_every": 100, "optimizer": "adam",
-                           "box_weight": 10.0, **localize}}
-    return SimpleNamespace(dataset=VOCDataset(root), config=config, device="cpu")
+    params = {"input_size": 64, "batch_size": 8, "augment": False, "lr": 0.01, "momentum": 0.9, "amp": False,
+              "weight_decay": 0.0, "step_every": 1000, "gamma": 0.1, "seed": 0, "checkpoint_every": 100,
+              "optimizer": "adam", "box_weight": 10.0, **localize}
+    return SimpleNamespace(dataset=VOCDataset(root), params=params, device="cpu", threads=2)
 
 
 def test_the_head_phase_trains_the_regression_head_alone(single_root, tmp_path):
     ctx = context(single_root, classify_iterations=5, head_iterations=5)
-    params = ctx.config["localize"]
-    training = load_single_object_images(ctx, "trainval", 64)
+    params = ctx.params
+    training = load_single_object_images(ctx.dataset, "trainval", 64, "cpu")
     assert training.images.shape == (14, 3, 64, 64) and ((training.boxes >= 0) & (training.boxes <= 1)).all()
     net = build_localizer(build_region_net("small", 7, 48), len(ctx.dataset.classes), 64)
     out = ShardOutput(tmp_path / "00000.pt", tmp_path / "00000.checkpoint")
@@ -81,11 +82,20 @@ def test_regressed_corners_are_put_in_order_inside_the_image():
 @pytest.mark.slow
 def test_localize_reports_accuracy_and_box_iou_after_each_phase(single_root, tmp_path, capsys):
     cache, reports = tmp_path / "cache", tmp_path / "reports"
-    assert main(["localize", *options(single_root, cache, reports)]) == 0
-    metrics = status(single_root, cache, reports, capsys, *LOCALIZE_TINY)["localize"]["metrics"]
+    with config_sealed_while_stages_run() as sealed_runs:
+        assert main(["localize", *options(single_root, cache, reports)]) == 0
+    assert sealed_runs == [["pretrain", "localize"]]
+    row = status(single_root, cache, reports, capsys, *LOCALIZE_TINY)["localize"]
+    metrics = row["metrics"]
     assert set(metrics["phases"]) == {"head", "end_to_end"}
-    for result in metrics["phases"].values():
-        assert 0 <= result["accuracy"] <= 1 and 0 <= result["mean_iou"] <= 1 and result["images"] == 6
+    saved = torch.load(cache / "localize" / row["key"] / "00000.pt", weights_only=True)["results"]
+    dataset = VOCDataset(single_root)
+    for phase, result in metrics["phases"].items():  # the metrics are those of the predictions kept
+        predictions = saved[phase]["predictions"]
+        assert result["images"] == len(predictions) == 6
+        correct = [p["class"] == int(dataset.ground_truth(image_id)[1][0]) for image_id, p in predictions.items()]
+        assert result["accuracy"] == pytest.approx(np.mean(correct))
+        assert result["mean_iou"] == pytest.approx(np.mean([p["iou"] for p in predictions.values()]))
     assert metrics["mean_iou"] == metrics["phases"]["end_to_end"]["mean_iou"]
     assert metrics["train_images"] == 14 and metrics["left_out"] == 0
     report = reports / "demo" / "localize"

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.models import build_region_net, torchvision_weights_file
+from pipeline.models import build_region_net
+from pipeline.weights import torchvision_weights_file
 
 
 def test_small_net_splits_at_pool5_fc6_fc7():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.voc import VOCDataset
-from stages.proposals import MODES, propose, rank_rects, recall_curve
+from pipeline.proposals import SELECTIVE_SEARCH_MODES, propose, rank_rects
+from stages.proposals import recall_curve
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,14 @@ def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
     assert rank_rects(votes) == rank_rects(reversed_votes)
 
 
-@pytest.mark.parametrize("mode", MODES)
+def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000) -> dict:
+    return {"method": "selective-search", "mode": mode, "search_side": search_side, "min_size": min_size,
+            "max_proposals": max_proposals}
+
+
+@pytest.mark.parametrize("mode", SELECTIVE_SEARCH_MODES)
 def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
-    boxes = propose(image, mode, search_side=0, min_size=20, max_proposals=100)
+    boxes = propose(image, search(mode, max_proposals=100))
     height, width = image.shape[:2]
     assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and 0 < len(boxes) <= 100
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
@@ -36,13 +42,13 @@ def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
 
 def test_same_image_gives_same_boxes_on_concurrent_threads(image):
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda _: propose(image, "rcnn-fast", 0, 20, 2000), range(4)))
+        runs = list(pool.map(lambda _: propose(image, search()), range(4)))
     assert all(np.array_equal(runs[0], other) for other in runs[1:])
 
 
 def test_search_on_a_smaller_copy_returns_boxes_in_original_pixels(image):
     height, width = image.shape[:2]
-    boxes = propose(image, "rcnn-fast", search_side=max(height, width) // 2, min_size=20, max_proposals=2000)
+    boxes = propose(image, search(search_side=max(height, width) // 2))
     assert boxes[:, 2].max() > 0.75 * width and boxes[:, 3].max() > 0.75 * height  # not left at half size
     assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
     assert np.array_equal(boxes, np.round(boxes))
@@ -56,7 +62,7 @@ def test_recall_curve_on_a_hand_worked_example():
                        [0, 0, 10, 16],     # IoU 100/160 = 0.625 with the first
                        [50, 50, 60, 60]],  # the difficult box: never counted
                       np.float32)
-    curve = recall_curve(SimpleNamespace(dataset=dataset), {"img": ranked}, [1, 2, 3])
+    curve = recall_curve(dataset, {"img": ranked}, [1, 2, 3])
     assert [row["gt_boxes"] for row in curve] == [2, 2, 2]
     assert [row["recall@0.5"] for row in curve] == [0.5, 1.0, 1.0]
     assert [row["recall@0.7"] for row in curve] == [0.5, 0.5, 0.5]

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import config_sealed_while_stages_run
 from pipeline.cache import sha256_of
 from pipeline.cli import main
+from pipeline.data.voc import VOCDataset
 
 pytestmark = pytest.mark.slow
 
 TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "finetune.iterations=24",
         "finetune.checkpoint_every=4", "proposals.max_proposals=80", "features.images_per_shard=2",
         "svm.norm_images=4", "bbox.norm_images=4", "detect.images_per_shard=2", "evaluate.pictures=2"]
-STAGES = ["proposals", "pretrain", "finetune", "features", "svm", "bbox", "detect", "evaluate"]
+STAGES = ["proposals", "pretrain", "finetune", "features", "svm", "bbox", "rcnn-detect", "rcnn-evaluate"]
 
 
 def options(data, cache, reports, *extra_sets):
@@ -42,7 +44,9 @@ def tree_digest(directory):
 def tiny_run(shapes_root, tmp_path_factory):
     """One full `rcnn run` of the tiny preset; tests only read it or copy its cache."""
     work = tmp_path_factory.mktemp("rcnn")
-    assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    with config_sealed_while_stages_run() as sealed_runs:
+        assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    assert sealed_runs == [STAGES]
     return shapes_root, work / "cache", work / "reports"
 
 
@@ -50,14 +54,14 @@ def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
     data, cache, reports = tiny_run
     rows = status(data, cache, reports, capsys)
     assert [rows[stage]["state"] for stage in STAGES] == ["cached"] * len(STAGES)
-    metrics = rows["evaluate"]["metrics"]
+    metrics = rows["rcnn-evaluate"]["metrics"]
     assert 0.0 <= metrics["map_voc07_11pt"] <= 1.0 and 0.0 <= metrics["map_all_point"] <= 1.0
     assert metrics["ap_voc07_11pt"]["circle"] is None  # the tiny test split has no circle
     assert {"svm_bbox", "svm", "softmax_bbox", "softmax"} == set(metrics["variants"])
     bbox_effect = metrics["differences"]["svm"]["0.5"]  # the result against the ablation without regression
     assert bbox_effect["difference"] == pytest.approx(metrics["map_all_point"] - metrics["variants"]["svm"]["map_all_point@0.5"])
-    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "demo" / "evaluate").iterdir()}
-    assert "IoU" in (reports / "demo" / "evaluate" / "map.md").read_text()
+    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "demo" / "rcnn-evaluate").iterdir()}
+    assert "IoU" in (reports / "demo" / "rcnn-evaluate" / "map.md").read_text()
     assert rows["features"]["metrics"]["bytes_per_region"] > 0
 
 
@@ -65,7 +69,7 @@ def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
     data, _, reports = tiny_run
     from pipeline.data.voc import VOCDataset
     dataset = VOCDataset(data)
-    results = reports / "demo" / "detect" / "results"
+    results = reports / "demo" / "rcnn-detect" / "results"
     assert sorted(path.name for path in results.iterdir()) == sorted(f"comp4_det_test_{name}.txt"
                                                                      for name in dataset.classes)
     lines = [line.split() for path in results.iterdir() for line in path.read_text().splitlines()]
@@ -76,14 +80,21 @@ def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
         assert 1 <= float(xmin) <= float(xmax) <= annotation.width and 1 <= float(ymin) <= float(ymax) <= annotation.height
 
 
-def test_features_are_float16_chunked_and_compressed_per_image(tiny_run, capsys):
+def test_features_are_float16_chunked_and_compressed_per_training_image(tiny_run, capsys):
     data, cache, reports = tiny_run
     key = status(data, cache, reports, capsys)["features"]["key"]
-    shard = sorted((cache / "features" / key).glob("*.h5"))[0]
-    with h5py.File(shard, "r") as opened:
+    shards = sorted((cache / "features" / key).glob("*.h5"))
+    with h5py.File(shards[0], "r") as opened:
+        assert opened.attrs["kind"] == "pool5"
         group = opened[next(iter(opened))]
-        assert group["pool5"].dtype == np.float16 and group["pool5"].chunks and group["pool5"].compression == "lzf"
-        assert (group["gt_label"][()] >= 0).sum() >= 1 and group["boxes"].shape[0] == group["pool5"].shape[0]
+        features = group["features"]
+        assert features.dtype == np.float16 and features.chunks and features.compression == "lzf"
+        assert (group["gt_label"][()] >= 0).sum() >= 1 and group["boxes"].shape[0] == features.shape[0]
+    stored = set()
+    for shard in shards:
+        with h5py.File(shard, "r") as opened:
+            stored.update(opened)
+    assert stored == set(VOCDataset(data).image_ids("trainval"))  # the test images' come from rcnn-detect
 
 
 def test_training_losses_go_down(tiny_run, capsys):
@@ -107,9 +118,9 @@ def test_changing_an_svm_param_reuses_proposals_finetuning_and_features(tiny_run
     for stage in upstream:
         assert after[stage]["key"] == before[stage]["key"], stage
         assert tree_digest(cache / stage / after[stage]["key"]) == digests[stage], stage
-        assert f"{stage:<22} cached" in printed
-    for stage in ("svm", "detect", "evaluate"):
-        assert after[stage]["key"] != before[stage]["key"] and f"{stage:<22} computed" in printed
+        assert f"{stage:<24} cached" in printed
+    for stage in ("svm", "rcnn-detect", "rcnn-evaluate"):
+        assert after[stage]["key"] != before[stage]["key"] and f"{stage:<24} computed" in printed
 
 
 def run_until_killed(argv, stop_when, timeout=180):
@@ -139,7 +150,7 @@ def test_killed_features_run_resumes_at_the_first_missing_shard_with_an_identica
     for shard in sorted((original_cache / "features" / key).glob("*.h5")):
         with h5py.File(shard, "r") as expected, h5py.File(key_dir / shard.name, "r") as resumed:
             for image_id in expected:
-                for name in ("boxes", "gt_label", "pool5"):
+                for name in ("boxes", "gt_label", "features"):
                     assert np.array_equal(expected[image_id][name][()], resumed[image_id][name][()])
 
 
@@ -176,5 +187,5 @@ def test_pipeline_runs_on_any_voc_layout_set_with_classes_from_its_annotations(s
             text = text.replace(f"<name>{old}</name>", f"<name>{new}</name>")
         path.write_text(text)
     assert main(["run", *options(shapes_copy, tmp_path / "cache", tmp_path / "reports")]) == 0
-    table = (tmp_path / "reports" / "demo" / "evaluate" / "map.md").read_text()
+    table = (tmp_path / "reports" / "demo" / "rcnn-evaluate" / "map.md").read_text()
     assert all(f"| {name} |" in table for name in renamed.values())

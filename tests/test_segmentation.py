@@ -1,17 +1,20 @@
 """The FCN's upsamplings against the lecture's worked examples, its metrics, and the segmentation stages."""
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import config_sealed_while_stages_run
 from pipeline.cli import main
+from pipeline.data.voc import VOCDataset
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.segmentation import (FCN, UPSAMPLINGS, confusion_matrix, convolutionalized, out_channels, predict_mask,
                                    segmentation_metrics, trunk_levels, upsampler)
 from pipeline.training import SGDSettings, train
-from stages.fcn import SegmentationSet, load_training_masks, patches, random_crops, segment_by_windows
+from pipeline.segmentation_data import SegmentationSet, load_training_masks, patches, random_crops, segment_by_windows
 from test_rcnn_pipeline import options as rcnn_options
 from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
 
@@ -154,11 +157,7 @@ def test_the_reader_checks_masks(shapes_copy):
 
 
 def tiny_training_set(shapes_root) -> SegmentationSet:
-    from types import SimpleNamespace
-
-    from pipeline.data.voc import VOCDataset
-    ctx = SimpleNamespace(dataset=VOCDataset(shapes_root), config={"data": {"train_split": "train"}}, device="cpu")
-    return load_training_masks(ctx)
+    return load_training_masks(VOCDataset(shapes_root), "train", "cpu")
 
 
 @pytest.mark.parametrize("upsampling", UPSAMPLINGS)
@@ -238,7 +237,9 @@ def options(data, cache, reports, *sets):
 @pytest.fixture(scope="module")
 def fcn_run(shapes_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("fcn")
-    assert main(["run", "--methods", "fcn", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    with config_sealed_while_stages_run() as sealed_runs:
+        assert main(["run", "--methods", "fcn", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    assert {"fcn-train", "pixel-classifier", "fcn-evaluate"} <= set(sealed_runs[0])
     return shapes_root, work / "cache", work / "reports"
 
 
@@ -246,17 +247,22 @@ def fcn_run(shapes_root, tmp_path_factory):
 def test_fcn_stage_keeps_its_metrics_in_the_manifest_and_writes_a_report(fcn_run, capsys):
     data, cache, reports = fcn_run
     rows = status(data, cache, reports, capsys, *SEGMENTATION_TINY)
-    metrics = rows["fcn"]["metrics"]
-    for name in ("pixel_accuracy", "mean_accuracy", "mean_iou", "baseline_mean_iou", "baseline_seconds_per_image"):
-        assert 0 <= metrics[name] <= 1 or name.endswith("per_image"), name
+    metrics = rows["fcn-evaluate"]["metrics"]
     assert metrics["baseline_images"] == 2 and metrics["baseline_slowdown"] > 1
     assert set(metrics["iou"]) == {"background", "circle", "cross", "hexagon", "square", "star", "triangle"}
-    report = reports / "demo" / "fcn"
+    present = [iou for iou in metrics["iou"].values() if iou is not None]
+    assert metrics["mean_iou"] == pytest.approx(np.mean(present))
+    report = reports / "demo" / "fcn-evaluate"
     table = (report / "segmentation.md").read_text()
     assert "| FCN, every test image |" in table and "sliding window (stride 4)" in table
-    assert json.loads((report / "segmentation.json").read_text())["fcn"]["images"] == len(
-        (data / "ImageSets" / "Segmentation" / "test.txt").read_text().split())
-    assert (report / "confusion.png").stat().st_size > 0 and len(list((report / "pictures").glob("*.png"))) == 2
+    saved = json.loads((report / "segmentation.json").read_text())["fcn"]
+    test_ids = (data / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
+    assert saved["images"] == len(test_ids)
+    dataset = VOCDataset(data)
+    labelled = sum(int((dataset.read_segmentation(image_id) != 255).sum()) for image_id in test_ids)
+    assert np.sum(saved["confusion"]) == labelled  # every labelled test pixel counted once, void left out
+    assert cv2.imread(str(report / "confusion.png")).shape[2] == 3
+    assert len(list((report / "pictures").glob("*.png"))) == 2
     assert (reports / "demo" / "fcn-train" / "loss.png").is_file()
 
 
@@ -264,12 +270,12 @@ def test_fcn_stage_keeps_its_metrics_in_the_manifest_and_writes_a_report(fcn_run
 def test_cached_fcn_recomputes_nothing_and_a_test_setting_keeps_the_training(fcn_run, capsys):
     data, cache, reports = fcn_run
     capsys.readouterr()
-    assert main(["fcn", *options(data, cache, reports)]) == 0
+    assert main(["fcn-evaluate", *options(data, cache, reports)]) == 0
     assert " computed " not in capsys.readouterr().out
-    assert main(["fcn", *options(data, cache, reports, "fcn.baseline_images=1")]) == 0
+    assert main(["fcn-evaluate", *options(data, cache, reports, "fcn.baseline_images=1")]) == 0
     out = capsys.readouterr().out
-    assert out.split("fcn-train", 1)[1].split()[0] == "cached" and "\nfcn " in out
-    assert out.split("\nfcn ", 1)[1].split()[0] == "computed"
+    assert out.split("fcn-train", 1)[1].split()[0] == "cached"
+    assert out.split("\nfcn-evaluate ", 1)[1].split()[0] == "computed"
 
 
 @pytest.mark.slow

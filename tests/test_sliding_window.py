@@ -1,6 +1,6 @@
 """The sliding-window detection baseline: its grid of windows and its place before R-CNN."""
 import numpy as np
-from stages.sliding_window import grid_windows
+from pipeline.sliding_window import grid_windows
 
 
 def test_windows_cover_the_image_on_a_grid_of_each_size_and_aspect_ratio():

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.boxes import box_to_voc
 from pipeline.cache import temporary_path
+from pipeline.data.voc import voc_palette
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -254,18 +255,3 @@ def _write_annotation(path: Path, image_id: str, shape, objects: list[dict], see
             ET.SubElement(bndbox, tag).text = str(int(value))
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=False)
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triples) used by its SegmentationClass PNGs."""
-    palette = []
-    for label in range(256):
-        red = green = blue = 0
-        value = label
-        for bit in range(8):
-            red |= ((value >> 0) & 1) << (7 - bit)
-            green |= ((value >> 1) & 1) << (7 - bit)
-            blue |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette += [red, green, blue]
-    return palette

@@ -250,3 +250,18 @@ def read_mask(path: Path, width: int, height: int, num_classes: int) -> np.ndarr
         raise BadInputError(path, f"segmentation mask holds label {int(beyond.max())}, but there are only "
                                   f"{num_classes} classes (labels 1-{num_classes}, 0 background, 255 void)")
     return labels
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples) used by its SegmentationClass PNGs."""
+    palette = []
+    for label in range(256):
+        red = green = blue = 0
+        value = label
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [red, green, blue]
+    return palette

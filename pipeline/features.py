@@ -1,0 +1,134 @@
+"""Region features: R-CNN's pool5 of warped crops, and the cache files R-CNN and SPP-net keep them in.
+
+Cache layout (one HDF5 file per image shard, one writer per file, a group per image id):
+    boxes         float32[R, 4]  ground-truth boxes first (all of them, difficult included), then proposals
+    gt_label      int16[R]       class index for ground-truth rows, -1 for proposals
+    gt_difficult  bool[R]
+    features      float16[R, D]  (features.dtype) chunked and compressed; the file's attribute `kind` says
+                                 what they are: R-CNN's flattened pool5, or SPP-net's spatial pyramid
+The SVMs and box regressors of both methods read them through FeatureReader, and compute fc6 / fc7
+from them through the fine-tuned fc layers (layer_features).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.cache import StageCache
+
+DTYPES = ("float16", "float32")
+COMPRESSIONS = ("lzf", "gzip", "none")
+LAYERS = ("pool5", "fc6", "fc7")
+
+
+@dataclass
+class ImageFeatures:
+    boxes: np.ndarray         # float32[R, 4]
+    gt_label: np.ndarray      # int16[R], -1 for proposals
+    gt_difficult: np.ndarray  # bool[R]
+    features: np.ndarray | None  # float16 or float32 [R, D]; None when only the regions were read
+
+    @property
+    def proposal_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.gt_label < 0)
+
+
+def image_regions(dataset, image_id: str, proposals: np.ndarray) -> ImageFeatures:
+    """The regions whose features are stored for an image: its ground-truth boxes, then its proposals."""
+    gt_boxes, gt_labels, difficult = dataset.ground_truth(image_id)
+    return ImageFeatures(np.concatenate([gt_boxes, proposals]).astype(np.float32),
+                         np.concatenate([gt_labels, np.full(len(proposals), -1)]).astype(np.int16),
+                         np.concatenate([difficult, np.zeros(len(proposals), bool)]), None)
+
+
+def write_image_features(shard_file: h5py.File, image_id: str, regions: ImageFeatures, features: np.ndarray,
+                         params: Mapping) -> None:
+    """One image's group: boxes, labels, difficult flags and features, chunked and compressed per `params`
+    (features.dtype and features.compression)."""
+    group = shard_file.create_group(image_id)
+    group["boxes"], group["gt_label"], group["gt_difficult"] = regions.boxes, regions.gt_label, regions.gt_difficult
+    group.create_dataset("features", data=features.astype(params["dtype"]),
+                         chunks=(min(len(features), 128), features.shape[1]),
+                         compression=None if params["compression"] == "none" else params["compression"])
+
+
+class FeatureReader:
+    """Reads the cached features of one image at a time from a features output (R-CNN's or SPP-net's)."""
+
+    def __init__(self, cache: StageCache):
+        self.file_of: dict[str, Path] = {}
+        for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+            with h5py.File(path, "r") as shard_file:
+                self.file_of.update({image_id: path for image_id in shard_file})
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.file_of
+
+    def regions(self, image_id: str) -> ImageFeatures:
+        """The image's regions without their features."""
+        with h5py.File(self.file_of[image_id], "r") as shard_file:
+            group = shard_file[image_id]
+            return ImageFeatures(group["boxes"][()], group["gt_label"][()], group["gt_difficult"][()], None)
+
+    def read(self, image_id: str, ground_truth_only: bool = False) -> ImageFeatures:
+        """All regions of the image, or only its ground-truth boxes (stored first, so read alone)."""
+        with h5py.File(self.file_of[image_id], "r") as shard_file:
+            group = shard_file[image_id]
+            rows = slice(int((group["gt_label"][()] >= 0).sum())) if ground_truth_only else slice(None)
+            return ImageFeatures(group["boxes"][rows], group["gt_label"][rows], group["gt_difficult"][rows],
+                                 group["features"][rows])
+
+
+def training_image_ids(dataset, train_split: str, reader: FeatureReader) -> list[str]:
+    """The training split's images that have cached features (those skipped for bad input have none)."""
+    return [image_id for image_id in dataset.image_ids(train_split) if image_id in reader]
+
+
+def features_summary(records: dict, device: str, dtype: str) -> dict:
+    """Regions, bytes per region and throughput of a features output (R-CNN's or SPP-net's)."""
+    regions = sum(record["metrics"]["regions"] for record in records.values())
+    stored = sum(record["bytes"] for record in records.values())
+    seconds = sum(record["seconds"] for record in records.values())
+    return {"regions": regions, "bytes_per_region": stored / max(regions, 1), "bytes": stored,
+            "regions_per_second": regions / max(seconds, 1e-9), "device": device,
+            "feature_dim": max(record["metrics"]["feature_dim"] for record in records.values()), "dtype": dtype}
+
+
+def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, batch_size: int, device: str,
+                   amp: bool) -> np.ndarray:
+    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches."""
+    import torch
+
+    from pipeline.regions import image_tensor, mean_subtracted, warp_regions
+    image = mean_subtracted(image_tensor(rgb, device))
+    boxes = torch.from_numpy(boxes)
+    outputs = []
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+        for batch in boxes.split(batch_size):
+            crops = warp_regions(image, batch, backbone["input_size"], backbone["context_pad"])
+            outputs.append(net.pool5(crops).flatten(1).float().cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+
+def layer_features(net, features: np.ndarray, layer: str, device: str, batch_size: int = 4096) -> np.ndarray:
+    """float32[R, D] activations of `layer`, computed from cached pool5 (or pyramid) features[R, P] through
+    the fine-tuned fc layers."""
+    import torch
+    if layer == "pool5":
+        return features.astype(np.float32)
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = torch.from_numpy(features[start:start + batch_size].astype(np.float32)).to(device)
+            outputs.append(net.fc(batch, layer).cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, net.head.in_features), np.float32)
+
+
+def mean_norm_scale(reader: FeatureReader, image_ids: list[str], transform, target_norm: float) -> float:
+    """The factor that gives the features of these images a mean L2 norm of target_norm (R-CNN: 20)."""
+    norms = [np.linalg.norm(transform(reader.read(image_id).features), axis=1) for image_id in image_ids]
+    return float(target_norm / np.concatenate(norms).mean())

@@ -1,0 +1,118 @@
+"""Region proposals: the class-agnostic boxes R-CNN, SPP-net and Fast R-CNN score (R-CNN §2.1).
+
+`proposals.method` picks the proposal method from PROPOSAL_METHODS; each takes an RGB image and the
+proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
+them the same way: the image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
+small and duplicate boxes dropped, and the first `max_proposals` kept. To add a method, write its
+function here and name it in PROPOSAL_METHODS (README: "Add a stage").
+
+selective-search, `proposals.mode`:
+  rcnn-fast       R-CNN's "fast" selective search: HSV and Lab images, graph segmentations with
+                  k = 50 and 100 (min size = k, sigma 0.8), strategies colour+texture+size+fill and
+                  texture+size+fill (Uijlings et al. 2013, Table 5), built from ximgproc's lower-level
+                  calls. OpenCV's own fast preset differs: it runs k = 150, 300, 450.
+  opencv-fast     ximgproc's switchToSelectiveSearchFast(), as OpenCV ships it.
+  opencv-quality  ximgproc's switchToSelectiveSearchQuality(), as OpenCV ships it.
+Determinism: OpenCV ranks regions with an unseeded libc rand(), so its output order changes from run
+to run and thread to thread, while the *set* of boxes does not. We therefore keep the set and rank it
+ourselves: first by how many segmentations produced the box (boxes that several colour spaces and
+scales agree on are likelier objects), then by a hash of the box's coordinates, a fixed stand-in for
+selective search's random diversification.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping
+
+import cv2
+import h5py
+import numpy as np
+
+from pipeline.boxes import clip_boxes, drop_small_and_duplicates
+from pipeline.cache import StageCache
+
+SELECTIVE_SEARCH_MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
+RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
+RCNN_FAST_KS = (50, 100)
+RCNN_FAST_SIGMA = 0.8
+
+
+def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
+    """Ranked proposals float32[N, 4] (x1, y1, x2, y2) in the image's own pixels, N <= max_proposals.
+
+    The image is resized so that its longer side is `search_side` (0 keeps it as it is); boxes are
+    scaled back, rounded to whole pixels, clipped, and those narrower or shorter than `min_size`
+    pixels, degenerate boxes and duplicates are dropped.
+    """
+    height, width = rgb.shape[:2]
+    scale = params["search_side"] / max(height, width) if params["search_side"] else 1.0
+    if scale != 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    rects = PROPOSAL_METHODS[params["method"]](rgb, params)
+    boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rects], np.float32).reshape(-1, 4) / scale
+    boxes = clip_boxes(np.round(boxes), width, height)
+    return drop_small_and_duplicates(boxes, params["min_size"])[:params["max_proposals"]]
+
+
+def selective_search(rgb: np.ndarray, params: Mapping) -> list[tuple[int, int, int, int]]:
+    """Selective-search rectangles (x, y, w, h), ranked (see the module docstring)."""
+    return rank_rects(selective_search_votes(rgb, params["mode"]))
+
+
+def selective_search_votes(rgb: np.ndarray, mode: str) -> Counter:
+    """Selective-search rectangles (x, y, w, h) -> how many segmentations produced each."""
+    segmentation = cv2.ximgproc.segmentation
+    votes = Counter()
+    if mode == "rcnn-fast":
+        for colour_space in RCNN_FAST_COLOUR_SPACES:
+            for k in RCNN_FAST_KS:
+                search = segmentation.createSelectiveSearchSegmentation()
+                search.addImage(cv2.cvtColor(rgb, colour_space))
+                search.addGraphSegmentation(segmentation.createGraphSegmentation(RCNN_FAST_SIGMA, float(k), k))
+                search.addStrategy(_strategy(colour=True))
+                search.addStrategy(_strategy(colour=False))
+                votes.update({tuple(int(v) for v in rect) for rect in search.process()})
+        return votes
+    search = segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if mode == "opencv-fast":
+        search.switchToSelectiveSearchFast()
+    else:
+        search.switchToSelectiveSearchQuality()
+    votes.update({tuple(int(v) for v in rect) for rect in search.process()})
+    return votes
+
+
+def _strategy(colour: bool):
+    """Selective search's merge similarity: (colour +) texture + size + fill."""
+    segmentation = cv2.ximgproc.segmentation
+    parts = [segmentation.createSelectiveSearchSegmentationStrategyTexture(),
+             segmentation.createSelectiveSearchSegmentationStrategySize(),
+             segmentation.createSelectiveSearchSegmentationStrategyFill()]
+    if colour:
+        parts.insert(0, segmentation.createSelectiveSearchSegmentationStrategyColor())
+    return segmentation.createSelectiveSearchSegmentationStrategyMultiple(*parts)
+
+
+def rank_rects(votes: Counter) -> list[tuple[int, int, int, int]]:
+    """Most votes first; ties broken by a hash of the coordinates (stable across runs and machines)."""
+    def key(rect):
+        return -votes[rect], hashlib.blake2b(np.asarray(rect, np.int32).tobytes(), digest_size=8).digest()
+    return sorted(votes, key=key)
+
+
+# proposals.method -> function(rgb, params) returning ranked (x, y, w, h) rectangles
+PROPOSAL_METHODS = {"selective-search": selective_search}
+
+
+def read_proposals(cache: StageCache, image_ids=None) -> dict[str, np.ndarray]:
+    """image id -> boxes float32[N, 4] from a proposals output, for every image or only `image_ids`."""
+    wanted = None if image_ids is None else set(image_ids)
+    proposals = {}
+    for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+        with h5py.File(path, "r") as shard_file:
+            proposals.update({image_id: dataset[()] for image_id, dataset in shard_file.items()
+                              if wanted is None or image_id in wanted})
+    return proposals

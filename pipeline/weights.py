@@ -1,0 +1,103 @@
+"""Where a method's network starts, and reading the networks stages trained.
+
+`backbone.weights` names the start: `pretrain` (the pretrain stage's classifier of ground-truth crops,
+trained here from scratch), `none` (random), `torchvision` (torchvision's ImageNet file in the torch hub
+cache) or the path of a weights file. Nothing is downloaded: a missing file is an error that says which
+file and where to put it. The bytes of a weights file are hashed into the key of every stage that
+starts from it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.cache import StageCache
+from pipeline.errors import ConfigError, UserError
+
+BACKBONE_KEYS = ("name", "input_size", "context_pad")
+
+
+def backbone_shape(backbone: Mapping) -> dict:
+    """The backbone's architecture and crop geometry (config section `backbone`), for a key."""
+    return {name: backbone[name] for name in BACKBONE_KEYS}
+
+
+def initial_backbone(backbone: Mapping) -> dict:
+    """What a stage that starts from the backbone depends on: its shape and where its weights come from."""
+    return {**backbone_shape(backbone), "weights": backbone["weights"]}
+
+
+def pretrain_input(backbone: Mapping) -> tuple[str, ...]:
+    """("pretrain",) when the backbone's weights come from the pretrain stage, else ()."""
+    return ("pretrain",) if backbone["weights"] == "pretrain" else ()
+
+
+def weights_key_extras(backbone: Mapping) -> dict:
+    """The bytes of an ImageNet weights file change a result: their hash goes into the key."""
+    if backbone["weights"] in ("pretrain", "none"):
+        return {}
+    path = torchvision_weights_file(backbone["name"], backbone["weights"])
+    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCache]):
+    """The backbone a method starts from, per backbone.weights, with a fresh (N + 1)-way head."""
+    import torch
+
+    from pipeline.models import build_region_net
+    weights = backbone["weights"]
+    if weights == "pretrain":
+        net = build_region_net(backbone["name"], num_classes, backbone["input_size"])
+        net.load_state_dict(torch.load(inputs["pretrain"].shard_path("00000"), weights_only=True)["model"])
+        net.replace_head(num_classes + 1)
+        return net
+    if weights == "none":
+        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
+    state = load_state(torchvision_weights_file(backbone["name"], weights))
+    return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], torchvision_state=state)
+
+
+def load_finetuned(cache: StageCache, device: str):
+    """A fine-tuned RegionNet (eval mode, on `device`), the backbone settings it was trained with and its
+    classes. Reads finetune's output, and the files written in its layout: sppnet-finetune's (whose fc6
+    takes the pyramid, `fc6_input_dim`) and pixel-classifier's."""
+    import torch
+
+    from pipeline.models import build_region_net
+    saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
+    backbone = saved["backbone"]
+    net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"],
+                           fc6_input_dim=saved.get("fc6_input_dim"))
+    net.load_state_dict(saved["model"])
+    return net.to(device).eval(), backbone, list(saved["classes"])
+
+
+def torchvision_weights_file(name: str, weights: str) -> Path:
+    """The file holding ImageNet weights: `weights` itself, or torchvision's file in the hub cache."""
+    import torch
+    import torchvision
+
+    from pipeline.models import TORCHVISION_WEIGHTS
+    if weights != "torchvision":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
+        return path
+    if name not in TORCHVISION_WEIGHTS:
+        raise ConfigError(f"backbone {name} has no torchvision weights; use backbone.weights: pretrain or none")
+    url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise UserError(f"{path}: torchvision's {name} ImageNet weights are not in the torch hub cache and "
+                        f"nothing is downloaded at run time; fetch {url} elsewhere and copy it to that path, "
+                        f"or set backbone.weights to the file's path")
+    return path
+
+
+def load_state(path: Path, device: str = "cpu") -> dict:
+    import torch
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read PyTorch weights ({exc})") from None
