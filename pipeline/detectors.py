@@ -23,9 +23,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.models import RegionNet
+from pipeline.models import RegionNet, freeze_batchnorm
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
 
@@ -141,16 +140,3 @@ def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.T
 def resized_proposals(proposals: list[torch.Tensor], original_sizes: list, new_sizes: list) -> list[torch.Tensor]:
     """Each image's proposals[K, 4] scaled from its original size to the size torchvision's transform gave it."""
     return [resize_boxes(boxes, size, new_size) for boxes, size, new_size in zip(proposals, original_sizes, new_sizes)]
-
-
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d in `module` by a FrozenBatchNorm2d with its statistics and affine terms."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            for buffer in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
-    return module

@@ -1,27 +1,45 @@
 """Region classifiers split at the layers the R-CNN family uses: conv5, pool5, fc6, fc7 and a head.
 
-The trunk (conv layers up to conv5) runs on an image of any size; pool5 is the last max-pool, the
-layer SPP-net replaces by spatial pyramid pooling and Fast R-CNN by RoI pooling, both over the trunk's
-map of the whole image (stride `trunk_stride`) with an output of `roi_size` x `roi_size` per region.
-Backbones: torchvision's AlexNet (227 px input, pool5 256x6x6) and VGG16 (224 px, pool5 512x7x7), and
-a small network for CPU presets (four conv-BN-ReLU-maxpool blocks, pool5 64 x (S/16) x (S/16)).
-ImageNet weights for AlexNet and VGG16 are read from a local file or the torch hub cache, never
-downloaded (pipeline.weights).
+The trunk (conv layers up to "conv5") runs on an image of any size; pool5 is the layer SPP-net replaces
+by spatial pyramid pooling and Fast R-CNN by RoI pooling, both over the trunk's map of the whole image
+(stride `trunk_stride`) with an output of `roi_size` x `roi_size` per region. Where each network is cut:
+
+    small         a CPU network of four conv-BN-ReLU blocks, max-pools after the first three (stride 8);
+                  pool5 the fourth max-pool: 64 x (S/16) x (S/16); fc6, fc7 of 256, trained here
+    alexnet       torchvision's features without the last max-pool (stride 16); pool5 that max-pool and
+                  the adaptive average pool: 256 x 6 x 6; fc6 and fc7 its classifier's (4096, ImageNet)
+    vgg16         the same cut: pool5 512 x 7 x 7; fc6 and fc7 its classifier's (4096, ImageNet)
+    mobilenet_v2  features[:14], through the last stride-16 inverted-residual block (96 channels), where
+                  DeepLab and SSDLite take MobileNetV2's stride-16 map; the blocks after it run at stride
+                  32 and are left out, so that RoI and SPP pooling see a stride-16 map as in the papers
+    resnet18/50   conv1 through layer3 (256 / 1024 channels, stride 16): the "C4" cut of Faster R-CNN
+                  with ResNet (He et al. 2016, Detectron's R50-C4); layer4 (stride 32) is left out
+For the last three, which have no fully connected layers but their ImageNet classifier, pool5 is a
+7 x 7 max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
+randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with the ImageNet
+statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops
+of one data set, give poor statistics. ImageNet weights are read from a local file or the torch hub
+cache, never downloaded (pipeline.weights).
 """
 from __future__ import annotations
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.errors import ConfigError
 
-BACKBONES = ("small", "alexnet", "vgg16")
-TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights"}
+BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50")
+TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights",
+                       "mobilenet_v2": "MobileNet_V2_Weights", "resnet18": "ResNet18_Weights",
+                       "resnet50": "ResNet50_Weights"}
 SMALL_CHANNELS = (16, 32, 64, 64)
 # pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two
-# max-pools; VGG16's four max-pools
-TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16}
+# max-pools; VGG16's four max-pools; the stride-16 cuts of the others
+TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16, "mobilenet_v2": 16, "resnet18": 16, "resnet50": 16}
+CLASSIC = ("alexnet", "vgg16")  # torchvision classifiers with fc6 and fc7 of their own
+NEW_FC_DIM, NEW_ROI_SIZE = 1024, 7  # fc6 / fc7 width and pool5 grid of the networks cut at stride 16
 
 
 class RegionNet(nn.Module):
@@ -70,8 +88,10 @@ def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_s
         if torchvision_state is not None:
             raise ConfigError("backbone small has no torchvision weights; use backbone.weights: pretrain or none")
         net = _small_net(num_outputs, input_size)
-    elif name in TORCHVISION_WEIGHTS:
+    elif name in CLASSIC:
         net = _torchvision_net(name, num_outputs, torchvision_state)
+    elif name in TORCHVISION_WEIGHTS:
+        net = _stride16_net(name, num_outputs, input_size, torchvision_state)
     else:
         raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
     if fc6_input_dim is not None:
@@ -90,6 +110,39 @@ def _torchvision_net(name: str, num_outputs: int, torchvision_state: dict | None
     roi_size = model.avgpool.output_size[0]
     return RegionNet(trunk, pool5_layer, fc6, fc7, 4096, num_outputs, trunk_stride=TRUNK_STRIDES[name],
                      roi_size=roi_size)
+
+
+def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None) -> RegionNet:
+    """mobilenet_v2, resnet18 or resnet50 cut at stride 16 (see the module docstring), new fc6 and fc7."""
+    if input_size % 16:
+        raise ConfigError(f"backbone.input_size {input_size}: {name} needs a multiple of 16")
+    model = getattr(torchvision.models, name)(weights=None)
+    if torchvision_state is not None:
+        model.load_state_dict(torchvision_state)
+    if name == "mobilenet_v2":
+        trunk = model.features[:14]
+    else:
+        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                              model.layer3)
+    trunk = freeze_batchnorm(trunk)
+    channels = next(m.out_channels for m in reversed(list(trunk.modules())) if isinstance(m, nn.Conv2d))
+    fc6 = nn.Sequential(nn.Dropout(), nn.Linear(channels * NEW_ROI_SIZE ** 2, NEW_FC_DIM), nn.ReLU(inplace=True))
+    fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))
+    return RegionNet(trunk, nn.AdaptiveMaxPool2d(NEW_ROI_SIZE), fc6, fc7, NEW_FC_DIM, num_outputs,
+                     trunk_stride=TRUNK_STRIDES[name], roi_size=NEW_ROI_SIZE)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a FrozenBatchNorm2d with its statistics and affine terms."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
 
 
 def _small_net(num_outputs: int, input_size: int) -> RegionNet:

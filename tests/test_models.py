@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import build_region_net
-from pipeline.weights import torchvision_weights_file
+from pipeline.weights import load_state, torchvision_weights_file
+
+SHARED_MOBILENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "mobilenet_v2_imagenet.pth"
 
 
 def test_small_net_splits_at_pool5_fc6_fc7():
@@ -24,7 +30,40 @@ def test_torchvision_backbones_have_the_papers_pool5(name, size, pool5_shape):
         assert net.fc(pool5).shape == (1, 4096) and net(torch.randn(1, 3, size, size)).shape == (1, 21)
 
 
-@pytest.mark.parametrize("name, size", [("small", 48), ("alexnet", 227), ("vgg16", 224)])
+@pytest.mark.parametrize("name, size, channels", [("mobilenet_v2", 112, 96), ("resnet18", 112, 256),
+                                                   ("resnet50", 224, 1024)])
+def test_imagenet_backbones_cut_at_stride_16_with_new_fc6_and_fc7(name, size, channels):
+    net = build_region_net(name, num_outputs=4, input_size=size).eval()
+    with torch.no_grad():
+        conv5 = net.trunk(torch.randn(2, 3, size, size))
+        pool5 = net.pool5(torch.randn(2, 3, size, size))
+    assert conv5.shape == (2, channels, size // 16, size // 16) and net.trunk_stride == 16
+    assert pool5.shape == (2, channels, 7, 7) and net.roi_size == 7
+    assert net.fc(pool5, "fc6").shape == (2, 1024) and net.fc(pool5).shape == (2, 1024) and net.trunk_channels == channels
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.trunk.modules())  # frozen, as in detection
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in net.trunk.modules())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "resnet50"])
+def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
+    model = getattr(torchvision.models, name)(weights=None)
+    state = model.state_dict()
+    net = build_region_net(name, 4, 112, torchvision_state=state)  # load_state_dict(strict): no key missing
+    first_conv = next(m for m in net.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    assert torch.equal(first_conv.weight, next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4))
+
+
+@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="../shared/data/weights is absent (the shared ImageNet weights)")
+def test_the_shared_mobilenet_v2_imagenet_weights_load_and_classify_into_imagenet_classes():
+    state = load_state(SHARED_MOBILENET)
+    net = build_region_net("mobilenet_v2", 4, 112, torchvision_state=state)
+    classifier = torchvision.models.mobilenet_v2(weights=None)
+    classifier.load_state_dict(state)
+    assert torch.equal(net.trunk[0][0].weight, classifier.features[0][0].weight)
+
+
+@pytest.mark.parametrize("name, size", [("small", 48), ("alexnet", 227), ("vgg16", 224), ("mobilenet_v2", 112),
+                                        ("resnet18", 112)])
 def test_trunk_runs_on_any_image_size_at_its_stride(name, size):
     net = build_region_net(name, num_outputs=3, input_size=size).eval()
     with torch.no_grad():

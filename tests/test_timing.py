@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.detectors import freeze_batchnorm
+from pipeline.models import freeze_batchnorm
 from pipeline.regions import flip_boxes, sample_windows
 from pipeline.timing import union_seconds
 
