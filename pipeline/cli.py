@@ -112,7 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(status, force_help=None)
     status.add_argument("--json", action="store_true", help="print JSON, including each stage's metrics")
     status.set_defaults(handler=command_status, targets=list(REGISTRY))
+
+    add_predict_parser(commands)
     return parser
+
+
+def add_predict_parser(commands) -> None:
+    from pipeline.predictions import FORMATS
+    predict = commands.add_parser(
+        "predict", help="a trained detector's boxes on your own images",
+        description="Run a trained method's detector (the one its detect stage evaluates) on images outside the "
+                    "data set: per image <stem>.json (class, score, box corners in pixels) and <stem>.jpg with the "
+                    "boxes drawn, in --out. The model is the one --config, --set and --data name, read from the "
+                    "cache; proposals and detections are cached by image content.")
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                         help="an image (jpg, jpeg, png) or a folder of them (not searched recursively)")
+    predict.add_argument("--method", choices=list(METHODS), default="rcnn",
+                         help="the detection method to apply (default: rcnn)")
+    add_common_options(predict, force_help=None)
+    predict.add_argument("--out", type=Path, default=Path("predictions"),
+                         help="where the files go (default: predictions/)")
+    predict.add_argument("--score-threshold", type=float, metavar="SCORE",
+                         help="keep and draw detections scoring at least this (default: the method's: 0 for the SVM "
+                              "margins of rcnn and sppnet, 0.5 for the probabilities of the others)")
+    predict.add_argument("--format", action="append", choices=FORMATS, default=[],
+                         help="also write voc (Annotations/<stem>.xml, pre-labels for an annotation tool) or coco "
+                              "(detections.json in the COCO results format, images.json beside it); repeatable")
+    predict.add_argument("--train", action="store_true",
+                         help="train the method first when it is not cached (otherwise that is an error)")
+    predict.set_defaults(handler=command_predict)
 
 
 def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
@@ -206,9 +234,68 @@ def command_timing_table(args) -> int:
     return 0
 
 
-def print_summaries(summaries: list[dict]) -> None:
+def command_predict(args) -> int:
+    from pipeline.predictions import write_predictions
+    from stages.predict import Predict, PredictImages, PredictProposals, read_predictions
+    on_bad_input, args.on_bad_input = args.on_bad_input, None  # for the images given, not the model's data set
+    ctx = make_context(args)
+    method = METHODS[args.method]
+    images = PredictImages(image_paths(args.paths), on_bad_input or ctx.config["data"]["on_bad_input"])
+    stages = {stage.name: stage for stage in (PredictProposals(images), Predict(method, images))}
+    registry = {**REGISTRY, **stages}
+    plans = plan_stages([f"{method.name}-predict"], registry, ctx)
+    untrained = [plan.stage.name for plan in plans if plan.stage.name in REGISTRY and not plan.cache.is_complete()]
+    if untrained and not args.train:
+        raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
+                        f"train it with `{rerun_command(args, method.name)}`, or pass --train")
+    summaries = run_stages(plans, ctx, ctx.config["scheduler"])
+    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] in stages], registry)
+    predict = plans[-1]
+    metrics = predict.cache.manifest()["metrics"]
+    about = {"method": method.name, "config": ctx.config["config_name"], "key": predict.key}
+    threshold = method.score_threshold if args.score_threshold is None else args.score_threshold
+    written = write_predictions(args.out, [(path, digest) for digest, path in images.path_of.items()],
+                                read_predictions(predict.cache), metrics["classes"], about, threshold,
+                                tuple(args.format))
+    for path, problem in metrics["skipped"].items():
+        print(f"skipped {path}: {problem}")
+    print(f"{method.title}: {written} images, {metrics['seconds_per_image']:.3f} s per image (detector, without "
+          f"proposals); score >= {threshold:g} kept; files in {args.out.resolve()}")
+    return 0
+
+
+def image_paths(paths: list[Path]) -> list[Path]:
+    """The images named, folders expanded (jpg, jpeg, png, sorted); a one-line error for anything else."""
+    from pipeline.data.voc import IMAGE_SUFFIXES
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(child for child in path.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such image or folder")
+    if not found:
+        raise UserError(f"{' '.join(map(str, paths))}: no images (jpg, jpeg, png) found")
+    stems = [path.stem for path in found]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise UserError(f"several images are named {twice[0]}: their output files would overwrite each other; "
+                        f"predict them in separate runs with separate --out folders")
+    return found
+
+
+def rerun_command(args, methods: str) -> str:
+    """`rcnn run --methods ...` with the config, data and overrides of this command."""
+    options = [f"--config {args.config}"] if args.config else []
+    options += [f"--set {item}" for item in args.set] + ([f"--data {args.data}"] if args.data else [])
+    options += [f"--cache {args.cache}"] if args.cache else []
+    return " ".join(["rcnn run --methods", methods, *options])
+
+
+def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
     for summary in summaries:
-        stage = REGISTRY[summary["stage"]]
+        stage = registry[summary["stage"]]
         headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
                             for name in stage.headline_metrics if name in summary["metrics"])
         print(f"{summary['stage']:<24} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")

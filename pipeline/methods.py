@@ -61,6 +61,9 @@ class Method:
     variants: tuple[Variant, ...]              # the first is the method's result
     test_params: Callable[[dict], dict]        # config -> what its detector reads (and images_per_shard)
     build_detector: Callable[[dict[str, StageCache], Mapping, str], Detector]  # (role -> output, params, device)
+    # the score from which `rcnn predict` keeps a detection by default: 0 is an SVM's decision boundary,
+    # 0.5 a softmax probability's even odds
+    score_threshold: float = 0.5
 
     @property
     def detect_stage(self) -> str:
@@ -182,13 +185,13 @@ SLIDING_WINDOW = Method(
 RCNN = Method(
     "rcnn", "R-CNN", training=("finetune", "features", "svm", "bbox"),
     trained={"finetune": "finetune", "svm": "svm", "bbox": "bbox"}, uses_proposals=True, variants=RCNN_VARIANTS,
-    test_params=rcnn_test_params, build_detector=svm_detector(spp=False))
+    test_params=rcnn_test_params, build_detector=svm_detector(spp=False), score_threshold=0.0)
 SPPNET = Method(
     "sppnet", "SPP-net", training=("sppnet-conv5", "sppnet-features", "sppnet-finetune", "sppnet-svm", "sppnet-bbox"),
     trained={"finetune": "sppnet-finetune", "svm": "sppnet-svm", "bbox": "sppnet-bbox"}, uses_proposals=True,
     variants=(Variant("svm_bbox", "SPP-net: SVM + bbox regression", timed="SPP-net",
                       published=Published(25.0, 2.3, 63.1)), *RCNN_VARIANTS[1:]),
-    test_params=sppnet_test_params, build_detector=svm_detector(spp=True))
+    test_params=sppnet_test_params, build_detector=svm_detector(spp=True), score_threshold=0.0)
 FAST_RCNN = Method(
     "fast-rcnn", "Fast R-CNN", training=("fast-rcnn-train",), trained={"model": "fast-rcnn-train"},
     uses_proposals=True,

@@ -54,3 +54,19 @@ def plot_losses(losses: dict[str, list[float]], path: Path, title: str) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     save_figure(figure, path)
+
+
+def draw_detections(rgb, rows, classes: list[str], min_score: float, ground_truth=None):
+    """A BGR picture of an RGB image with its detections float32[D, 6] (x1, y1, x2, y2, score, class) scoring
+    at least min_score drawn and labelled (orange), and ground-truth boxes[G, 4] if given (thin, white)."""
+    import cv2
+    canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    for box in [] if ground_truth is None else ground_truth:
+        cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (255, 255, 255), 1)
+    for x1, y1, x2, y2, score, class_index in rows:
+        if score < min_score:
+            continue
+        cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (0, 200, 255), 2)
+        cv2.putText(canvas, f"{classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
+    return canvas

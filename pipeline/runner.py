@@ -109,7 +109,7 @@ def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext)
         shards = stage.shards(ctx)
         description = {
             "stage": name, "version": stage.version, "params": thaw(ctx.params),
-            "extras": stage.key_extras(ctx), "data": run.data_identity,
+            "extras": stage.key_extras(ctx), "data": run.data_identity if stage.reads_data_set else None,
             "inputs": {upstream: plans[upstream].key for upstream in inputs},
             "shards": cache_key({shard.id: list(shard.items) for shard in shards}),
         }

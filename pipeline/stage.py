@@ -112,6 +112,9 @@ class Stage:
     # its shards use process-wide state (torch's global RNG and thread count): one at a time per process, or a
     # training running beside another in a thread would draw from its random numbers and not reproduce
     exclusive: bool = False
+    # its result depends on the data set (its identity is in the key); False for stages on images given
+    # otherwise (rcnn predict), whose shards name those images by content
+    reads_data_set: bool = True
 
     def params(self, config: dict) -> dict:
         """The config values that change this stage's result: its cache key, and all it may read later."""

@@ -25,7 +25,7 @@ from pipeline.stage import Shard, ShardOutput, Stage, StageContext
 class Evaluate(Stage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
-    version = "3"
+    version = "4"
     shard_suffix = ".json"
 
     def __init__(self, method: Method):
@@ -45,11 +45,15 @@ class Evaluate(Stage):
         return [Shard("00000", tuple(self.variants))]
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline import coco
         from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 
-        params, results, evaluators = ctx.params, {}, {}
+        params, results, evaluators, coco_results = ctx.params, {}, {}, {}
         for variant in shard.items:
             detections = read_detections(inputs[self.method.detect_stage], variant)  # every detected image
+            numbered = coco_numbers(ctx, detections)
+            coco_results[variant] = coco.evaluate(coco.ground_truth(ctx.dataset, list(numbered)),
+                                                  coco.results({numbered[i]: rows for i, rows in detections.items()}))
             for iou in params["ious"]:
                 evaluator = evaluators[variant, iou] = VOCEvaluator(ctx.classes, iou)
                 for image_id in detections:
@@ -61,14 +65,15 @@ class Evaluate(Stage):
                                                             params["bootstrap_resamples"], params["bootstrap_seed"])
                                  for iou in params["ious"]}
                        for variant in shard.items if variant != self.primary}
-        out.path.write_text(json.dumps({"results": results, "differences": differences}))
+        out.path.write_text(json.dumps({"results": results, "differences": differences, "coco": coco_results}))
         return {}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         saved = json.loads(cache.shard_path("00000").read_text())
-        results, differences = saved["results"], saved["differences"]
+        results, differences, coco_results = saved["results"], saved["differences"], saved["coco"]
         main_iou = str(ctx.params["ious"][0])
-        write_tables(cache.report_dir, results, differences, self.variants, ctx.classes, main_iou)
+        write_tables(cache.report_dir, results, differences, coco_results, self.variants, ctx.classes, main_iou)
+        write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
         draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
         primary = results[self.primary][main_iou]
@@ -78,7 +83,24 @@ class Evaluate(Stage):
                 "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
                                        for metric in ("voc07_11pt", "all_point")}
                              for variant, by_iou in results.items()},
-                "differences": differences}
+                "differences": differences,
+                **{f"coco_{name}": value for name, value in coco_results[self.primary].items()},
+                "coco": coco_results}
+
+
+def coco_numbers(ctx: StageContext, detections: dict) -> dict[str, int]:
+    """The COCO image id of each detected test image: its position in the test split, from 1."""
+    detected = [image_id for image_id in ctx.dataset.image_ids(ctx.test_split) if image_id in detections]
+    return {image_id: number for number, image_id in enumerate(detected, start=1)}
+
+
+def write_coco_files(ctx: StageContext, detections: dict, folder) -> None:
+    """The result's test detections in the COCO results format, and the test split as COCO ground truth."""
+    from pipeline import coco
+    folder.mkdir()
+    numbered = coco_numbers(ctx, detections)
+    (folder / "ground_truth.json").write_text(json.dumps(coco.ground_truth(ctx.dataset, list(numbered))))
+    (folder / "detections.json").write_text(json.dumps(coco.results({numbered[i]: rows for i, rows in detections.items()})))
 
 
 def _jsonable(result: dict) -> dict:
@@ -91,8 +113,8 @@ def _jsonable(result: dict) -> dict:
     return result
 
 
-def write_tables(report_dir, results: dict, differences: dict, titles: dict[str, str], classes: list[str],
-                 main_iou: str) -> None:
+def write_tables(report_dir, results: dict, differences: dict, coco_results: dict, titles: dict[str, str],
+                 classes: list[str], main_iou: str) -> None:
     def cell(value):
         return "n/a" if value is None else value
     first = next(iter(titles))
@@ -106,15 +128,19 @@ def write_tables(report_dir, results: dict, differences: dict, titles: dict[str,
         ["method"] + [f"mAP@{iou} ({name})" for iou in ious for name in ("VOC07 11-point", "all-point")],
         [[titles[v]] + [cell(by_iou[iou][f"map_{metric}"]) for iou in ious for metric in ("voc07_11pt", "all_point")]
          for v, by_iou in results.items()])
+    coco_table = markdown_table(["method", "AP@[0.5:0.95]", "AP50", "AP75"],
+                                [[titles[v], r["ap"], r["ap50"], r["ap75"]] for v, r in coco_results.items()])
     (report_dir / "map.md").write_text(
         f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
         f"## mAP by method\n\n{variants}\n{difference_section(differences, titles, titles[first], ious)}"
-        f"## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}")
+        f"## AP per class at IoU {main_iou}: {titles[first]}\n\n{per_class}\n"
+        f"## COCO-style AP (pycocotools; difficult objects ignored as crowd; coco/ holds the files)\n\n{coco_table}")
     summary = {variant: {iou: {key: value for key, value in result.items() if key != "per_class"} |
                          {"ap": {name: {"voc07_11pt": c["ap_voc07_11pt"], "all_point": c["ap_all_point"]}
                                  for name, c in result["per_class"].items()}}
                          for iou, result in by_iou.items()} for variant, by_iou in results.items()}
-    (report_dir / "map.json").write_text(json.dumps({"results": summary, "differences": differences}, indent=2))
+    (report_dir / "map.json").write_text(json.dumps({"results": summary, "differences": differences,
+                                                     "coco": coco_results}, indent=2))
 
 
 def difference_section(differences: dict, titles: dict[str, str], result_title: str, ious: list[str]) -> str:
@@ -152,20 +178,13 @@ def plot_pr_curves(path, result: dict, classes: list[str]) -> None:
 def draw_detections(ctx: StageContext, detections: dict, report_dir) -> None:
     """The first few test images with ground truth (thin, white) and detections above min_score."""
     import cv2
-    params = ctx.params
+
+    from pipeline.reports import draw_detections as drawn
     pictures = report_dir / "detections"
     pictures.mkdir(exist_ok=True)
-    for image_id in ctx.dataset.image_ids(ctx.test_split)[:params["pictures"]]:
+    for image_id in ctx.dataset.image_ids(ctx.test_split)[:ctx.params["pictures"]]:
         rgb = ctx.dataset.read_image(image_id)
-        if rgb is None or image_id not in detections:
-            continue
-        canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        for box in ctx.dataset.ground_truth(image_id)[0]:
-            cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (255, 255, 255), 1)
-        for x1, y1, x2, y2, score, class_index in detections[image_id]:
-            if score < params["picture_min_score"]:
-                continue
-            cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (0, 200, 255), 2)
-            cv2.putText(canvas, f"{ctx.classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
-        cv2.imwrite(str(pictures / f"{image_id}.jpg"), canvas)
+        if rgb is not None and image_id in detections:
+            canvas = drawn(rgb, detections[image_id], ctx.classes, ctx.params["picture_min_score"],
+                           ctx.dataset.ground_truth(image_id)[0])
+            cv2.imwrite(str(pictures / f"{image_id}.jpg"), canvas)

@@ -81,3 +81,15 @@ def config_sealed_while_stages_run():
         patch.setattr(pipeline.cli, "load_config", lambda *args: SealableConfig(load_config(*args)))
         patch.setattr(pipeline.cli, "run_stages", sealing_run_stages)
         yield sealed_runs
+
+
+@pytest.fixture(scope="session")
+def timing_run(shapes_root, tmp_path_factory):
+    """One `rcnn timing-table` on the tiny set (test_methods' settings): every method trained, evaluated and
+    timed, with the config sealed while the stages run. Tests read it or copy its cache."""
+    from test_methods import options
+    work = tmp_path_factory.mktemp("methods")
+    with config_sealed_while_stages_run() as sealed_runs:
+        assert main(["timing-table", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    assert "timing-table" in sealed_runs[-1]
+    return shapes_root, work / "cache", work / "reports"

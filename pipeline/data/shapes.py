@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
@@ -22,9 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.boxes import box_to_voc
 from pipeline.cache import temporary_path
-from pipeline.data.voc import voc_palette
+from pipeline.data.voc import VOCAnnotation, VOCObject, voc_palette, write_annotation
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,7 +76,10 @@ def _write_all(root: Path, images: int, seed: int, single_object: bool) -> None:
         mask = Image.fromarray(labels, mode="P")
         mask.putpalette(voc_palette())
         mask.save(root / "SegmentationClass" / f"{image_id}.png")
-        _write_annotation(root / "Annotations" / f"{image_id}.xml", image_id, rgb.shape, objects, seed)
+        annotation = VOCAnnotation(image_id, rgb.shape[1], rgb.shape[0], tuple(
+            VOCObject(obj["name"], obj["box"], obj["difficult"], obj["truncated"]) for obj in objects))
+        write_annotation(root / "Annotations" / f"{image_id}.xml", annotation, "shapes",
+                         f"rcnn-pipeline shapes (seed {seed})", segmented=True)
     for split, ids in split_ids(image_ids).items():
         for folder in ("Main", "Segmentation"):
             (root / "ImageSets" / folder / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
@@ -232,26 +233,3 @@ def _class_mask(instances: np.ndarray, objects: list[dict]) -> np.ndarray:
     boundary = cv2.dilate(labels, kernel) != cv2.erode(labels, kernel)
     labels[boundary] = VOID
     return labels
-
-
-def _write_annotation(path: Path, image_id: str, shape, objects: list[dict], seed: int) -> None:
-    height, width = shape[:2]
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "shapes"
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
-    ET.SubElement(ET.SubElement(root, "source"), "database").text = f"rcnn-pipeline shapes (seed {seed})"
-    size = ET.SubElement(root, "size")
-    for tag, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, tag).text = str(value)
-    ET.SubElement(root, "segmented").text = "1"
-    for obj in objects:
-        element = ET.SubElement(root, "object")
-        ET.SubElement(element, "name").text = obj["name"]
-        ET.SubElement(element, "pose").text = "Unspecified"
-        ET.SubElement(element, "truncated").text = str(int(obj["truncated"]))
-        ET.SubElement(element, "difficult").text = str(int(obj["difficult"]))
-        bndbox = ET.SubElement(element, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box_to_voc(obj["box"])):
-            ET.SubElement(bndbox, tag).text = str(int(value))
-    ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.boxes import voc_to_box
+from pipeline.boxes import box_to_voc, voc_to_box
 from pipeline.errors import BadInputError, ConfigError
 
 ON_BAD_INPUT = ("error", "skip")
@@ -250,6 +250,29 @@ def read_mask(path: Path, width: int, height: int, num_classes: int) -> np.ndarr
         raise BadInputError(path, f"segmentation mask holds label {int(beyond.max())}, but there are only "
                                   f"{num_classes} classes (labels 1-{num_classes}, 0 background, 255 void)")
     return labels
+
+
+def write_annotation(path: Path, annotation: VOCAnnotation, folder: str, database: str, segmented: bool) -> None:
+    """A VOC annotation file: size, then each object's name, flags and box (1-based inclusive, whole pixels)."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = folder
+    ET.SubElement(root, "filename").text = f"{annotation.image_id}.jpg"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = database
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", annotation.width), ("height", annotation.height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = str(int(segmented))
+    for obj in annotation.objects:
+        element = ET.SubElement(root, "object")
+        ET.SubElement(element, "name").text = obj.name
+        ET.SubElement(element, "pose").text = "Unspecified"
+        ET.SubElement(element, "truncated").text = str(int(obj.truncated))
+        ET.SubElement(element, "difficult").text = str(int(obj.difficult))
+        bndbox = ET.SubElement(element, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box_to_voc(obj.box)):
+            ET.SubElement(bndbox, tag).text = str(int(round(value)))
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=False)
 
 
 def voc_palette() -> list[int]:

@@ -1,0 +1,59 @@
+"""Detections in the COCO formats, and COCO-style AP by pycocotools, beside the PASCAL figures.
+
+COCO boxes are [x, y, width, height] in continuous pixel coordinates, which is the pipeline's own
+convention (pipeline.boxes: x2 = x1 + width), so no pixel is added or taken. Category ids are class
+index + 1 (COCO reserves 0). A VOC `difficult` object becomes `iscrowd: 1`, the only way pycocotools
+ignores a ground-truth box: a detection on it is neither a true nor a false positive (as in VOC),
+though pycocotools measures its overlap with such a box as intersection over the detection's area.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+
+COCO_METRICS = ("ap", "ap50", "ap75")  # AP@[0.5:0.95], AP@0.5, AP@0.75 (COCOeval.stats[0:3])
+
+
+def categories(classes: list[str]) -> list[dict]:
+    return [{"id": index + 1, "name": name, "supercategory": "object"} for index, name in enumerate(classes)]
+
+
+def results(detections_by_image: dict[int, np.ndarray]) -> list[dict]:
+    """COCO results: one entry per detection of float32[D, 6] rows (x1, y1, x2, y2, score, class index)."""
+    return [{"image_id": image_id, "category_id": int(class_index) + 1, "score": round(float(score), 6),
+             "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)]}
+            for image_id, rows in detections_by_image.items() for x1, y1, x2, y2, score, class_index in rows]
+
+
+def ground_truth(dataset, image_ids: list[str]) -> dict:
+    """A COCO ground-truth file of these images of a VOC data set (COCO image id = position + 1)."""
+    images, annotations = [], []
+    for number, image_id in enumerate(image_ids, start=1):
+        annotation = dataset.annotation(image_id)
+        images.append({"id": number, "file_name": f"{image_id}.jpg", "width": annotation.width,
+                       "height": annotation.height})
+        boxes, labels, difficult = dataset.ground_truth(image_id)
+        for (x1, y1, x2, y2), label, hard in zip(boxes.tolist(), labels.tolist(), difficult.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": number, "category_id": label + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                "iscrowd": int(hard)})
+    return {"images": images, "annotations": annotations, "categories": categories(dataset.classes)}
+
+
+def evaluate(truth: dict, detections: list[dict]) -> dict[str, float]:
+    """COCO AP@[0.5:0.95], AP50 and AP75 of the detections (pycocotools.COCOeval, bbox)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    if not detections:
+        return dict.fromkeys(COCO_METRICS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco = COCO()
+        coco.dataset = truth
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats[:3])}

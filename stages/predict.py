@@ -1,0 +1,145 @@
+"""`rcnn predict`: a trained method's detector on images outside the data set, as two stages built per call.
+
+    predict-proposals   region proposals of the given images with the config's own settings
+                        (pipeline.proposals.propose, as the proposals stage), cached by image content.
+    <method>-predict    the method's detector (pipeline.methods: the one its detect stage evaluates) on each
+                        image, the method's result variant: float32[D, 6] rows per image, with the seconds
+                        it took, cached by image content, the detector's trained outputs and its settings.
+Both key the images by their content (sha256), so the same pictures under other names or folders reuse
+the results, and neither depends on the data set the detector was trained on except through the keys of
+the trained outputs. The shard files hold one dataset per image, named by its digest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.cache import StageCache
+from pipeline.data.voc import read_rgb
+from pipeline.errors import BadInputError
+from pipeline.methods import Method
+from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.timing import Clock
+
+IMAGES_PER_SHARD = 10
+
+
+class PredictImages:
+    """The images of one `rcnn predict` call: content digest -> path (the first of equal files), and what
+    to do with an unreadable one (on_bad_input: error | skip)."""
+
+    def __init__(self, paths: list[Path], on_bad_input: str):
+        from pipeline.cache import sha256_of
+        self.on_bad_input = on_bad_input
+        self.path_of: dict[str, Path] = {}
+        for path in paths:
+            self.path_of.setdefault(sha256_of(path), path)
+
+    def shards(self) -> list[Shard]:
+        return image_shards(list(self.path_of), IMAGES_PER_SHARD)
+
+    def read(self, digest: str) -> tuple[np.ndarray | None, dict]:
+        """The image as RGB, or (None, {path: problem}) when it is unreadable and bad input is skipped."""
+        try:
+            return read_rgb(self.path_of[digest]), {}
+        except BadInputError as error:
+            if self.on_bad_input == "error":
+                raise
+            return None, {error.path: error.problem}
+
+
+class PredictProposals(Stage):
+    """Region proposals of images outside the data set, with the config's proposal settings."""
+
+    name = "predict-proposals"
+    version = "1"
+    reads_data_set = False
+    headline_metrics = ("images", "proposals_per_image")
+
+    def __init__(self, images: PredictImages):
+        self.images = images
+
+    def params(self, config: dict) -> dict:
+        proposals = {name: value for name, value in config["proposals"].items()
+                     if name not in ("recall_at", "images_per_shard")}
+        return {**proposals, "on_bad_input": self.images.on_bad_input}
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return self.images.shards()
+
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        import cv2
+
+        from pipeline.proposals import propose
+        cv2.setNumThreads(1)
+        skipped, boxes_written = {}, 0
+        with h5py.File(out.path, "w") as shard_file:
+            for digest in shard.items:
+                rgb, problem = self.images.read(digest)
+                skipped.update(problem)
+                if rgb is not None:
+                    shard_file[digest] = boxes = propose(rgb, ctx.params)
+                    boxes_written += len(boxes)
+        return {"images": len(shard.items) - len(skipped), "boxes": boxes_written, "skipped": skipped}
+
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        images = sum(record["metrics"]["images"] for record in records.values())
+        return {"images": images, "proposals_per_image": sum(r["metrics"]["boxes"] for r in records.values()) / max(images, 1),
+                "skipped": {path: problem for r in records.values() for path, problem in r["metrics"]["skipped"].items()}}
+
+
+class Predict(Stage):
+    """Run a trained method's detector on images outside the data set."""
+
+    version = "1"
+    reads_data_set = False
+    runs_on_device = True
+    headline_metrics = ("images", "detections_per_image", "seconds_per_image")
+
+    def __init__(self, method: Method, images: PredictImages):
+        self.method, self.images = method, images
+        self.name = f"{method.name}-predict"
+        self.inputs = (PredictProposals.name,) * method.uses_proposals + tuple(dict.fromkeys(method.trained.values()))
+
+    def params(self, config: dict) -> dict:
+        return {**self.method.test_params(config), "on_bad_input": self.images.on_bad_input}
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return self.images.shards()
+
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline.proposals import read_proposals
+        detector = self.method.detector(inputs, ctx.params, ctx.device)
+        proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
+        images, detections, seconds, skipped = 0, 0, 0.0, {}
+        with h5py.File(out.path, "w") as shard_file:
+            for digest in shard.items:
+                rgb, problem = self.images.read(digest)
+                skipped.update(problem)
+                if rgb is None or (self.method.uses_proposals and digest not in proposals):
+                    continue
+                clock = Clock(ctx.device)
+                rows = detector(rgb, proposals.get(digest), (self.method.result,), clock)[self.method.result]
+                shard_file[digest] = rows
+                shard_file[digest].attrs.update(seconds=clock.total(), width=rgb.shape[1], height=rgb.shape[0])
+                images, detections, seconds = images + 1, detections + len(rows), seconds + clock.total()
+        return {"images": images, "detections": detections, "seconds": seconds, "classes": detector.classes,
+                "skipped": skipped}
+
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        images = sum(record["metrics"]["images"] for record in records.values())
+        return {"images": images, "classes": next(iter(records.values()))["metrics"]["classes"],
+                "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1),
+                "seconds_per_image": sum(r["metrics"]["seconds"] for r in records.values()) / max(images, 1),
+                "skipped": {path: problem for r in records.values() for path, problem in r["metrics"]["skipped"].items()}}
+
+
+def read_predictions(cache: StageCache) -> dict[str, tuple[np.ndarray, dict]]:
+    """image digest -> (detections float32[D, 6], attributes: seconds, width, height) of a predict output."""
+    predictions = {}
+    for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+        with h5py.File(path, "r") as shard_file:
+            predictions.update({digest: (dataset[()], dict(dataset.attrs)) for digest, dataset in shard_file.items()})
+    return predictions
