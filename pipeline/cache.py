@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -46,18 +47,82 @@ def commit_file(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
+@contextlib.contextmanager
+def hdf5_file(path: Path):
+    """A new HDF5 file, built in memory and written to `path` in one piece when the block ends without error.
+
+    HDF5 writing to disk itself fails deep in its C library when the disk is full, prints a traceback for
+    every object h5py frees afterwards and can crash the interpreter at exit; written here, a full disk is
+    one OSError naming the file. Shards are a few images' worth, so they fit in memory."""
+    import h5py
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        yield handle
+    write_bytes(path, buffer.getbuffer())
+
+
+def save_torch(content, path: Path) -> None:
+    """torch.save into memory, then to `path` in one write (torch reports a full disk as a RuntimeError)."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def write_bytes(path: Path, data) -> None:
+    """Write a file; an OSError (a full disk, a read-only folder) names it."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
     temporary = temporary_path(path)
-    temporary.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+    write_bytes(temporary, json.dumps(content, indent=2, sort_keys=True, default=str).encode())
     commit_file(temporary, path)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def hash_file(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes: sha256, or blake2b-128 ("blake2b")."""
+    digest = hashlib.blake2b(digest_size=16) if algorithm == "blake2b" else hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return hash_file(path, "sha256")
+
+
+def file_digests(paths: list[Path], stat_cache: Path, algorithm: str = "blake2b") -> dict[Path, str]:
+    """The hash of each file ('missing' for an absent one; blake2b-128 or sha256), reusing those remembered
+    in `stat_cache` for the same size and mtime."""
+    try:
+        remembered = json.loads(stat_cache.read_text())
+    except (OSError, ValueError):
+        remembered = {}
+    digests, updated = {}, False
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            digests[path] = "missing"
+            continue
+        key, signature = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        entry = remembered.get(key)
+        if entry is None or entry[:2] != signature:
+            entry = signature + [hash_file(path, algorithm)]
+            remembered[key], updated = entry, True
+        digests[path] = entry[2]
+    if updated:
+        stat_cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_path(stat_cache)
+        temporary.write_text(json.dumps(remembered))
+        os.replace(temporary, stat_cache)
+    return digests
 
 
 class StageCache:
@@ -78,10 +143,39 @@ class StageCache:
         return self.dir / "report"
 
     def is_complete(self) -> bool:
-        return self.manifest_path.is_file()
+        """The manifest is written, and every shard it lists has its record and its file, of the size the
+        record says (a cheap check; `problems(deep=True)` compares the contents too)."""
+        try:
+            shards = self.manifest()["shards"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return not self.problems(shards, deep=False)
 
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())
+
+    def problems(self, shard_ids, deep: bool, memo: Path | None = None) -> dict[str, str]:
+        """shard id -> what is wrong with it: a missing or unreadable record, a missing file, another size
+        than the record's, or (deep) other contents: the sha256 the record holds, computed afresh or, with
+        `memo`, remembered for the file's size and mtime (pipeline.cache.file_digests)."""
+        found, records = {}, {}
+        for shard_id in shard_ids:
+            try:
+                records[shard_id] = record = self.shard_record(shard_id)
+                path = self.dir / record["file"]
+                if not path.is_file():
+                    found[shard_id] = f"{path}: the file is missing"
+                elif path.stat().st_size != record["bytes"]:
+                    found[shard_id] = f"{path}: {path.stat().st_size} bytes, its record says {record['bytes']}"
+            except (OSError, ValueError, KeyError):
+                found[shard_id] = f"{self.record_path(shard_id)}: the record is missing or unreadable"
+        if deep:
+            paths = {shard_id: self.dir / record["file"] for shard_id, record in records.items() if shard_id not in found}
+            digests = (file_digests(list(paths.values()), memo, "sha256") if memo else
+                       {path: sha256_of(path) for path in paths.values()})
+            found.update({shard_id: f"{path}: its contents differ from its record (sha256)"
+                          for shard_id, path in paths.items() if digests[path] != records[shard_id]["sha256"]})
+        return found
 
     def shard_path(self, shard_id: str) -> Path:
         return self.dir / f"{shard_id}{self.shard_suffix}"
@@ -126,6 +220,13 @@ class StageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.dir.glob(f".*{TEMPORARY_MARK}*"):
             leftover.unlink()
+
+    def invalidate(self, shard_ids) -> None:
+        """Forget these shards (record and file) and the manifest: the next run recomputes exactly them."""
+        self.manifest_path.unlink(missing_ok=True)
+        for shard_id in shard_ids:
+            self.record_path(shard_id).unlink(missing_ok=True)
+            self.shard_path(shard_id).unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove the whole output (for --force)."""

@@ -5,6 +5,7 @@ Every stage command runs what it needs upstream, reuses what is cached and resum
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -27,20 +28,34 @@ SCHEDULER_HELP = ("Dask engine: 'threads' or 'threads:N' (in-process threads; th
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code: 0 done, 2 a one-line error (a traceback with --debug), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         return args.handler(args)
-    except BadInputError as error:
-        print(f"rcnn: error: {error} (to leave such items out, pass --on-bad-input skip)", file=sys.stderr)
-    except UserError as error:
-        print(f"rcnn: error: {error}", file=sys.stderr)
+    except (UserError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"rcnn: error: {one_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rcnn: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 2
+
+
+def one_line(error: Exception) -> str:
+    """What went wrong, which file, what to do: the message a user sees instead of a traceback."""
+    if isinstance(error, BadInputError):
+        return f"{error} (to leave such items out, pass --on-bad-input skip)"
+    if isinstance(error, UserError):
+        return str(error)
+    # an OSError: a full disk, a read-only or forbidden folder
+    text = f"{error.filename}: {error.strerror}" if error.filename else str(error).splitlines()[0]
+    if error.errno == errno.ENOSPC:
+        return f"{text} (the disk is full: free some space and run the same command again; finished shards are kept)"
+    return f"{text} (run again with --debug to see where)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="log more detail")
     verbosity.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
                            help="log only warnings and errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback instead of the one-line message")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     data = commands.add_parser("data", help="generate a data set in the VOC layout",
@@ -111,7 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
                                              "or missing, with its key and size.")
     add_common_options(status, force_help=None)
     status.add_argument("--json", action="store_true", help="print JSON, including each stage's metrics")
-    status.set_defaults(handler=command_status, targets=list(REGISTRY))
+    status.set_defaults(handler=command_status)
+
+    verify = commands.add_parser(
+        "verify", help="check cached outputs against their records; forget what differs",
+        description="Hash every shard file of the named stages (default: every stage of this config and data) "
+                    "and compare it with the size and sha256 its record holds. A shard whose file is missing, "
+                    "truncated or changed is forgotten (its record, its file and the stage's manifest), so that "
+                    "the next run recomputes exactly those shards. `rcnn run` checks the outputs it is about to "
+                    "read the same way; `rcnn status` marks outputs that fail the check as partial.")
+    verify.add_argument("stages", nargs="*", metavar="STAGE", help="the stages to check (default: all)")
+    add_common_options(verify, force_help=None)
+    verify.set_defaults(handler=command_verify)
 
     add_predict_parser(commands)
     return parser
@@ -199,6 +227,10 @@ def command_run(args) -> int:
     ctx = make_context(args)
     ends = {**{name: method.evaluate_stage for name, method in METHODS.items()}, **TASKS}
     everything = [name for name in ends if name != "localize"]  # localize needs single-object data
+    if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(ctx.config["data"]["train_split"]):
+        print(f"fcn left out: this data set has no segmentation masks "
+              f"({ctx.dataset.segmentation_split_file(ctx.config['data']['train_split'])} is missing)")
+        everything.remove("fcn")
     targets = args.targets or [ends[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)
     force = set()
@@ -303,24 +335,75 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
 
 def command_status(args) -> int:
     ctx = make_context(args)
-    rows = []
-    for plan in plan_stages(args.targets, REGISTRY, ctx):
+    from pipeline.runner import VERIFIED
+    rows, unavailable = [], []
+    for plan in plan_what_the_data_allows(ctx, unavailable):
         state = plan.state()
+        problems = (plan.cache.problems([shard.id for shard in plan.shards], deep=True, memo=ctx.cache_root / VERIFIED)
+                    if state == "cached" else {})
+        state = "partial" if problems else state  # files that differ from their records: `rcnn verify` repairs
         rows.append({
             "stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
             "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
-            "stale_keys": plan.cache.other_keys(), "running_pid": plan.cache.holder_pid(),
+            "stale_keys": plan.cache.other_keys(), "running_pid": plan.cache.holder_pid() if state != "cached" else None,
             "metrics": plan.cache.manifest().get("metrics", {}) if state == "cached" else {},
+            "problems": list(problems.values()),
         })
+    rows += unavailable
     if args.json:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
                           "cache": str(ctx.cache_root), "stages": rows}, indent=2))
         return 0
     print(f"{'stage':<24} {'state':<8} {'key':<16}  {'size':>9}  shards")
     for row in rows:
+        if row["state"] == "n/a":
+            print(f"{row['stage']:<24} n/a      {row['reason']}")
+            continue
         print(f"{row['stage']:<24} {row['state']:<8} {row['key']:<16}  {_size(row['size_bytes']):>9}  "
               f"{row['shards_done']}/{row['shards']}")
+        for problem in row["problems"]:
+            print(f"    {problem} (run `rcnn verify {row['stage']}`)")
     return 0
+
+
+def command_verify(args) -> int:
+    """Check every shard of the named stages (default: all) against its record, and forget the bad ones."""
+    ctx = make_context(args)
+    unavailable: list[dict] = []
+    plans = [plan for plan in plan_what_the_data_allows(ctx, unavailable)
+             if not args.stages or plan.stage.name in args.stages]
+    unknown = set(args.stages) - {plan.stage.name for plan in plans}
+    if unknown:
+        raise ConfigError(f"rcnn verify {' '.join(sorted(unknown))}: no such stage (stages: {', '.join(REGISTRY)})")
+    forgotten = 0
+    for plan in plans:
+        complete = plan.cache.manifest_path.is_file()
+        shard_ids = [shard.id for shard in plan.shards if complete or plan.cache.shard_done(shard.id)]
+        if not shard_ids:
+            continue
+        with plan.cache.lock():
+            bad = plan.cache.problems(shard_ids, deep=True)
+            plan.cache.invalidate(bad)
+        forgotten += len(bad)
+        print(f"{plan.stage.name:<24} {plan.key}  {len(shard_ids) - len(bad)}/{len(shard_ids)} shards match their records")
+        for problem in bad.values():
+            print(f"    {problem}: forgotten; the next run recomputes it")
+    print(f"{forgotten} shards forgotten" if forgotten else "every shard matches its record")
+    return 0
+
+
+def plan_what_the_data_allows(ctx: RunContext, unavailable: list[dict]) -> list:
+    """Every stage's plan, each method and task planned apart: one the data set cannot feed (the FCN
+    without segmentation masks) gets an "n/a" row in `unavailable` instead of stopping the rest."""
+    from pipeline.errors import DataSetError
+    plans = {}
+    for target in [*(method.evaluate_stage for method in METHODS.values()), "timing-table", *TASKS.values()]:
+        try:
+            plans.update({plan.stage.name: plan for plan in plan_stages([target], REGISTRY, ctx)
+                          if plan.stage.name not in plans})
+        except DataSetError as error:
+            unavailable.append({"stage": target, "state": "n/a", "reason": str(error)})
+    return [plans[name] for name in REGISTRY if name in plans]
 
 
 def _short(value) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.schema import validate
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
@@ -40,6 +41,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> d
     config["config_name"] = path.stem
     for override in overrides:
         apply_override(config, override)
+    validate(config)
     return config
 
 

@@ -12,8 +12,8 @@ class ConfigError(UserError):
     """A config file or a --set override is wrong."""
 
 
-class BadInputError(UserError):
-    """One item of a data set (an image, an annotation, a split file) is unusable."""
+class FileProblem(UserError):
+    """Something wrong with one file: its path and the problem."""
 
     def __init__(self, path, problem: str):
         self.path = str(path)
@@ -22,3 +22,13 @@ class BadInputError(UserError):
 
     def __reduce__(self):  # keep (path, problem) across dask.distributed's pickling
         return (type(self), (self.path, self.problem))
+
+
+class BadInputError(FileProblem):
+    """One item of a data set (an image, an annotation, a mask) is unusable: with on_bad_input skip it is
+    left out."""
+
+
+class DataSetError(FileProblem):
+    """The data set as a whole is unusable (no data folder, a missing or malformed split file, a split with
+    nothing to learn from): leaving items out cannot help."""

@@ -54,9 +54,10 @@ def run_shard_task(plan, shard, *_upstream_done) -> str:
         started_at, started = time.time(), time.perf_counter()
         metrics = plan.stage.run_shard(plan.context, shard, plan.inputs,
                                        ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
-    plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
-                                                  "metrics": metrics})
+        plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
+                                                      "metrics": metrics})
     return shard.id
+
 
 
 def finalize_task(finalize, plan, *_shards_done) -> str:

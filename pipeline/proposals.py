@@ -2,7 +2,7 @@
 
 `proposals.method` picks the proposal method from PROPOSAL_METHODS; each takes an RGB image and the
 proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
-them the same way: the image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
+them the same way: a larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
 small and duplicate boxes dropped, and the first `max_proposals` kept. To add a method, write its
 function here and name it in PROPOSAL_METHODS (README: "Add a stage").
 
@@ -41,12 +41,13 @@ RCNN_FAST_SIGMA = 0.8
 def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     """Ranked proposals float32[N, 4] (x1, y1, x2, y2) in the image's own pixels, N <= max_proposals.
 
-    The image is resized so that its longer side is `search_side` (0 keeps it as it is); boxes are
-    scaled back, rounded to whole pixels, clipped, and those narrower or shorter than `min_size`
-    pixels, degenerate boxes and duplicates are dropped.
+    An image whose longer side exceeds `search_side` is shrunk to it first (0: never; selective search's
+    time grows with the pixels, so a 6000 x 4000 photo would take minutes); boxes are scaled back, rounded
+    to whole pixels, clipped, and those narrower or shorter than `min_size` pixels, degenerate boxes and
+    duplicates are dropped.
     """
     height, width = rgb.shape[:2]
-    scale = params["search_side"] / max(height, width) if params["search_side"] else 1.0
+    scale = search_scale(width, height, params["search_side"])
     if scale != 1.0:
         rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -54,6 +55,11 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rects], np.float32).reshape(-1, 4) / scale
     boxes = clip_boxes(np.round(boxes), width, height)
     return drop_small_and_duplicates(boxes, params["min_size"])[:params["max_proposals"]]
+
+
+def search_scale(width: int, height: int, search_side: int) -> float:
+    """The factor an image is searched at: 1, or less when its longer side exceeds search_side (> 0)."""
+    return min(1.0, search_side / max(width, height)) if search_side else 1.0
 
 
 def selective_search(rgb: np.ndarray, params: Mapping) -> list[tuple[int, int, int, int]]:

@@ -24,6 +24,7 @@ from pipeline.stage import Shard, Stage, StageContext, freeze, resolve_device, t
 from pipeline.timing import describe_hardware, union_seconds
 
 log = logging.getLogger(__name__)
+VERIFIED = ".verified.json"  # the sha256 of shard files, by path, size and mtime (pipeline.cache.file_digests)
 
 
 @dataclass
@@ -137,9 +138,12 @@ def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: s
             elif plan.cache.is_complete():  # another run finished it while we waited for the lock
                 continue
             plan.cache.prepare()
+            plan.cache.invalidate(plan.cache.problems([shard.id for shard in plan.shards if plan.cache.shard_done(shard.id)],
+                                                      deep=False))  # a record without its file is not done
             done = len(plan.shards) - len(plan.missing_shards)
             log.info("%s: computing %s (%d of %d shards already done)", name, plan.key, done, len(plan.shards))
             computed.append(plan)
+        computed = recompute_what_would_be_read_corrupt(plans, computed, run, locks)
         if computed:
             resources = {name for plan in computed for name in plan.stage.resources(plan.context)}
             graph.execute(graph.build(computed, finalize_stage), scheduler, resources)
@@ -147,6 +151,30 @@ def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: s
         publish_report(plan, run.reports_root)
     return [{"stage": plan.stage.name, "key": plan.key, "computed": plan in computed,
              "metrics": plan.cache.manifest().get("metrics", {})} for plan in plans]
+
+
+def recompute_what_would_be_read_corrupt(plans: list[StagePlan], computed: list[StagePlan], run: RunContext,
+                                         locks: ExitStack) -> list[StagePlan]:
+    """Check the cached outputs the stages about to run will read against their records (sha256, remembered
+    by size and mtime); shards that differ are forgotten and their stage joins the run, its inputs checked
+    in turn. Returns the stages to compute, in plan order."""
+    memo, checked = run.cache_root / VERIFIED, set()
+    while True:
+        read = {name for plan in computed for name in plan.inputs}
+        to_check = [plan for plan in plans if plan.stage.name in read and plan not in computed
+                    and plan.stage.name not in checked]
+        if not to_check:
+            return [plan for plan in plans if plan in computed]
+        for plan in to_check:
+            checked.add(plan.stage.name)
+            bad = plan.cache.problems([shard.id for shard in plan.shards], deep=True, memo=memo)
+            if bad:
+                for problem in bad.values():
+                    log.warning("%s: %s; recomputing that shard", plan.stage.name, problem)
+                locks.enter_context(plan.cache.lock())
+                plan.cache.invalidate(bad)
+                plan.cache.prepare()
+                computed.append(plan)
 
 
 def finalize_stage(plan: StagePlan) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import BadInputError
+from pipeline.errors import DataSetError
 
 
 @dataclass
@@ -44,7 +44,7 @@ def load_training_masks(dataset, split: str, device: str, scale: float = 1.0) ->
     """The split's images with masks, resized by `scale`; an error naming the split file when there are none."""
     training = load_segmentation_set(dataset, dataset.segmentation_ids(split), device, scale)
     if not training.image_ids:
-        raise BadInputError(dataset.root / "ImageSets" / "Segmentation" / f"{split}.txt",
+        raise DataSetError(dataset.segmentation_split_file(split),
                             "no images with segmentation masks in this split")
     return training
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.cache import commit_file, temporary_path
+from pipeline.cache import commit_file, save_torch, temporary_path
 from pipeline.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iter
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     temporary = temporary_path(path)
-    torch.save(state, temporary)
+    save_torch(state, temporary)
     commit_file(temporary, path)
 
 

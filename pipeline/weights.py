@@ -54,8 +54,13 @@ def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCach
         return net
     if weights == "none":
         return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
-    state = load_state(torchvision_weights_file(backbone["name"], weights))
-    return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], torchvision_state=state)
+    path = torchvision_weights_file(backbone["name"], weights)
+    state = load_state(path)
+    try:
+        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], torchvision_state=state)
+    except RuntimeError as exc:  # load_state_dict: keys or shapes of another network
+        details = " ".join(str(exc).split("\n")[1:2]).strip()[:160]
+        raise UserError(f"{path}: does not hold torchvision's {backbone['name']} weights ({details}...)") from None
 
 
 def load_finetuned(cache: StageCache, device: str):
@@ -79,13 +84,14 @@ def torchvision_weights_file(name: str, weights: str) -> Path:
     import torchvision
 
     from pipeline.models import TORCHVISION_WEIGHTS
+    if name not in TORCHVISION_WEIGHTS:
+        raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
+                          f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(TORCHVISION_WEIGHTS)})")
     if weights != "torchvision":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
         return path
-    if name not in TORCHVISION_WEIGHTS:
-        raise ConfigError(f"backbone {name} has no torchvision weights; use backbone.weights: pretrain or none")
     url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
@@ -96,8 +102,13 @@ def torchvision_weights_file(name: str, weights: str) -> Path:
 
 
 def load_state(path: Path, device: str = "cpu") -> dict:
+    """A state dict of tensors from a file, read without executing anything (weights_only)."""
     import torch
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read PyTorch weights ({exc})") from None
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises pickle, zip, key or runtime errors, by the file's kind of damage
+        raise UserError(f"{path}: not a PyTorch state dict that can be read safely ({type(exc).__name__}); "
+                        f"backbone.weights must name a file saved with torch.save(model.state_dict())") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state

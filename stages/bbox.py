@@ -16,7 +16,7 @@ import io
 
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, write_bytes
 from pipeline.classifiers import box_coder, class_groups
 from pipeline.errors import ConfigError
 from pipeline.features import FeatureReader, mean_norm_scale, training_image_ids
@@ -67,7 +67,7 @@ class BBox(PrefixedStage):
         buffer = io.BytesIO()
         np.savez(buffer, class_indices=np.array(shard.items), scale=scale,
                  **{name: np.stack(values) for name, values in fitted.items()})
-        out.path.write_bytes(buffer.getvalue())
+        write_bytes(out.path, buffer.getvalue())
         return stats
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:

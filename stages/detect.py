@@ -8,9 +8,8 @@ The report holds the devkit's results files of the method's result variant, `res
 """
 from __future__ import annotations
 
-import h5py
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, hdf5_file
 from pipeline.detections import read_detections, write_devkit_results
 from pipeline.methods import Method
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
@@ -42,7 +41,7 @@ class Detect(Stage):
         variants = tuple(variant.name for variant in self.method.variants)
         images = detections = 0
         seconds: dict[str, float] = {}
-        with h5py.File(out.path, "w") as shard_file:
+        with hdf5_file(out.path) as shard_file:
             for image_id in shard.items:
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None or (self.method.uses_proposals and image_id not in proposals):  # bad input

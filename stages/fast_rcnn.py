@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.methods import NETWORK_TEST_PARAMS
+from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
@@ -70,7 +71,7 @@ class DetectorTrain(TrainingStage):
 
         history = train(model, next_batch, settings, out.checkpoint, ctx.device, amp=params["amp"],
                         threads=ctx.threads, desc=self.name, loss_of=loss_of)
-        torch.save({"model": model.state_dict(), "architecture": self.architecture, "params": thaw(params),
+        save_torch({"model": model.state_dict(), "architecture": self.architecture, "params": thaw(params),
                     "backbone": backbone_shape(params["backbone"]), "classes": ctx.classes,
                     "losses": history.losses, "loss_parts": history.parts}, out.path)
         return {"final_loss": float(np.mean(history.losses[-20:])),

@@ -26,7 +26,7 @@ import json
 import h5py
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, hdf5_file, save_torch
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext, TrainingStage, image_shards
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
@@ -78,7 +78,7 @@ class FCNTrain(TrainingStage):
 
         history = train(model, random_crops(training, params), settings, out.checkpoint, ctx.device,
                         amp=params["amp"], threads=ctx.threads, desc=self.name, loss_of=loss_of)
-        torch.save({"model": model.state_dict(), "params": thaw(params), "classes": ctx.classes,
+        save_torch({"model": model.state_dict(), "params": thaw(params), "classes": ctx.classes,
                     "losses": history.losses}, out.path)
         return {"final_loss": float(np.mean(history.losses[-20:])), "images": len(training.image_ids)}
 
@@ -117,7 +117,7 @@ class FCNEvaluate(Stage):
             tallies[name]["seconds"] += seconds
             tallies[name]["images"] += 1
 
-        with h5py.File(out.path, "w") as shard_file:
+        with hdf5_file(out.path) as shard_file:
             for image_id, image, truth in zip(test.image_ids, test.images, test.masks):
                 clock = Clock(ctx.device)
                 fcn_mask = predict_mask(fcn, normalised(image), params["scale"]).cpu().numpy()

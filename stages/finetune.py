@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
@@ -73,7 +74,7 @@ class Finetune(TrainingStage):
         sample = np.sort(np.random.default_rng(settings.seed).choice(len(labels), min(len(labels), 4096), replace=False))
         predicted = predict_classes(net, training.bank, windows.image_index[sample], windows.boxes[sample],
                                     backbone["input_size"], backbone["context_pad"])
-        torch.save({"model": net.state_dict(), "backbone": backbone_shape(backbone),
+        save_torch({"model": net.state_dict(), "backbone": backbone_shape(backbone),
                     "classes": ctx.classes, "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])), "foreground_windows": len(foreground),
                 "background_windows": len(background),

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.cache import StageCache
-from pipeline.errors import BadInputError
+from pipeline.cache import StageCache, save_torch
+from pipeline.errors import DataSetError
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
@@ -61,7 +61,7 @@ def load_single_object_images(dataset, split: str, size: int, device: str) -> Si
         labels.append(int(gt_labels[0]))
         boxes.append(gt_boxes[0] / np.array([width, height, width, height], np.float32))
     if not image_ids:
-        raise BadInputError(dataset.split_file(split), "no image with exactly one object: localize needs "
+        raise DataSetError(dataset.split_file(split), "no image with exactly one object: localize needs "
                             "single-object images (rcnn data shapes --single-object --out data/shapes-single, "
                             "then --data data/shapes-single)")
     return SingleObjectImages(image_ids, torch.stack(images), torch.tensor(labels, device=device),
@@ -122,7 +122,7 @@ class Localize(TrainingStage):
             parts[phase] = history.losses
             if phase in EVALUATED:
                 results[phase] = evaluate(net, test)
-        torch.save({"model": net.state_dict(), "losses": losses, "loss_parts": parts, "results": results}, out.path)
+        save_torch({"model": net.state_dict(), "losses": losses, "loss_parts": parts, "results": results}, out.path)
         for phase in PHASES:
             phase_file(out, phase, "checkpoint").unlink(missing_ok=True)
             phase_file(out, phase, "pt").unlink(missing_ok=True)
@@ -183,7 +183,7 @@ def train_phase(net, phase: str, training: SingleObjectImages, params, ctx: Stag
                     ctx.device, amp=params["amp"], threads=ctx.threads, desc=f"localize {phase}",
                     loss_of=loss_of, parameters=trained)
     temporary = temporary_path(done)
-    torch.save({"model": net.state_dict(), "losses": history.losses}, temporary)
+    save_torch({"model": net.state_dict(), "losses": history.losses}, temporary)
     commit_file(temporary, done)
     return history
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
 
@@ -58,6 +59,6 @@ class PixelClassifier(TrainingStage):
 
         history = train(net, next_batch, settings, out.checkpoint, ctx.device, amp=params["amp"],
                         threads=ctx.threads, desc=self.name)
-        torch.save({"model": net.state_dict(), "backbone": backbone_shape(params["backbone"]), "classes": ctx.classes,
+        save_torch({"model": net.state_dict(), "backbone": backbone_shape(params["backbone"]), "classes": ctx.classes,
                     "losses": history.losses}, out.path)
         return {"final_loss": float(np.mean(history.losses[-20:]))}

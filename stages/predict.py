@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, hdf5_file
 from pipeline.data.voc import read_rgb
 from pipeline.errors import BadInputError
 from pipeline.methods import Method
@@ -75,7 +75,7 @@ class PredictProposals(Stage):
         from pipeline.proposals import propose
         cv2.setNumThreads(1)
         skipped, boxes_written = {}, 0
-        with h5py.File(out.path, "w") as shard_file:
+        with hdf5_file(out.path) as shard_file:
             for digest in shard.items:
                 rgb, problem = self.images.read(digest)
                 skipped.update(problem)
@@ -114,7 +114,7 @@ class Predict(Stage):
         detector = self.method.detector(inputs, ctx.params, ctx.device)
         proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
         images, detections, seconds, skipped = 0, 0, 0.0, {}
-        with h5py.File(out.path, "w") as shard_file:
+        with hdf5_file(out.path) as shard_file:
             for digest in shard.items:
                 rgb, problem = self.images.read(digest)
                 skipped.update(problem)

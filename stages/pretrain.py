@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import backbone_shape
 
@@ -53,7 +54,7 @@ class Pretrain(TrainingStage):
         losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.threads,
                        desc="pretrain").losses
         predicted = predict_classes(net, training.bank, windows, boxes, backbone["input_size"], backbone["context_pad"])
-        torch.save({"model": net.state_dict(), "losses": losses}, out.path)
+        save_torch({"model": net.state_dict(), "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])),
                 "train_accuracy": float((predicted == labels).float().mean()), "gt_crops": len(windows)}
 

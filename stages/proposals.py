@@ -9,19 +9,19 @@ the image, error (and then no boxes). The report gives the recall of the ground 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 
-from pipeline.cache import StageCache
-from pipeline.errors import ConfigError
-from pipeline.proposals import PROPOSAL_METHODS, SELECTIVE_SEARCH_MODES, propose, read_proposals
+from pipeline.cache import StageCache, hdf5_file
+from pipeline.proposals import propose, read_proposals, search_scale
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
 
 RECALL_IOUS = (0.5, 0.7)
+log = logging.getLogger(__name__)
 
 
 class Proposals(Stage):
@@ -32,18 +32,7 @@ class Proposals(Stage):
     headline_metrics = ("recall@0.5", "recall@0.7", "proposals_per_image", "failed_images")
 
     def params(self, config: dict) -> dict:
-        params = dict(config["proposals"])
-        if params["method"] not in PROPOSAL_METHODS:
-            raise ConfigError(f"proposals.method {params['method']!r}: expected one of {', '.join(PROPOSAL_METHODS)}")
-        if params["method"] == "selective-search" and params["mode"] not in SELECTIVE_SEARCH_MODES:
-            raise ConfigError(f"proposals.mode {params['mode']!r}: expected one of {', '.join(SELECTIVE_SEARCH_MODES)}")
-        for key in ("max_proposals", "images_per_shard"):
-            if not _positive_int(params[key]):
-                raise ConfigError(f"proposals.{key} must be a positive whole number, not {params[key]!r}")
-        if not isinstance(params["recall_at"], list) or not all(map(_positive_int, params["recall_at"])):
-            raise ConfigError(f"proposals.recall_at must be a list of positive whole numbers, "
-                              f"not {params['recall_at']!r}")
-        return params
+        return config["proposals"]
 
     def key_extras(self, ctx: StageContext) -> dict:
         return {"opencv": cv2.__version__}
@@ -54,8 +43,8 @@ class Proposals(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         params = ctx.params
         cv2.setNumThreads(1)  # parallelism comes from the shards; OpenCV's own threads would oversubscribe
-        failed, boxes_written, skipped = {}, 0, {}
-        with h5py.File(out.path, "w") as shard_file:
+        failed, boxes_written, skipped, shrunk = {}, 0, {}, 0
+        with hdf5_file(out.path) as shard_file:
             for image_id in shard.items:
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None:  # bad image and on_bad_input=skip: the data set noted why, under its path
@@ -67,13 +56,14 @@ class Proposals(Stage):
                 except cv2.error as exc:  # ximgproc asserts on some inputs; report the image, go on
                     failed[image_id] = str(exc).strip().splitlines()[-1]
                     boxes = np.zeros((0, 4), np.float32)
+                shrunk += search_scale(rgb.shape[1], rgb.shape[0], params["search_side"]) < 1
                 dataset = shard_file.create_dataset(image_id, data=boxes)
                 dataset.attrs.update(image_id=image_id, height=rgb.shape[0], width=rgb.shape[1])
                 if image_id in failed:
                     dataset.attrs["error"] = failed[image_id]
                 boxes_written += len(boxes)
         return {"images": len(shard.items) - len(skipped), "boxes": boxes_written, "failed": failed,
-                "skipped": skipped}
+                "skipped": skipped, "shrunk": shrunk}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         params = ctx.params
@@ -84,20 +74,20 @@ class Proposals(Stage):
                    **{path: problem for record in records.values()
                       for path, problem in record["metrics"]["skipped"].items()}}
         images = sum(record["metrics"]["images"] for record in records.values())
+        shrunk = sum(record["metrics"]["shrunk"] for record in records.values())
+        if shrunk:
+            log.info("proposals: %d of %d images are larger than %d px and were searched at that size "
+                     "(proposals.search_side)", shrunk, images, params["search_side"])
         metrics = {
             "images": images,
             "proposals_per_image": sum(len(boxes) for boxes in proposals.values()) / max(images, 1),
             "seconds_per_image": sum(record["seconds"] for record in records.values()) / max(images, 1),
             "recall@0.5": curve[-1]["recall@0.5"], "recall@0.7": curve[-1]["recall@0.7"],
             "gt_boxes": curve[-1]["gt_boxes"], "recall_curve": curve,
-            "failed_images": len(failed), "failed": failed, "skipped": skipped,
+            "failed_images": len(failed), "failed": failed, "skipped": skipped, "images_searched_smaller": shrunk,
         }
         write_report(cache.report_dir, params, metrics)
         return metrics
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def recall_curve(dataset, proposals: dict[str, np.ndarray], caps: list[int]) -> list[dict]:
@@ -135,12 +125,15 @@ def write_report(report_dir: Path, params, metrics: dict) -> None:
     lines = [f"# Proposal recall ({method_title(params)}, {metrics['images']} images, {curve[-1]['gt_boxes']} "
              f"non-difficult ground-truth boxes)\n",
              markdown_table(["max proposals", "mean kept", "recall@0.5", "recall@0.7", "mean best IoU"], rows)]
+    if metrics["images_searched_smaller"]:
+        lines.append(f"{metrics['images_searched_smaller']} images are larger than {params['search_side']} px and were "
+                     f"searched at that size (proposals.search_side); their boxes are in their own pixels.\n")
     for title, items in (("Images on which OpenCV failed", metrics["failed"]),
                          ("Items skipped for bad input", metrics["skipped"])):
         if items:
             lines += [f"\n## {title}\n"] + [f"- {name}: {problem}" for name, problem in sorted(items.items())]
     (report_dir / "recall.md").write_text("\n".join(lines) + "\n")
-    (report_dir / "recall.json").write_text(json.dumps({"params": dict(params), "curve": curve}, indent=2))
+    (report_dir / "recall.json").write_text(json.dumps({"params": thaw(params), "curve": curve}, indent=2))
     figure = new_figure()
     axes = figure.add_subplot()
     for iou in RECALL_IOUS:

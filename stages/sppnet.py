@@ -23,7 +23,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, hdf5_file, save_torch
 from pipeline.features import features_summary
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext, TrainingStage, image_shards
 from pipeline.weights import backbone_shape, initial_backbone, pretrain_input, weights_key_extras
@@ -59,7 +59,7 @@ class SPPConv5(Stage):
         from pipeline.weights import initial_net
         trunk = initial_net(ctx.params["backbone"], len(ctx.classes), inputs).to(ctx.device).eval().trunk
         images = 0
-        with h5py.File(out.path, "w") as shard_file:
+        with hdf5_file(out.path) as shard_file:
             for image_id in shard.items:
                 rgb = ctx.dataset.read_image(image_id)
                 if rgb is None:  # skipped for bad input
@@ -109,7 +109,7 @@ class SPPFeatures(Stage):
         # the conv5 shard of the same id holds these images: both stages' shards are the training split's
         # images cut by sppnet.images_per_shard, which both keys cover
         with h5py.File(inputs["sppnet-conv5"].shard_path(shard.id), "r") as conv5_file, \
-                h5py.File(out.path, "w") as shard_file:
+                hdf5_file(out.path) as shard_file:
             shard_file.attrs["kind"] = "spatial pyramid"
             for image_id in shard.items:
                 if image_id not in conv5_file or image_id not in proposals:  # skipped for bad input
@@ -179,7 +179,7 @@ class SPPFinetune(TrainingStage):
 
         history = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.threads,
                         desc="sppnet-finetune", loss_of=loss_of, parameters=fc_parameters)
-        torch.save({"model": net.state_dict(), "backbone": backbone_shape(params["backbone"]), "classes": ctx.classes,
+        save_torch({"model": net.state_dict(), "backbone": backbone_shape(params["backbone"]), "classes": ctx.classes,
                     "losses": history.losses, "fc6_input_dim": fc6_input_dim}, out.path)
         foreground = int(sum((image_labels > 0).sum() for image_labels in labels))
         return {"final_loss": float(np.mean(history.losses[-20:])), "foreground_windows": foreground,

@@ -23,15 +23,16 @@ Output per task: `<task>.npz` with class_indices, weights[k, D], biases[k], scal
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline.cache import StageCache, write_bytes
 from pipeline.classifiers import class_groups
 from pipeline.errors import ConfigError
-from pipeline.features import LAYERS, FeatureReader, layer_features, mean_norm_scale, training_image_ids
+from pipeline.features import FeatureReader, layer_features, mean_norm_scale, training_image_ids
 from pipeline.reports import markdown_table
 from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
 
@@ -47,10 +48,7 @@ class SVM(PrefixedStage):
     runs_on_device = True  # fc6/fc7 from the cached pool5
 
     def params(self, config: dict) -> dict:
-        params = dict(config["svm"])
-        if params["layer"] not in LAYERS:
-            raise ConfigError(f"svm.layer {params['layer']!r}: expected one of {', '.join(LAYERS)}")
-        return params
+        return config["svm"]
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return class_groups(len(ctx.classes), ctx.params["classes_per_task"])
@@ -78,7 +76,7 @@ class SVM(PrefixedStage):
         np.savez(buffer, class_indices=np.array(shard.items), scale=scale, layer=params["layer"],
                  weights=np.stack([caches[c].weights for c in shard.items]),
                  biases=np.array([caches[c].bias for c in shard.items]))
-        out.path.write_bytes(buffer.getvalue())
+        write_bytes(out.path, buffer.getvalue())
         return {ctx.classes[c]: caches[c].summary() for c in shard.items}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
@@ -163,6 +161,12 @@ def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dic
                     retrain(cache, params)
 
 
+# sklearn's liblinear draws the order of its coordinate descent from one process-wide generator (newrand.h)
+# and trains without the GIL: fits in two threads would interleave their draws, and the weights would
+# differ from run to run in the 6th digit. One fit at a time per process reproduces them exactly.
+LIBLINEAR = threading.Lock()
+
+
 def retrain(cache: ClassCache, params: dict) -> None:
     """Fit the SVM on positives + cached negatives, then evict the easy negatives."""
     from sklearn.exceptions import ConvergenceWarning
@@ -173,7 +177,7 @@ def retrain(cache: ClassCache, params: dict) -> None:
     labels = np.concatenate([np.ones(len(cache.positives)), -np.ones(len(negatives))])
     svm = LinearSVC(C=params["C"], loss="hinge", dual=True, intercept_scaling=params["intercept_scaling"],
                     class_weight={1: params["positive_weight"], -1: 1.0}, max_iter=params["max_iter"], random_state=0)
-    with warnings.catch_warnings(record=True) as caught:
+    with LIBLINEAR, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         svm.fit(features, labels)
     cache.unconverged_fits += any(issubclass(warning.category, ConvergenceWarning) for warning in caught)

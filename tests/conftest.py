@@ -7,6 +7,17 @@ from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
 
 TINY_IMAGES = 16
+SCHEDULER: list[str] = []  # ["--scheduler", SPEC] when the suite runs with --rcnn-scheduler SPEC
+
+
+def pytest_addoption(parser):
+    parser.addoption("--rcnn-scheduler", metavar="SPEC", default=None,
+                     help="run the tests' rcnn commands on this Dask scheduler (e.g. local:2) instead of the config's")
+
+
+def pytest_configure(config):
+    spec = config.getoption("--rcnn-scheduler")
+    SCHEDULER[:] = ["--scheduler", spec] if spec else []
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +39,7 @@ def rcnn(tmp_path, shapes_root):
     """Run the CLI in-process on the tiny set with a private cache and reports folder."""
     def run(*args, data=None, cache=None):
         return main([*args, "--data", str(data or shapes_root), "--cache", str(cache or tmp_path / "cache"),
-                     "--reports", str(tmp_path / "reports")])
+                     "--reports", str(tmp_path / "reports"), *SCHEDULER])
     return run
 
 
@@ -92,4 +103,16 @@ def timing_run(shapes_root, tmp_path_factory):
     with config_sealed_while_stages_run() as sealed_runs:
         assert main(["timing-table", *options(shapes_root, work / "cache", work / "reports")]) == 0
     assert "timing-table" in sealed_runs[-1]
+    return shapes_root, work / "cache", work / "reports"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_root, tmp_path_factory):
+    """One full `rcnn run` of the tiny preset (test_rcnn_pipeline's settings), with the config sealed while
+    the stages run; tests only read it or copy its cache."""
+    from test_rcnn_pipeline import STAGES, options
+    work = tmp_path_factory.mktemp("rcnn")
+    with config_sealed_while_stages_run() as sealed_runs:
+        assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0
+    assert sealed_runs == [STAGES]
     return shapes_root, work / "cache", work / "reports"

@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from pipeline.config import apply_override, load_config
+from pipeline.config import PRESET_DIR, apply_override, load_config
 from pipeline.errors import ConfigError
 
 
@@ -44,3 +45,52 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_has_the_schemas_keys_types_and_ranges(preset):
+    load_config(preset)  # validates
+
+
+@pytest.mark.parametrize("override, message", [
+    ("svm.C=abc", "svm.C = 'abc': expected a number"),
+    ("svm.C=-1", "svm.C = -1.0: expected a positive number"),
+    ("svm=3", "svm = 3: expected a mapping of settings"),
+    ("finetune.iterations=2.5", "finetune.iterations = 2.5: expected a whole number"),
+    ("finetune.augment=1", "finetune.augment = 1: expected true or false"),
+    ("evaluate.ious=[0.5, 1.5]", "evaluate.ious = [0.5, 1.5]: expected numbers in (0, 1]"),
+    ("sppnet.scales=[144, big]", "sppnet.scales = [144, 'big']: expected a list of whole numbers"),
+    ("detect.nms_iou=0", "detect.nms_iou = 0.0: expected a number in (0, 1]"),
+    ("finetune.momentum=1", "finetune.momentum = 1.0: expected a number in [0, 1)"),
+    ("features.dtype=int8", "features.dtype = 'int8': expected one of float16, float32"),
+])
+def test_a_value_of_the_wrong_type_or_range_is_one_line_naming_key_value_and_what_is_expected(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config("demo", [override])
+    assert str(caught.value) == f"config demo: {message}" or str(caught.value).startswith(f"config demo: {message}")
+
+
+def test_an_unknown_key_in_a_config_file_is_an_error_naming_the_known_ones(tmp_path):
+    config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
+    config["svm"]["CC"] = 0.1
+    del config["bbox"]["lambda"]
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"config mine: bbox.lambda is missing"):
+        load_config(str(path))
+    config["bbox"]["lambda"] = 1000.0
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"config mine: svm.CC: unknown key \(known here: .*C, "):
+        load_config(str(path))
+
+
+def test_the_schemas_own_choices_are_those_of_the_code():
+    from pipeline import models, roi, schema, segmentation
+    assert schema.BACKBONES == models.BACKBONES and schema.POOLINGS == roi.POOLINGS
+    assert schema.UPSAMPLINGS == segmentation.UPSAMPLINGS and schema.DOWNSAMPLINGS == segmentation.DOWNSAMPLINGS
+
+
+def test_a_bad_value_stops_the_command_before_anything_runs(rcnn, tmp_path, capsys):
+    assert rcnn("svm", "--set", "svm.C=abc") == 2
+    assert capsys.readouterr().err == "rcnn: error: config demo: svm.C = 'abc': expected a number\n"
+    assert not (tmp_path / "cache" / "proposals").exists()

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -88,3 +89,46 @@ def test_demo_preset_recall_on_200_images(tmp_path, capsys):
     capsys.readouterr()
     assert main(["proposals", *options]) == 0
     assert "cached" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_cluster_that_loses_a_worker_mid_run_finishes_with_the_threads_result(shapes_root, tmp_path):
+    """`dask scheduler` and two `dask worker --nthreads 1` on 127.0.0.1; one worker is SIGKILLed once the
+    proposals stage has finished some shards; the run still ends well, with the threads run's proposals."""
+    from distributed import Client
+    dask = str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    options = ["--data", str(shapes_root), "--reports", str(tmp_path / "reports"), "--set", "proposals.images_per_shard=1"]
+    processes = []
+    try:
+        processes.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                           "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        workers = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{i}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        processes += workers
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "proposals", "--scheduler", address,
+                                "--cache", str(tmp_path / "cluster"), *options], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        processes.append(run)
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "cluster").glob("proposals/*/*.done.json"))) < 3:
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before a worker could be killed"
+            time.sleep(0.05)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        _, errors = run.communicate(timeout=300)
+        assert run.returncode == 0, errors[-2000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+    assert main(["proposals", "--scheduler", "threads", "--cache", str(tmp_path / "threads"), *options]) == 0
+    assert_same_proposals(proposals_in(tmp_path / "cluster"), proposals_in(tmp_path / "threads"))

@@ -99,7 +99,34 @@ def test_missing_weights_path_is_named(tmp_path):
 
 
 def test_small_backbone_has_no_torchvision_weights():
-    with pytest.raises(ConfigError, match="no torchvision weights"):
+    with pytest.raises(ConfigError, match="backbone small has no ImageNet weights"):
         torchvision_weights_file("small", "torchvision")
     with pytest.raises(ConfigError, match="multiple of 16"):
         build_region_net("small", 6, 50)
+
+
+def pickled_module(path):
+    import pickle
+    path.write_bytes(pickle.dumps({"model": torch.nn.Linear(2, 2)}))
+
+
+@pytest.mark.parametrize("write, problem", [
+    (pickled_module, "not a PyTorch state dict that can be read safely"),
+    (lambda path: path.write_text("these are not weights\n" * 20), "not a PyTorch state dict that can be read safely"),
+    (lambda path: torch.save([torch.zeros(2)], path), "holds a list, not a state dict of tensors"),
+])
+def test_an_unreadable_weights_file_is_one_error_naming_it(tmp_path, write, problem):
+    path = tmp_path / "weights.pth"
+    write(path)
+    with pytest.raises(UserError) as caught:
+        load_state(path)
+    assert str(caught.value).startswith(f"{path}: {problem}") and "weights_only=False" not in str(caught.value)
+
+
+def test_weights_of_another_network_are_named_as_such(tmp_path):
+    from pipeline.weights import initial_net
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    backbone = {"name": "mobilenet_v2", "input_size": 112, "context_pad": 8, "weights": str(path)}
+    with pytest.raises(UserError, match=rf"{path}: does not hold torchvision's mobilenet_v2 weights \(Missing key"):
+        initial_net(backbone, 3, {})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config_sealed_while_stages_run
+from conftest import SCHEDULER
 from pipeline.cache import sha256_of
 from pipeline.cli import main
 from pipeline.data.voc import VOCDataset
@@ -27,7 +27,7 @@ STAGES = ["proposals", "pretrain", "finetune", "features", "svm", "bbox", "rcnn-
 
 def options(data, cache, reports, *extra_sets):
     sets = [item for value in (*TINY, *extra_sets) for item in ("--set", value)]
-    return [*sets, "--data", str(data), "--cache", str(cache), "--reports", str(reports)]
+    return [*sets, "--data", str(data), "--cache", str(cache), "--reports", str(reports), *SCHEDULER]
 
 
 def status(data, cache, reports, capsys, *extra_sets) -> dict:
@@ -38,16 +38,6 @@ def status(data, cache, reports, capsys, *extra_sets) -> dict:
 
 def tree_digest(directory):
     return {path.name: sha256_of(path) for path in sorted(directory.iterdir()) if path.is_file()}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(shapes_root, tmp_path_factory):
-    """One full `rcnn run` of the tiny preset; tests only read it or copy its cache."""
-    work = tmp_path_factory.mktemp("rcnn")
-    with config_sealed_while_stages_run() as sealed_runs:
-        assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0
-    assert sealed_runs == [STAGES]
-    return shapes_root, work / "cache", work / "reports"
 
 
 def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.voc import VOCDataset, parse_annotation
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, DataSetError
 
 
 def edit_first_box(xml_path, **corners):
@@ -46,7 +46,7 @@ def test_image_is_rgb_of_the_annotated_size(shapes_root):
 
 
 def test_folder_without_annotations_is_not_a_data_set(tmp_path):
-    with pytest.raises(BadInputError, match="not a VOC-layout data set"):
+    with pytest.raises(DataSetError, match="not a VOC-layout data set"):
         VOCDataset(tmp_path)
 
 
@@ -66,6 +66,10 @@ def break_box_inverted(root, image_id):
     edit_first_box(root / "Annotations" / f"{image_id}.xml", xmin=50, xmax=20)
 
 
+def break_box_zero_width(root, image_id):
+    edit_first_box(root / "Annotations" / f"{image_id}.xml", xmin=20, xmax=20)
+
+
 def break_unknown_class(root, image_id):
     path = root / "Annotations" / f"{image_id}.xml"
     tree = ET.parse(path)
@@ -76,8 +80,9 @@ def break_unknown_class(root, image_id):
 BROKEN_ANNOTATIONS = {
     "malformed XML": (break_annotation_xml, "malformed XML"),
     "box outside the image": (break_box_outside, "lies outside the"),
-    "x2 < x1": (break_box_inverted, "xmax < xmin"),
-    "unknown class": (break_unknown_class, "unknown class 'blob'"),
+    "x2 < x1": (break_box_inverted, "box has no width or height"),
+    "zero-width box": (break_box_zero_width, "box has no width or height"),
+    "unknown class": (break_unknown_class, "class 'blob' is not one of the classes found in the training split"),
 }
 
 
@@ -124,5 +129,19 @@ def test_bad_image_raises_error_naming_the_file(shapes_copy, breaker, message):
 
 def test_missing_split_file_is_an_error_even_when_skipping(shapes_copy):
     (shapes_copy / "ImageSets/Main/test.txt").unlink()
-    with pytest.raises(BadInputError, match="test.txt: split file is missing"):
+    with pytest.raises(DataSetError, match="test.txt: split file is missing"):
         VOCDataset(shapes_copy, on_bad_input="skip").image_ids("test")
+
+
+def test_a_class_outside_the_given_classes_is_named_as_such(shapes_copy):
+    image_id = first_test_image(shapes_copy)
+    break_unknown_class(shapes_copy, image_id)
+    with pytest.raises(BadInputError, match=r"class 'blob' is not one of data.classes \(circle, square\)"):
+        VOCDataset(shapes_copy, classes=["circle", "square"]).image_ids("test")
+
+
+def test_a_class_only_the_training_split_has_is_a_class(shapes_copy):
+    image_id = VOCDataset(shapes_copy).image_ids("trainval")[0]
+    break_unknown_class(shapes_copy, image_id)
+    dataset = VOCDataset(shapes_copy)
+    assert "blob" in dataset.classes and image_id in dataset.image_ids("trainval")

@@ -7,10 +7,9 @@ Hashes are remembered per file with its size and mtime (as DVC does), so a warm 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
+from pipeline.cache import file_digests
 from pipeline.data.voc import VOCDataset
 
 
@@ -29,30 +28,3 @@ def data_identity(dataset: VOCDataset, splits: list[str], stat_cache: Path) -> d
         combined.update(f"{path.relative_to(dataset.root).as_posix()}\0{digests[path]}\n".encode())
     return {"files": len(files), "digest": combined.hexdigest(), "classes": dataset.classes,
             "on_bad_input": dataset.on_bad_input}
-
-
-def file_digests(paths: list[Path], stat_cache: Path) -> dict[Path, str]:
-    """blake2b of each file ('missing' for an absent one), reusing hashes whose size+mtime match."""
-    try:
-        remembered = json.loads(stat_cache.read_text())
-    except (OSError, ValueError):
-        remembered = {}
-    digests, updated = {}, False
-    for path in paths:
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            digests[path] = "missing"
-            continue
-        key, signature = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-        entry = remembered.get(key)
-        if entry is None or entry[:2] != signature:
-            entry = signature + [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()]
-            remembered[key], updated = entry, True
-        digests[path] = entry[2]
-    if updated:
-        stat_cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = stat_cache.with_name(f".{stat_cache.name}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(remembered))
-        os.replace(temporary, stat_cache)
-    return digests

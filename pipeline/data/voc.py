@@ -11,7 +11,9 @@ the file; with on_bad_input="skip" the item is left out instead and listed in `s
 """
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.boxes import box_to_voc, voc_to_box
-from pipeline.errors import BadInputError, ConfigError
+from pipeline.errors import BadInputError, ConfigError, DataSetError
 
 ON_BAD_INPUT = ("error", "skip")
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -49,7 +52,7 @@ class VOCDataset:
             raise ConfigError(f"on_bad_input must be one of {ON_BAD_INPUT}, not {on_bad_input!r}")
         self.root = Path(root)
         if not (self.root / "Annotations").is_dir():
-            raise BadInputError(self.root, "not a VOC-layout data set (no Annotations/ folder); "
+            raise DataSetError(self.root, "not a VOC-layout data set (no Annotations/ folder); "
                                 "generate one with `rcnn data shapes --out DIR` or pass --data VOCdevkit/VOC2007")
         self.class_split = class_split
         self.on_bad_input = on_bad_input
@@ -76,26 +79,42 @@ class VOCDataset:
         return self._classes
 
     def _classes_in_split(self, split: str) -> list[str]:
-        names = set()
+        """The class names of the split's objects, sorted; said in the log with their counts, so that a typo
+        (a class of one object) is seen."""
+        counts = Counter()
         for image_id in self.listed_ids(split):
             annotation = self._guard(lambda: parse_annotation(self.annotation_path(image_id), image_id))
             if annotation is not None:
-                names.update(obj.name for obj in annotation.objects)
-        if not names:
-            raise BadInputError(self.split_file(split), "no annotated objects to take the class list from")
-        return sorted(names)
+                counts.update(obj.name for obj in annotation.objects)
+        if not counts:
+            raise DataSetError(self.split_file(split), "no annotated objects to take the class list from")
+        log.info("classes (data.classes is empty: those of %s): %s", self.split_file(split),
+                 ", ".join(f"{name} ({counts[name]})" for name in sorted(counts)))
+        return sorted(counts)
+
+    def segmentation_split_file(self, split: str) -> Path:
+        return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+    def has_segmentation(self, split: str) -> bool:
+        return self.segmentation_split_file(split).is_file()
 
     def segmentation_ids(self, split: str) -> list[str]:
         """The images of the split's segmentation list (ImageSets/Segmentation/), without bad items."""
-        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        path = self.segmentation_split_file(split)
         return [image_id for image_id in self.listed_ids(split, path) if self.annotation(image_id) is not None]
 
     def listed_ids(self, split: str, path: Path | None = None) -> list[str]:
         """Every id the split file (default: ImageSets/Main/<split>.txt) lists, in order, bad items included."""
         path = path or self.split_file(split)
         if not path.is_file():
-            raise BadInputError(path, f"split file is missing (expected one image id per line for split {split!r})")
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+            raise DataSetError(path, f"split file is missing (expected one image id per line for split {split!r})")
+        ids = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                ids.append(line.split()[0])
+                if "/" in ids[-1] or "\\" in ids[-1] or ids[-1] in (".", ".."):
+                    raise DataSetError(path, f"line {number}: {ids[-1]!r} is not an image id (a file name without "
+                                             f"folders: no / or \\, not . or ..)")
         return list(dict.fromkeys(ids))
 
     # ---- annotations --------------------------------------------------------------------------
@@ -111,8 +130,11 @@ class VOCDataset:
         known = set(self.classes)
         for index, obj in enumerate(annotation.objects, start=1):
             if obj.name not in known:
-                raise BadInputError(path, f"object {index}: unknown class {obj.name!r} "
-                                          f"(classes: {', '.join(self.classes)})")
+                origin = ("data.classes" if self._given_classes else
+                          f"the classes found in the training split {self.class_split!r}; list every class in "
+                          f"data.classes to use others")
+                raise BadInputError(path, f"object {index}: class {obj.name!r} is not one of {origin} "
+                                          f"({', '.join(self.classes)})")
         return annotation
 
     def annotation_path(self, image_id: str) -> Path:
@@ -187,9 +209,9 @@ def _parse_object(path: Path, element, index: int, width: int, height: int) -> V
     what = f"object {index} ({name})"
     xmin, ymin, xmax, ymax = (_number(path, element, f"bndbox/{tag}", what)
                               for tag in ("xmin", "ymin", "xmax", "ymax"))
-    if xmax < xmin or ymax < ymin:
-        raise BadInputError(path, f"{what}: box has xmax < xmin or ymax < ymin "
-                                  f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})")
+    if xmax <= xmin or ymax <= ymin:
+        raise BadInputError(path, f"{what}: box has no width or height (xmax <= xmin or ymax <= ymin: "
+                                  f"xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})")
     if xmin < 1 or ymin < 1 or xmax > width or ymax > height:
         raise BadInputError(path, f"{what}: box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) lies outside "
                                   f"the {width}x{height} image (VOC boxes are 1-based and inclusive)")

@@ -1,0 +1,174 @@
+"""The config's schema: every key's type and range, checked before anything is planned or run.
+
+The type of a key is that of its value in the demo preset (configs/demo.yaml, the reference every preset
+has the same keys as; a whole number is accepted where a decimal is expected); its range is the first of
+RULES whose pattern matches the dotted key. Sections must be mappings. A config that breaks the schema
+is a one-line error naming the key, the value and what is expected, before any stage runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from fnmatch import fnmatch
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+Check = Callable[[object], bool]
+# choices whose modules import torch, which a config check should not wait for (a test keeps them in step)
+BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50")  # pipeline.models
+POOLINGS = ("roi_pool", "roi_align")                                                 # pipeline.roi
+UPSAMPLINGS = ("nearest", "bed-of-nails", "max-unpool", "transpose-conv")            # pipeline.segmentation
+DOWNSAMPLINGS = ("max-pool", "strided-conv")                                         # pipeline.segmentation
+
+
+def positive(value) -> bool:
+    return value > 0
+
+
+def non_negative(value) -> bool:
+    return value >= 0
+
+
+def fraction(value) -> bool:
+    return 0 <= value <= 1
+
+
+def open_fraction(value) -> bool:
+    return 0 < value <= 1
+
+
+def below_one(value) -> bool:
+    return 0 <= value < 1
+
+
+def anything(value) -> bool:
+    return True
+
+
+def one_of(*choices) -> Check:
+    return lambda value: value in choices
+
+
+def each(check: Check) -> Check:
+    return lambda values: all(check(value) for value in values)
+
+
+def choices_of(names) -> tuple[Check, str]:
+    return one_of(*names), f"one of {', '.join(map(str, names))}"
+
+
+def rules() -> list[tuple[str, Check, str]]:
+    """(pattern, check, what is expected); the first pattern that matches a key applies."""
+    from pipeline.data.voc import ON_BAD_INPUT
+    from pipeline.features import COMPRESSIONS, DTYPES, LAYERS
+    from pipeline.proposals import PROPOSAL_METHODS, SELECTIVE_SEARCH_MODES
+    return [
+        ("data.on_bad_input", *choices_of(ON_BAD_INPUT)),
+        ("device", *choices_of(("auto", "cpu", "cuda"))),
+        ("proposals.method", *choices_of(tuple(PROPOSAL_METHODS))),
+        ("proposals.mode", *choices_of(SELECTIVE_SEARCH_MODES)),
+        ("backbone.name", *choices_of(BACKBONES)),
+        ("features.dtype", *choices_of(DTYPES)),
+        ("features.compression", *choices_of(COMPRESSIONS)),
+        ("svm.layer", *choices_of(LAYERS)),
+        ("*.pooling", *choices_of(POOLINGS)),
+        ("*.optimizer", *choices_of(("sgd", "adam"))),
+        ("fcn.encoder", *choices_of(("pretrain", "scratch"))),
+        ("fcn.upsampling", *choices_of(UPSAMPLINGS)),
+        ("fcn.downsampling", *choices_of(DOWNSAMPLINGS)),
+        ("data.*", anything, "a string or a list of class names"),
+        ("backbone.weights", anything, "pretrain, none, torchvision or the path of a weights file"),
+        ("*_dir", anything, "a folder"),
+        ("scheduler", anything, "a scheduler"),
+        ("*.ious", each(open_fraction), "numbers in (0, 1]"),
+        ("*iou*", open_fraction, "a number in (0, 1]"),
+        ("*fraction", fraction, "a number in [0, 1]"),
+        ("*.momentum", below_one, "a number in [0, 1)"),
+        ("*.gamma", open_fraction, "a number in (0, 1]"),
+        ("*.step", open_fraction, "a number in (0, 1]"),
+        ("fcn.scale", positive, "a positive number"),
+        ("*_threshold", anything, "a number"),
+        ("evaluate.picture_min_score", anything, "a number"),
+        ("*seed", non_negative, "a whole number >= 0"),
+        ("*.svd_ranks", each(non_negative), "whole numbers >= 0 (0: no truncation)"),
+        ("*.skips", non_negative, "a whole number >= 0"),
+        ("*.pictures", non_negative, "a whole number >= 0"),
+        ("timing.warmup", non_negative, "a whole number >= 0"),
+        ("*.weight_decay", non_negative, "a number >= 0"),
+        ("*.context_pad", non_negative, "a number >= 0"),
+        ("torch_threads", non_negative, "a whole number >= 0 (0: every core)"),
+        ("proposals.search_side", non_negative, "a whole number >= 0 (0: never shrink the image)"),
+        ("*.min_size", non_negative, "a number >= 0"),
+        ("*.end_to_end_iterations", non_negative, "a whole number >= 0 (0: skip the phase)"),
+        ("*.baseline_images", non_negative, "a whole number >= 0"),
+        ("*", lambda value: each(positive)(value) if isinstance(value, list) else positive(value),
+         "a positive number (or a list of them)"),
+    ]
+
+
+def validate(config: dict, reference: dict | None = None) -> None:
+    """Raise a ConfigError for the first key whose value has the wrong type or lies out of range, or that
+    no preset has."""
+    reference = reference or yaml.safe_load(REFERENCE.read_text())
+    checks, known, source = rules(), flatten(reference), f"config {config.get('config_name', '')}".strip()
+    for key, expected in known.items():
+        value = lookup(config, key, source)
+        if not same_type(value, expected):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {type_name(expected)}")
+        check, what = next((check, what) for pattern, check, what in checks if fnmatch(key, pattern))
+        if not isinstance(value, bool) and not check(value):  # a flag's type is all there is to check
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {what}")
+    unknown = sorted(set(flatten(config)) - set(known) - {"config_name"})
+    if unknown:
+        section = unknown[0].rpartition(".")[0]
+        siblings = sorted(key.rpartition(".")[2] for key in known if key.rpartition(".")[0] == section)
+        raise ConfigError(f"{source}: {unknown[0]}: unknown key (known here: {', '.join(siblings)})")
+
+
+def flatten(section: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value for every leaf (a list is a leaf)."""
+    leaves = {}
+    for name, value in section.items():
+        if isinstance(value, dict):
+            leaves.update(flatten(value, f"{prefix}{name}."))
+        else:
+            leaves[f"{prefix}{name}"] = value
+    return leaves
+
+
+def lookup(config: dict, key: str, source: str):
+    """The value at a dotted key; a ConfigError when a section on the way is missing or not a mapping."""
+    section, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[:depth])} = {section!r}: expected a mapping of settings")
+        if part not in section:
+            raise ConfigError(f"{source}: {'.'.join(parts[:depth + 1])} is missing (every preset in configs/ has it)")
+        section = section[part]
+    return section
+
+
+def same_type(value, expected) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    if isinstance(expected, list):
+        return isinstance(value, list) and (not expected or not value or
+                                             all(same_type(item, expected[0]) for item in value))
+    return isinstance(value, type(expected))
+
+
+def type_name(expected) -> str:
+    if isinstance(expected, bool):
+        return "true or false"
+    if isinstance(expected, float):
+        return "a number"
+    if isinstance(expected, int):
+        return "a whole number"
+    if isinstance(expected, list):
+        return f"a list of {type_name(expected[0]).removeprefix('a ')}s" if expected else "a list"
+    return "a string" if isinstance(expected, str) else type(expected).__name__

@@ -1,0 +1,147 @@
+"""What the cache, the data reader and the CLI promise when things go wrong (README: Reliability)."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cache import sha256_of
+from pipeline.cli import main
+from pipeline.runner import plan_stages
+from test_engine import REGISTRY as TOY_STAGES
+from test_engine import make_ctx, run
+from test_rcnn_pipeline import options, status
+
+
+# ---- a cache that cannot lie ---------------------------------------------------------------------------
+def test_a_shard_whose_record_is_deleted_leaves_the_stage_partial_and_only_it_is_recomputed(shapes_root, tmp_path):
+    _, plans = run(make_ctx(shapes_root, tmp_path))
+    cache = plans["count"].cache
+    cache.record_path("00001").unlink()
+    kept = {shard: cache.record_path(shard).stat().st_mtime_ns for shard in ("00000", "00002")}
+    plans = {plan.stage.name: plan for plan in plan_stages(["total"], TOY_STAGES, make_ctx(shapes_root, tmp_path))}
+    assert plans["count"].state() == "partial"
+    summaries, plans = run(make_ctx(shapes_root, tmp_path))
+    assert summaries["count"]["computed"] and plans["count"].state() == "cached"
+    assert {shard: cache.record_path(shard).stat().st_mtime_ns for shard in kept} == kept
+
+
+def test_a_truncated_shard_is_found_by_its_size_and_recomputed(shapes_root, tmp_path):
+    _, plans = run(make_ctx(shapes_root, tmp_path))
+    cache = plans["count"].cache
+    cache.shard_path("00002").write_text("")
+    assert not cache.is_complete()
+    assert cache.problems(["00000", "00001", "00002"], deep=False) == {
+        "00002": f"{cache.shard_path('00002')}: 0 bytes, its record says 1"}
+    summaries, plans = run(make_ctx(shapes_root, tmp_path))
+    assert summaries["count"]["computed"] and plans["count"].cache.shard_path("00002").read_text() == "4"
+
+
+def test_changed_contents_of_the_same_size_are_found_by_their_sha256(shapes_root, tmp_path):
+    _, plans = run(make_ctx(shapes_root, tmp_path))
+    cache = plans["count"].cache
+    cache.shard_path("00001").write_text("7")  # was "2": same size, other bytes
+    assert cache.is_complete()  # the cheap check cannot see it
+    assert "its contents differ from its record (sha256)" in cache.problems(["00001"], deep=True)["00001"]
+    assert run(make_ctx(shapes_root, tmp_path, offset=3))[1]["total"].cache.shard_path("00000").read_text() == "9"
+
+
+@pytest.mark.slow
+def test_corrupt_fine_tuned_weights_are_never_read_they_are_recomputed_first(tiny_run, tmp_path, capsys):
+    data, original, reports = tiny_run
+    cache = shutil.copytree(original, tmp_path / "cache")
+    rows = status(data, cache, reports, capsys)
+    weights = cache / "finetune" / rows["finetune"]["key"] / "00000.pt"
+    expected = sha256_of(weights)
+    corrupted = bytearray(weights.read_bytes())
+    corrupted[5000:5064] = bytes(64)
+    weights.write_bytes(bytes(corrupted))
+    rows = status(data, cache, reports, capsys)
+    assert rows["finetune"]["state"] == "partial" and "differ from its record" in rows["finetune"]["problems"][0]
+    capsys.readouterr()
+    assert main(["run", "--force", "svm", *options(data, cache, tmp_path / "reports")]) == 0
+    out = capsys.readouterr().out
+    assert "finetune                 computed" in out and "svm                      computed" in out
+    assert sha256_of(weights) == expected  # retrained to the very same weights, then read
+    assert status(data, cache, reports, capsys)["rcnn-evaluate"]["metrics"] == rows["rcnn-evaluate"]["metrics"]
+
+
+def test_rcnn_verify_forgets_exactly_the_bad_shards(shapes_root, tmp_path, capsys):
+    argv = ["--data", str(shapes_root), "--cache", str(tmp_path / "cache"), "--reports", str(tmp_path / "reports")]
+    assert main(["proposals", *argv]) == 0
+    (key_dir,) = [path for path in (tmp_path / "cache" / "proposals").iterdir() if path.is_dir()]
+    shard = sorted(key_dir.glob("*.h5"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10] + bytes(10))
+    capsys.readouterr()
+    assert main(["verify", "proposals", *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"{shard}: its contents differ from its record (sha256): forgotten" in out and "1 shards forgotten" in out
+    assert not shard.exists() and not (key_dir / "manifest.json").exists()
+    assert main(["proposals", *argv]) == 0 and (key_dir / "manifest.json").exists()
+    assert main(["verify", *argv]) == 0 and "every shard matches its record" in capsys.readouterr().out
+
+
+# ---- the data set -----------------------------------------------------------------------------------------
+def test_a_split_id_that_leaves_the_data_folder_is_an_error_naming_file_and_line(rcnn, shapes_copy, capsys):
+    split = shapes_copy / "ImageSets" / "Main" / "trainval.txt"
+    split.write_text(split.read_text() + "../../x\n")
+    capsys.readouterr()
+    assert rcnn("proposals", data=shapes_copy) == 2
+    error = capsys.readouterr().err
+    lines = len(split.read_text().splitlines())
+    assert error == (f"rcnn: error: {split}: line {lines}: '../../x' is not an image id (a file name without folders: "
+                     f"no / or \\, not . or ..)\n")
+
+
+def test_a_data_set_level_problem_does_not_suggest_skipping(rcnn, shapes_copy, capsys):
+    (shapes_copy / "ImageSets" / "Main" / "test.txt").unlink()
+    assert rcnn("proposals", data=shapes_copy) == 2
+    error = capsys.readouterr().err
+    assert "split file is missing" in error and "--on-bad-input" not in error
+
+
+# ---- faults end in one line -------------------------------------------------------------------------------
+def run_in_a_small_filesystem(tmp_path, command: str) -> subprocess.CompletedProcess:
+    """Run a shell command in a private mount namespace with a 3 MiB tmpfs at tmp_path/small."""
+    small = tmp_path / "small"
+    small.mkdir()
+    script = f"mount -t tmpfs -o size=3m tmpfs {small} && {command}"
+    try:
+        finished = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                                  capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed: a full disk cannot be made here")
+    if "mount" in finished.stderr and "ermission" in finished.stderr or "unshare:" in finished.stderr:
+        pytest.skip(f"cannot mount a small tmpfs here: {finished.stderr.strip()[:200]}")
+    return finished
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_with_exit_code_2_and_the_run_resumes_once_there_is_room(shapes_root, tmp_path):
+    sets = "--set pretrain.iterations=4 --set finetune.iterations=4 --set proposals.max_proposals=80"
+    rcnn = f"{sys.executable} -m pipeline.cli features --data {shapes_root} --reports {tmp_path}/reports {sets}"
+    finished = run_in_a_small_filesystem(
+        tmp_path, f"{rcnn} --cache {tmp_path}/small/cache; code=$?; cp -r {tmp_path}/small/cache {tmp_path}/kept; "
+                  f"exit $code")
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    (error,) = [line for line in finished.stderr.splitlines() if line.startswith("rcnn:")]
+    assert "No space left on device (the disk is full" in error and f"{tmp_path}/small/cache/" in error
+    assert "Traceback" not in finished.stderr
+    resumed = subprocess.run(f"{rcnn} --cache {tmp_path}/kept", shell=True, capture_output=True, text=True)
+    clean = subprocess.run(f"{rcnn} --cache {tmp_path}/clean", shell=True, capture_output=True, text=True)
+    assert resumed.returncode == clean.returncode == 0
+    for shard in sorted((tmp_path / "clean" / "features").glob("*/*.h5")):
+        assert sha256_of(shard) == sha256_of(tmp_path / "kept" / "features" / shard.parent.name / shard.name)
+
+
+# ---- the same inputs give the same bytes ----------------------------------------------------------------
+@pytest.mark.slow
+def test_two_runs_of_the_svm_stage_give_the_same_bytes(tiny_run, tmp_path, capsys):
+    data, original, reports = tiny_run
+    key = status(data, original, reports, capsys)["svm"]["key"]
+    outputs = []
+    for attempt in range(2):
+        cache = shutil.copytree(original, tmp_path / f"cache{attempt}")
+        assert main(["svm", "--force", "--scheduler", "threads:2", *options(data, cache, reports)]) == 0
+        outputs.append({path.name: sha256_of(path) for path in sorted((cache / "svm" / key).glob("*.npz"))})
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]  # two tasks of three classes, side by side
