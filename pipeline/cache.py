@@ -223,6 +223,8 @@ class StageCache:
 
     def invalidate(self, shard_ids) -> None:
         """Forget these shards (record and file) and the manifest: the next run recomputes exactly them."""
+        if not shard_ids:
+            return
         self.manifest_path.unlink(missing_ok=True)
         for shard_id in shard_ids:
             self.record_path(shard_id).unlink(missing_ok=True)

@@ -130,5 +130,13 @@ def layer_features(net, features: np.ndarray, layer: str, device: str, batch_siz
 
 def mean_norm_scale(reader: FeatureReader, image_ids: list[str], transform, target_norm: float) -> float:
     """The factor that gives the features of these images a mean L2 norm of target_norm (R-CNN: 20)."""
-    norms = [np.linalg.norm(transform(reader.read(image_id).features), axis=1) for image_id in image_ids]
-    return float(target_norm / np.concatenate(norms).mean())
+    return feature_statistics(reader, image_ids, transform, target_norm, center=False)[1]
+
+
+def feature_statistics(reader: FeatureReader, image_ids: list[str], transform, target_norm: float,
+                       center: bool) -> tuple[np.ndarray | float, float]:
+    """(mean, scale) such that (features - mean) * scale have a mean L2 norm of target_norm over these images'
+    regions; the mean is their mean feature when `center`, else 0."""
+    features = np.concatenate([transform(reader.read(image_id).features) for image_id in image_ids])
+    mean = features.mean(axis=0) if center else 0.0
+    return mean, float(target_norm / np.linalg.norm(features - mean, axis=1).mean())

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import dask
@@ -75,8 +76,10 @@ def execute(tasks: list, scheduler: str, resources: set[str] = frozenset()) -> N
     progress = StageProgress(tasks)
     try:
         if kind == "threads":
-            with ProgressCallback(progress):
-                dask.compute(*tasks, scheduler="threads", num_workers=workers_or_address)
+            # a pool of our own, whose end waits for the shards still running when one fails: they finish
+            # and are committed (or fail) before the error reaches the caller, so no half-written file remains
+            with ThreadPoolExecutor(workers_or_address) as pool, ProgressCallback(progress):
+                dask.compute(*tasks, scheduler="threads", pool=pool)
             return
         with dask_client(kind, workers_or_address, resources) as client:
             from distributed import as_completed

@@ -12,6 +12,7 @@ Every method has its copy of this stage (rcnn-evaluate, sppnet-evaluate, fast-rc
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from pipeline.detections import read_detections
 from pipeline.methods import Method
 from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext
+
+log = logging.getLogger(__name__)
 
 
 class Evaluate(Stage):
@@ -31,7 +34,8 @@ class Evaluate(Stage):
     def __init__(self, method: Method):
         self.method = method
         self.name = method.evaluate_stage
-        self.inputs = (method.detect_stage,)
+        # R-CNN and SPP-net: their SVMs' check, for a warning when one ranks no better than chance
+        self.inputs = (method.detect_stage, *(stage for role, stage in method.trained.items() if role == "svm"))
         self.variants = {variant.name: variant.title for variant in method.variants}
         self.primary = method.result
         # the mAP of the variants that name a metric: map_voc07_11pt_<metric>, printed after a run
@@ -76,6 +80,12 @@ class Evaluate(Stage):
         write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
         draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
+        warnings = chance_level_svms(inputs[self.method.trained["svm"]]) if "svm" in self.method.trained else []
+        if warnings:
+            with open(cache.report_dir / "map.md", "a") as report:
+                report.write("\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in warnings))
+            for warning in warnings:
+                log.warning("%s: %s", self.name, warning)
         primary = results[self.primary][main_iou]
         return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"], "map_all_point": primary["map_all_point"],
                 **{name: results[variant][main_iou]["map_voc07_11pt"] for name, variant in self.variant_metrics.items()},
@@ -85,7 +95,18 @@ class Evaluate(Stage):
                              for variant, by_iou in results.items()},
                 "differences": differences,
                 **{f"coco_{name}": value for name, value in coco_results[self.primary].items()},
-                "coco": coco_results}
+                "coco": coco_results, "warnings": warnings}
+
+
+CHANCE_AUC = 0.6  # a held-back ROC AUC at or below this: the SVM ranks no better than chance
+
+
+def chance_level_svms(svm: StageCache) -> list[str]:
+    """One line for each class whose SVM ranks its held-back training regions no better than chance."""
+    per_class = svm.manifest()["metrics"]["per_class"]
+    return [f"the SVM of {name} ranks its held-back training regions no better than chance (ROC AUC "
+            f"{stats['held_back_auc']:.2f}): its detections are ordered by noise; see svm.md"
+            for name, stats in per_class.items() if stats.get("held_back_auc", 1.0) <= CHANCE_AUC]
 
 
 def coco_numbers(ctx: StageContext, detections: dict) -> dict[str, int]:

@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.cache import StageCache, write_bytes
 from pipeline.classifiers import class_groups
 from pipeline.errors import ConfigError
-from pipeline.features import FeatureReader, layer_features, mean_norm_scale, training_image_ids
+from pipeline.features import FeatureReader, feature_statistics, layer_features, training_image_ids
 from pipeline.reports import markdown_table
 from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
 
@@ -41,7 +41,7 @@ class SVM(PrefixedStage):
     """Per-class linear SVMs on cached features, with hard negative mining."""
 
     base_name = "svm"
-    version = "1"
+    version = "3"
     base_inputs = ("features", "finetune")
     shard_suffix = ".npz"
     headline_metrics = ("classes", "mean_cached_negatives", "retrains")
@@ -64,29 +64,36 @@ class SVM(PrefixedStage):
         def features_of(pool5: np.ndarray) -> np.ndarray:
             return layer_features(net, pool5, params["layer"], ctx.device)
 
-        scale = mean_norm_scale(reader, image_ids[:params["norm_images"]], features_of, params["feature_norm"])
+        mean, scale = feature_statistics(reader, image_ids[:params["norm_images"]], features_of, params["feature_norm"],
+                                         params["center"])
 
         def scaled_features_of(pool5: np.ndarray) -> np.ndarray:
-            return features_of(pool5) * scale
+            return (features_of(pool5) - mean) * scale
 
-        positives = collect_positives(reader, image_ids, shard.items, scaled_features_of, ctx.classes)
-        caches = {class_index: ClassCache(positives[class_index]) for class_index in shard.items}
-        mine_hard_negatives(reader, image_ids, caches, scaled_features_of, params)
+        caches = fit_svms(reader, image_ids, shard.items, scaled_features_of, ctx.classes, params)
+        held_back = image_ids[::params["check_every"]] if params["check_every"] else []
+        check = {}
+        if held_back:  # the same fit without the held-back images, ranking their regions
+            fitted_on = [image_id for image_id in image_ids if image_id not in set(held_back)]
+            check = ranking_quality(reader, held_back, fit_svms(reader, fitted_on, shard.items, scaled_features_of,
+                                                               ctx.classes, params), scaled_features_of, params)
         buffer = io.BytesIO()
         np.savez(buffer, class_indices=np.array(shard.items), scale=scale, layer=params["layer"],
+                 mean=np.broadcast_to(np.float32(mean), caches[shard.items[0]].weights.shape),
                  weights=np.stack([caches[c].weights for c in shard.items]),
                  biases=np.array([caches[c].bias for c in shard.items]))
         write_bytes(out.path, buffer.getvalue())
-        return {ctx.classes[c]: caches[c].summary() for c in shard.items}
+        return {ctx.classes[c]: {**caches[c].summary(), **check.get(c, {})} for c in shard.items}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
         rows = [[name, stats["positives"], stats["cached_negatives"], stats["hard_negatives_seen"], stats["retrains"],
-                 stats["unconverged_fits"]] for name, stats in per_class.items()]
+                 stats["unconverged_fits"], stats.get("held_back_auc", "-")] for name, stats in per_class.items()]
         (cache.report_dir / "svm.md").write_text(
             f"# Linear SVMs ({ctx.params['layer']}, C = {ctx.params['C']})\n\n"
             + markdown_table(["class", "positives", "cached negatives at the end", "hard negatives added",
-                              "retrains", "fits that hit svm.max_iter"], rows))
+                              "retrains", "fits that hit svm.max_iter", "ROC AUC, held-back training regions"], rows)
+            + CHECK_EXPLAINED.format(every=ctx.params["check_every"], iou=ctx.params["negative_iou"]))
         return {"classes": len(per_class), "per_class": per_class,
                 "mean_cached_negatives": float(np.mean([s["cached_negatives"] for s in per_class.values()])),
                 "retrains": int(sum(s["retrains"] for s in per_class.values()))}
@@ -115,6 +122,42 @@ class ClassCache:
                 "unconverged_fits": self.unconverged_fits}
 
 
+CHECK_EXPLAINED = (
+    "\nROC AUC: a second fit, made the same way without every {every}-th training image, ranks those images' "
+    "ground-truth boxes of the class against their regions of IoU < {iou} with it (the SVM's own positives and "
+    "negatives): 1 separates them, 0.5 is chance. A class near 0.5 has an SVM that learnt nothing it can use.\n")
+
+
+def fit_svms(reader: FeatureReader, image_ids: list[str], class_indices, transform, classes: list[str],
+             params) -> dict[int, "ClassCache"]:
+    """One SVM per class on these training images: their positives, then hard negative mining."""
+    positives = collect_positives(reader, image_ids, class_indices, transform, classes)
+    caches = {class_index: ClassCache(positives[class_index]) for class_index in class_indices}
+    mine_hard_negatives(reader, image_ids, caches, transform, params)
+    return caches
+
+
+def ranking_quality(reader: FeatureReader, image_ids: list[str], caches: dict, transform, params) -> dict:
+    """class -> {"held_back_auc": ROC AUC of its SVM's scores, positives against negatives, on these images}."""
+    from sklearn.metrics import roc_auc_score
+    scores = {class_index: ([], []) for class_index in caches}
+    for image_id in image_ids:
+        image = reader.read(image_id)
+        features = transform(image.features)
+        negatives_of = class_negatives(image, caches, params["negative_iou"])
+        for class_index, cache in caches.items():
+            positive = (image.gt_label == class_index) & ~image.gt_difficult
+            scores[class_index][0].append(cache.scores(features[positive]))
+            scores[class_index][1].append(cache.scores(features[negatives_of[class_index]]))
+    quality = {}
+    for class_index, (positive, negative) in scores.items():
+        positive, negative = np.concatenate(positive), np.concatenate(negative)
+        if len(positive) and len(negative):
+            labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+            quality[class_index] = {"held_back_auc": float(roc_auc_score(labels, np.r_[positive, negative]))}
+    return quality
+
+
 def collect_positives(reader: FeatureReader, image_ids: list[str], class_indices, transform,
                       classes: list[str]) -> dict[int, np.ndarray]:
     """class -> features of its non-difficult ground-truth boxes in the training images."""
@@ -134,21 +177,14 @@ def collect_positives(reader: FeatureReader, image_ids: list[str], class_indices
 
 def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dict, transform, params: dict) -> None:
     """R-CNN's hard negative mining loop over the training images, for every class in `caches`."""
-    import torch
-    from torchvision.ops import box_iou
-
     for pass_index in range(params["hard_negative_passes"]):
         for image_index, image_id in enumerate(image_ids):
             image = reader.read(image_id)
             features = transform(image.features)
-            proposals = image.proposal_rows
-            overlaps = box_iou(torch.from_numpy(image.boxes[proposals]), torch.from_numpy(image.boxes[image.gt_label >= 0]))
-            gt_classes = image.gt_label[image.gt_label >= 0]
+            negatives_of = class_negatives(image, caches, params["negative_iou"])
             last = pass_index == params["hard_negative_passes"] - 1 and image_index == len(image_ids) - 1
             for class_index, cache in caches.items():
-                class_overlap = overlaps[:, torch.from_numpy(gt_classes == class_index)]
-                max_overlap = class_overlap.max(dim=1).values.numpy() if class_overlap.shape[1] else np.zeros(len(proposals))
-                negatives = proposals[max_overlap < params["negative_iou"]]
+                negatives = negatives_of[class_index]
                 hard = negatives[cache.scores(features[negatives]) > params["hard_threshold"]]
                 new = [row for row in hard if (image_index, row) not in cache.key_set]
                 cache.negatives.extend(features[new])
@@ -159,6 +195,20 @@ def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dic
                 first = cache.retrains == 0
                 if cache.negatives and (first or cache.added_since_retrain > params["retrain_after"] or last):
                     retrain(cache, params)
+
+
+def class_negatives(image, class_indices, negative_iou: float) -> dict[int, np.ndarray]:
+    """class -> the image's proposal rows whose IoU with every instance of the class is < negative_iou."""
+    import torch
+    from torchvision.ops import box_iou
+    proposals, gt_rows = image.proposal_rows, image.gt_label >= 0
+    overlaps = box_iou(torch.from_numpy(image.boxes[proposals]), torch.from_numpy(image.boxes[gt_rows])).numpy()
+    negatives = {}
+    for class_index in class_indices:
+        class_overlap = overlaps[:, image.gt_label[gt_rows] == class_index]
+        max_overlap = class_overlap.max(axis=1) if class_overlap.shape[1] else np.zeros(len(proposals))
+        negatives[class_index] = proposals[max_overlap < negative_iou]
+    return negatives
 
 
 # sklearn's liblinear draws the order of its coordinate descent from one process-wide generator (newrand.h)

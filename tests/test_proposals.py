@@ -67,3 +67,19 @@ def test_recall_curve_on_a_hand_worked_example():
     assert [row["recall@0.5"] for row in curve] == [0.5, 1.0, 1.0]
     assert [row["recall@0.7"] for row in curve] == [0.5, 0.5, 0.5]
     assert curve[1]["mean_best_iou"] == pytest.approx((1.0 + 0.625) / 2)
+
+
+def test_a_large_photo_is_searched_at_search_side_and_its_boxes_come_back_in_its_pixels(monkeypatch):
+    from pipeline import proposals
+    searched = []
+
+    def whole_image(rgb, params):
+        searched.append(rgb.shape)
+        return [(0, 0, rgb.shape[1], rgb.shape[0])]
+
+    monkeypatch.setitem(proposals.PROPOSAL_METHODS, "selective-search", whole_image)
+    photo = np.zeros((4000, 6000, 3), np.uint8)
+    boxes = propose(photo, search(search_side=500))
+    assert searched == [(333, 500, 3)] and boxes.tolist() == [[0.0, 0.0, 6000.0, 3996.0]]  # 333 px x 12
+    assert propose(photo[:300, :400], search(search_side=500)).tolist() == [[0.0, 0.0, 400.0, 300.0]]
+    assert searched[-1] == (300, 400, 3)  # never enlarged

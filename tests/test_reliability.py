@@ -1,11 +1,12 @@
 """What the cache, the data reader and the CLI promise when things go wrong (README: Reliability)."""
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.cache import sha256_of
+from pipeline.cache import StageCache, sha256_of
 from pipeline.cli import main
 from pipeline.runner import plan_stages
 from test_engine import REGISTRY as TOY_STAGES
@@ -79,6 +80,7 @@ def test_rcnn_verify_forgets_exactly_the_bad_shards(shapes_root, tmp_path, capsy
     assert not shard.exists() and not (key_dir / "manifest.json").exists()
     assert main(["proposals", *argv]) == 0 and (key_dir / "manifest.json").exists()
     assert main(["verify", *argv]) == 0 and "every shard matches its record" in capsys.readouterr().out
+    assert (key_dir / "manifest.json").exists()  # what matches is left as it is
 
 
 # ---- the data set -----------------------------------------------------------------------------------------
@@ -145,3 +147,26 @@ def test_two_runs_of_the_svm_stage_give_the_same_bytes(tiny_run, tmp_path, capsy
         assert main(["svm", "--force", "--scheduler", "threads:2", *options(data, cache, reports)]) == 0
         outputs.append({path.name: sha256_of(path) for path in sorted((cache / "svm" / key).glob("*.npz"))})
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]  # two tasks of three classes, side by side
+
+
+@pytest.mark.slow
+def test_a_read_only_cache_is_one_line_naming_the_file(shapes_root, tmp_path):
+    rcnn = f"{sys.executable} -m pipeline.cli proposals --data {shapes_root} --reports {tmp_path}/reports"
+    finished = run_in_a_small_filesystem(
+        tmp_path, f"mount -o remount,ro {tmp_path}/small && {rcnn} --cache {tmp_path}/small/cache")
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    (error,) = [line for line in finished.stderr.splitlines() if line.startswith("rcnn:")]
+    assert error.startswith(f"rcnn: error: {tmp_path}/small/cache") and "Read-only file system" in error
+    assert "Traceback" not in finished.stderr
+
+
+def test_status_names_no_running_process_for_a_finished_stage_whose_lock_is_held(rcnn, tmp_path, capsys):
+    assert rcnn("proposals") == 0
+    capsys.readouterr()
+    assert rcnn("status", "--json") == 0
+    proposals = next(r for r in json.loads(capsys.readouterr().out)["stages"] if r["stage"] == "proposals")
+    with StageCache(tmp_path / "cache", "proposals", proposals["key"]).lock():  # a run that holds it to the end
+        capsys.readouterr()
+        assert rcnn("status", "--json") == 0
+        held = next(r for r in json.loads(capsys.readouterr().out)["stages"] if r["stage"] == "proposals")
+    assert held["state"] == "cached" and held["running_pid"] is None
