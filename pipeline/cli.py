@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--fresh", action="store_true",
                                       help="retrain and re-time every method (all but proposals and pretrain, "
                                            "which no method's time includes) instead of reusing cached stages")
+            stage_parser.add_argument("--test-only", action="store_true",
+                                      help="train nothing: time each method's test pass at the config's scale on "
+                                           "untrained models (ImageNet or random weights) with its multiply-adds, "
+                                           "beside the papers' tables; no mAP (stage timing-test-only)")
+            stage_parser.add_argument("--images", type=int, metavar="N",
+                                      help="time on the first N test images (default: the config's timing.images)")
             stage_parser.set_defaults(handler=command_timing_table)
 
     run = commands.add_parser("run", help="run a method's whole pipeline through one Dask graph",
@@ -247,7 +253,16 @@ def command_run(args) -> int:
 
 
 def command_timing_table(args) -> int:
-    """Each method's graph in turn (so that no two methods train at once), then the timed test pass."""
+    """Each method's graph in turn (so that no two methods train at once), then the timed test pass;
+    with --test-only, the untrained test passes alone."""
+    if args.images is not None:
+        args.set.append(f"timing.images={args.images}")
+    if args.test_only:
+        args.targets = ["timing-test-only"]
+        command_run(args)
+        report = make_context(args).reports_root / "timing-test-only"
+        print(f"\n{(report / 'timing.md').read_text().split('## Time and multiply-adds')[0]}")
+        return 0
     ctx = make_context(args)
     shared = {"proposals", "pretrain"}
     forced = set() if args.force is None else set(args.force) or {"timing-table"}  # no names: this stage

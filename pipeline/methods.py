@@ -3,10 +3,11 @@
 A Method names the stages that train it (their time is its training time in the timing table), the
 trained outputs its detector loads, whether it reads region proposals, its variants (the first is
 its result; the others are the ablations its evaluation compares with it) and the config values its
-detector reads. `build_detector` turns trained outputs into a Detector: one function from an image
-(and its proposals) to detections per variant, with the time of each part on a Clock. The detect
-stage runs it on the test split, the timing table on its timed images, `rcnn predict` on new ones:
-one test path per method, timed where it is evaluated. Each method's stages are named after it:
+detector reads. `assemble` turns what it detects with (`load`ed from the trained outputs, or `fresh`,
+untrained, for `rcnn timing-table --test-only`) into a Detector: one function from an image (and its
+proposals) to detections per variant, with the time of each part on a Clock. The detect stage runs it
+on the test split, the timing tables on their timed images, `rcnn predict` on new ones: one test path
+per method, timed where it is evaluated. Each method's stages are named after it:
 `<name>-detect` and `<name>-evaluate`, and `rcnn run --methods <name>` runs them with what they need.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Variant:
     title: str                       # in the evaluation report
     metric: str | None = None        # the evaluation's headline metric map_voc07_11pt_<metric>, if any
     timed: str | None = None         # its row in the timing table, if timed
-    published: Published | None = None
+    published: Published | None = None     # VGG16 (Fast R-CNN's model L)
+    published_small: Published | None = None  # an AlexNet-class network (model S: CaffeNet; ZF for Faster R-CNN)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,9 @@ class Method:
     uses_proposals: bool
     variants: tuple[Variant, ...]              # the first is the method's result
     test_params: Callable[[dict], dict]        # config -> what its detector reads (and images_per_shard)
-    build_detector: Callable[[dict[str, StageCache], Mapping, str], Detector]  # (role -> output, params, device)
+    load: Callable[[dict[str, StageCache], Mapping, str], object]  # (role -> trained output, params, device) -> models
+    fresh: Callable[[Mapping, list[str], str], object]  # (settings, classes, device) -> untrained models
+    assemble: Callable[[object, Mapping, str], Detector]  # (models, params, device) -> its test-time detector
     # the score from which `rcnn predict` keeps a detection by default: 0 is an SVM's decision boundary,
     # 0.5 a softmax probability's even odds
     score_threshold: float = 0.5
@@ -79,7 +83,13 @@ class Method:
 
     def detector(self, inputs: dict[str, StageCache], params: Mapping, device: str) -> Detector:
         """The detector, from the outputs of its trained stages (inputs: stage name -> output)."""
-        return self.build_detector({role: inputs[stage] for role, stage in self.trained.items()}, params, device)
+        trained = {role: inputs[stage] for role, stage in self.trained.items()}
+        return self.assemble(self.load(trained, params, device), params, device)
+
+    def fresh_detector(self, settings: Mapping, classes: list[str], params: Mapping, device: str) -> Detector:
+        """The same detector on untrained models (`rcnn timing-table --test-only`): settings hold the
+        backbone, the methods' test params and the config sections a fresh model is built from."""
+        return self.assemble(self.fresh(settings, classes, device), params, device)
 
 
 # ---- test-time settings each method's detector reads -------------------------------------------------
@@ -103,19 +113,61 @@ def network_test_params(section: str) -> Callable[[dict], dict]:
     return lambda config: {name: value for name, value in config[section].items() if name in NETWORK_TEST_PARAMS}
 
 
-# ---- the detectors -------------------------------------------------------------------------------------
-def svm_detector(spp: bool) -> Callable[[dict, Mapping, str], Detector]:
+# ---- the detectors: what each runs (loaded from its trained outputs, or fresh), and how -------------------
+@dataclass
+class RegionModels:
+    """What R-CNN and SPP-net detect with: the fine-tuned network, its SVMs and its box regressors."""
+    net: object
+    backbone: Mapping
+    classes: list[str]
+    svms: dict
+    regressors: dict
+
+
+def load_region_models(trained: dict[str, StageCache], params: Mapping, device: str) -> RegionModels:
+    from pipeline.classifiers import load_regressors, load_svms
+    from pipeline.weights import load_finetuned
+    net, backbone, classes = load_finetuned(trained["finetune"], device)
+    return RegionModels(net, backbone, classes, load_svms(trained["svm"], len(classes)),
+                        load_regressors(trained["bbox"], len(classes)))
+
+
+def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], RegionModels]:
+    """The networks from backbone.weights (ImageNet or random) with random heads, random SVMs and box
+    regressors that move nothing: what the test pass costs does not depend on what was learnt."""
+    def fresh(settings: Mapping, classes: list[str], device: str) -> RegionModels:
+        import torch
+
+        from pipeline.roi import spp_dim
+        from pipeline.weights import initial_net
+        net = initial_net(settings["backbone"], len(classes), {})
+        if spp:
+            net.set_fc6_input(spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"]))
+        size = settings["backbone"]["input_size"]
+        with torch.no_grad():
+            features = (spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"]) if spp else
+                        net.pool5(torch.zeros(1, 3, size, size)).numel())
+            fc7 = net.fc(torch.zeros(1, features)).shape[1]
+        rng, count = np.random.default_rng(0), len(classes)
+        svms = {"weights": rng.normal(0, 0.01, (count, fc7)).astype(np.float32), "biases": np.zeros(count),
+                "mean": np.zeros(fc7, np.float32), "scale": 1.0, "layer": "fc7"}
+        regressors = {"coef": np.zeros((count, 4, features), np.float32), "intercept": np.zeros((count, 4), np.float32),
+                      "target_mean": np.zeros((count, 4), np.float32), "target_std": np.ones((count, 4), np.float32),
+                      "scale": 1.0}
+        return RegionModels(net.to(device).eval(), settings["backbone"], classes, svms, regressors)
+    return fresh
+
+
+def svm_detector(spp: bool) -> Callable[[RegionModels, Mapping, str], Detector]:
     """R-CNN (every proposal warped and run through the whole CNN) or SPP-net (conv5 once per scale, each
     proposal pooled by the pyramid), then fc layers, SVM scores, box regression and per-class NMS
     (pipeline.classifiers.score_regions). Features are rounded to features.dtype, as the SVMs' training
     features were stored."""
-    def build(trained: dict[str, StageCache], params: Mapping, device: str) -> Detector:
-        from pipeline.classifiers import load_regressors, load_svms, score_regions
+    def assemble(models: RegionModels, params: Mapping, device: str) -> Detector:
+        from pipeline.classifiers import score_regions
         from pipeline.features import pool5_features
         from pipeline.roi import conv5_at_scales, pyramid_features
-        from pipeline.weights import load_finetuned
-        net, backbone, classes = load_finetuned(trained["finetune"], device)
-        svms, regressors = load_svms(trained["svm"], len(classes)), load_regressors(trained["bbox"], len(classes))
+        net, backbone = models.net, models.backbone
 
         def detect(rgb, proposals, variants, clock):
             if not len(proposals):
@@ -128,51 +180,88 @@ def svm_detector(spp: bool) -> Callable[[dict, Mapping, str], Detector]:
             else:
                 features = pool5_features(net, rgb, proposals, backbone, params["crops_per_batch"], device, amp=False)
                 clock.lap("warp + CNN on every crop")
-            rows = score_regions(net, svms, regressors, proposals, features.astype(params["feature_dtype"]),
-                                 rgb.shape[1], rgb.shape[0], params, device, variants)
+            rows = score_regions(net, models.svms, models.regressors, proposals,
+                                 features.astype(params["feature_dtype"]), rgb.shape[1], rgb.shape[0], params, device,
+                                 variants)
             clock.lap("fc + SVM + bbox + NMS")
             return rows
-        return Detector(classes, detect)
-    return build
+        return Detector(models.classes, detect)
+    return assemble
 
 
-def network_detector(trained: dict[str, StageCache], params: Mapping, device: str) -> Detector:
+@dataclass
+class NetworkModel:
+    """What Fast and Faster R-CNN detect with: the trained model, the params it was built with, its classes."""
+    model: object
+    params: Mapping
+    classes: list[str]
+
+
+def load_network(trained: dict[str, StageCache], params: Mapping, device: str) -> NetworkModel:
+    from pipeline.detectors import load_detection_model
+    return NetworkModel(*load_detection_model(trained["model"], device, params))
+
+
+def fresh_network(architecture: str, section: str) -> Callable[[Mapping, list[str], str], NetworkModel]:
+    """The detection model on the backbone from backbone.weights, its other layers random."""
+    def fresh(settings: Mapping, classes: list[str], device: str) -> NetworkModel:
+        from pipeline.detectors import build_detection_model
+        from pipeline.weights import initial_net
+        params = {**settings["sections"][section], **settings["methods"][architecture]}
+        model = build_detection_model(architecture, initial_net(settings["backbone"], len(classes), {}), len(classes),
+                                      params)
+        return NetworkModel(model.to(device).eval(), params, classes)
+    return fresh
+
+
+def network_detector(models: NetworkModel, params: Mapping, device: str) -> Detector:
     """Fast R-CNN (given the proposals) or Faster R-CNN (its RPN proposes): pipeline.detectors.detect;
     the variant svd is the same model with fc6 and fc7 replaced by their truncated SVD (svd_ranks)."""
     import torch
 
-    from pipeline.detectors import detect as detect_with, load_detection_model, with_truncated_svd
+    from pipeline.detectors import detect as detect_with, with_truncated_svd
     from pipeline.regions import image_tensor, normalised
-    model, saved_params, classes = load_detection_model(trained["model"], device, params)
-    models = {"svd": with_truncated_svd(model, saved_params["svd_ranks"])} if "svd_ranks" in saved_params else {}
+    model = models.model
+    svd = {"svd": with_truncated_svd(model, models.params["svd_ranks"])} if "svd_ranks" in models.params else {}
 
     def detect(rgb, proposals, variants, clock):
         image = normalised(image_tensor(rgb, device))
         given = [torch.from_numpy(proposals).to(device)] if proposals is not None else None
-        return {variant: detection_rows(detect_with(models.get(variant, model), [image], given, clock)[0])
+        return {variant: detection_rows(detect_with(svd.get(variant, model), [image], given, clock)[0])
                 for variant in variants}
-    return Detector(classes, detect)
+    return Detector(models.classes, detect)
 
 
-def sliding_window_detector(trained: dict[str, StageCache], params: Mapping, device: str) -> Detector:
-    """R-CNN's fine-tuned classifier on a grid of windows (pipeline.sliding_window)."""
-    from pipeline.sliding_window import classify_windows, grid_windows
+def load_classifier(trained: dict[str, StageCache], params: Mapping, device: str) -> RegionModels:
     from pipeline.weights import load_finetuned
     net, backbone, classes = load_finetuned(trained["finetune"], device)
+    return RegionModels(net, backbone, classes, {}, {})
+
+
+def fresh_classifier(settings: Mapping, classes: list[str], device: str) -> RegionModels:
+    from pipeline.weights import initial_net
+    return RegionModels(initial_net(settings["backbone"], len(classes), {}).to(device).eval(), settings["backbone"],
+                        classes, {}, {})
+
+
+def sliding_window_detector(models: RegionModels, params: Mapping, device: str) -> Detector:
+    """R-CNN's fine-tuned classifier on a grid of windows (pipeline.sliding_window)."""
+    from pipeline.sliding_window import classify_windows, grid_windows
 
     def detect(rgb, _proposals, variants, clock):
         windows = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
-        rows = classify_windows(net, backbone, rgb, windows, params, device)
+        rows = classify_windows(models.net, models.backbone, rgb, windows, params, device)
         clock.lap("warp + CNN on every window + NMS")
         return {variant: rows for variant in variants}
-    return Detector(classes, detect)
+    return Detector(models.classes, detect)
 
 
 # ---- the methods ---------------------------------------------------------------------------------------
 # Girshick, "Fast R-CNN" (ICCV 2015), Table 4 (VGG16 = model L, VOC07, K40, proposal time excluded);
 # Ren et al., "Faster R-CNN" (NIPS 2015), Table 5: 198 ms per image with its own proposals, mAP 69.9.
 RCNN_VARIANTS = (
-    Variant("svm_bbox", "R-CNN: SVM + bbox regression", timed="R-CNN", published=Published(84.0, 47.0, 66.0)),
+    Variant("svm_bbox", "R-CNN: SVM + bbox regression", timed="R-CNN", published=Published(84.0, 47.0, 66.0),
+            published_small=Published(22.0, 9.8, 58.5)),
     Variant("svm", "SVM, no bbox regression", metric="without_bbox"),
     Variant("softmax_bbox", "fine-tuned softmax + bbox regression", metric="softmax"),
     Variant("softmax", "fine-tuned softmax, no bbox regression"))
@@ -181,33 +270,57 @@ SLIDING_WINDOW = Method(
     uses_proposals=False,
     variants=(Variant("sliding_window", "sliding window: R-CNN's fine-tuned classifier on a grid of windows",
                       timed="Sliding window", published=Published(None, None, None)),),
-    test_params=lambda config: dict(config["sliding_window"]), build_detector=sliding_window_detector)
+    test_params=lambda config: dict(config["sliding_window"]), load=load_classifier, fresh=fresh_classifier,
+    assemble=sliding_window_detector)
 RCNN = Method(
     "rcnn", "R-CNN", training=("finetune", "features", "svm", "bbox"),
     trained={"finetune": "finetune", "svm": "svm", "bbox": "bbox"}, uses_proposals=True, variants=RCNN_VARIANTS,
-    test_params=rcnn_test_params, build_detector=svm_detector(spp=False), score_threshold=0.0)
+    test_params=rcnn_test_params, load=load_region_models, fresh=fresh_region_models(spp=False),
+    assemble=svm_detector(spp=False), score_threshold=0.0)
 SPPNET = Method(
     "sppnet", "SPP-net", training=("sppnet-conv5", "sppnet-features", "sppnet-finetune", "sppnet-svm", "sppnet-bbox"),
     trained={"finetune": "sppnet-finetune", "svm": "sppnet-svm", "bbox": "sppnet-bbox"}, uses_proposals=True,
     variants=(Variant("svm_bbox", "SPP-net: SVM + bbox regression", timed="SPP-net",
                       published=Published(25.0, 2.3, 63.1)), *RCNN_VARIANTS[1:]),
-    test_params=sppnet_test_params, build_detector=svm_detector(spp=True), score_threshold=0.0)
+    test_params=sppnet_test_params, load=load_region_models, fresh=fresh_region_models(spp=True),
+    assemble=svm_detector(spp=True), score_threshold=0.0)
 FAST_RCNN = Method(
     "fast-rcnn", "Fast R-CNN", training=("fast-rcnn-train",), trained={"model": "fast-rcnn-train"},
     uses_proposals=True,
-    variants=(Variant("fast_rcnn", "Fast R-CNN", timed="Fast R-CNN", published=Published(9.5, 0.32, 66.9)),
+    variants=(Variant("fast_rcnn", "Fast R-CNN", timed="Fast R-CNN", published=Published(9.5, 0.32, 66.9),
+                      published_small=Published(1.2, 0.10, 57.1)),
               Variant("svd", "Fast R-CNN, truncated SVD of fc6 and fc7", metric="svd", timed="Fast R-CNN (SVD)",
-                      published=Published(9.5, 0.22, 66.6))),
-    test_params=network_test_params("fast_rcnn"), build_detector=network_detector)
+                      published=Published(9.5, 0.22, 66.6), published_small=Published(1.2, 0.06, 56.5))),
+    test_params=network_test_params("fast_rcnn"), load=load_network, fresh=fresh_network("fast-rcnn", "fast_rcnn"),
+    assemble=network_detector)
 FASTER_RCNN = Method(
     "faster-rcnn", "Faster R-CNN", training=("faster-rcnn-train",), trained={"model": "faster-rcnn-train"},
     uses_proposals=False,
     variants=(Variant("faster_rcnn", "Faster R-CNN (RPN + Fast R-CNN, shared conv5)", timed="Faster R-CNN",
-                      published=Published(None, 0.198, 69.9)),),
-    test_params=network_test_params("faster_rcnn"), build_detector=network_detector)
+                      published=Published(None, 0.198, 69.9), published_small=Published(None, 0.059, None)),),
+    test_params=network_test_params("faster_rcnn"), load=load_network,
+    fresh=fresh_network("faster-rcnn", "faster_rcnn"), assemble=network_detector)
 
 METHODS = {method.name: method for method in (SLIDING_WINDOW, RCNN, SPPNET, FAST_RCNN, FASTER_RCNN)}
 # the other tasks on the same data, and the stage that ends each: `rcnn run --methods fcn` (semantic
 # segmentation); localize needs single-object data (`rcnn data shapes --single-object`)
 TASKS = {"fcn": "fcn-evaluate", "localize": "localize"}
 PUBLISHED_PROPOSALS_S = 1.51  # selective search, seconds per image (Faster R-CNN, Table 5)
+# the papers' tables, as the timing reports print them beside their measured counterparts
+FAST_RCNN_TABLE4 = (
+    "| | Fast R-CNN S | Fast R-CNN M | Fast R-CNN L | R-CNN S | R-CNN M | R-CNN L | SPP-net L |\n"
+    "|---|---|---|---|---|---|---|---|\n"
+    "| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |\n"
+    "| train speedup | 18.3x | 14.0x | 8.8x | 1x | 1x | 1x | 3.4x |\n"
+    "| test rate (s/im) | 0.10 | 0.15 | 0.32 | 9.8 | 12.1 | 47.0 | 2.3 |\n"
+    "| with SVD | 0.06 | 0.08 | 0.22 | - | - | - | - |\n"
+    "| test speedup | 98x | 80x | 146x | 1x | 1x | 1x | 20x |\n"
+    "| with SVD | 169x | 150x | 213x | - | - | - | - |\n"
+    "| VOC07 mAP | 57.1 | 59.2 | 66.9 | 58.5 | 60.2 | 66.0 | 63.1 |\n"
+    "| with SVD | 56.5 | 58.7 | 66.6 | - | - | - | - |\n")
+FASTER_RCNN_TABLE5 = (
+    "| model | system | conv (ms) | proposal (ms) | region-wise (ms) | total (ms) | rate |\n"
+    "|---|---|---|---|---|---|---|\n"
+    "| VGG | SS + Fast R-CNN | 146 | 1510 | 174 | 1830 | 0.5 fps |\n"
+    "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 | 5 fps |\n"
+    "| ZF | RPN + Fast R-CNN | 31 | 3 | 25 | 59 | 17 fps |\n")

@@ -19,6 +19,7 @@ from stages.proposals import Proposals
 from stages.sppnet import SPPConv5, SPPFeatures, SPPFinetune
 from stages.svm import SVM
 from stages.timing_table import TimingTable
+from stages.timing_test_only import TestOnlyTiming
 
 SPPNET = "sppnet-"
 
@@ -28,6 +29,6 @@ REGISTRY = {stage.name: stage for stage in (
     DetectorTrain("fast-rcnn", "fast_rcnn", uses_proposals=True),
     DetectorTrain("faster-rcnn", "faster_rcnn", uses_proposals=False),
     *(stage for method in METHODS.values() for stage in (Detect(method), Evaluate(method))),
-    TimingTable(),
+    TimingTable(), TestOnlyTiming(),
     FCNTrain(), PixelClassifier(), FCNEvaluate(), Localize(),
 )}

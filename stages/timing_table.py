@@ -21,29 +21,10 @@ import numpy as np
 
 from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
-from pipeline.methods import METHODS, PUBLISHED_PROPOSALS_S
+from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.timing import Clock
 from pipeline.weights import initial_backbone
-
-FAST_RCNN_TABLE4 = (
-    "| | Fast R-CNN S | Fast R-CNN M | Fast R-CNN L | R-CNN S | R-CNN M | R-CNN L | SPP-net L |\n"
-    "|---|---|---|---|---|---|---|---|\n"
-    "| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |\n"
-    "| train speedup | 18.3x | 14.0x | 8.8x | 1x | 1x | 1x | 3.4x |\n"
-    "| test rate (s/im) | 0.10 | 0.15 | 0.32 | 9.8 | 12.1 | 47.0 | 2.3 |\n"
-    "| with SVD | 0.06 | 0.08 | 0.22 | - | - | - | - |\n"
-    "| test speedup | 98x | 80x | 146x | 1x | 1x | 1x | 20x |\n"
-    "| with SVD | 169x | 150x | 213x | - | - | - | - |\n"
-    "| VOC07 mAP | 57.1 | 59.2 | 66.9 | 58.5 | 60.2 | 66.0 | 63.1 |\n"
-    "| with SVD | 56.5 | 58.7 | 66.6 | - | - | - | - |\n")
-FASTER_RCNN_TABLE5 = (
-    "| model | system | conv (ms) | proposal (ms) | region-wise (ms) | total (ms) | rate |\n"
-    "|---|---|---|---|---|---|---|\n"
-    "| VGG | SS + Fast R-CNN | 146 | 1510 | 174 | 1830 | 0.5 fps |\n"
-    "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 | 5 fps |\n"
-    "| ZF | RPN + Fast R-CNN | 31 | 3 | 25 | 59 | 17 fps |\n")
-
 
 class TimingTable(Stage):
     """Train and test R-CNN, SPP-net, Fast and Faster R-CNN on the same data and hardware; compare."""
@@ -110,6 +91,7 @@ def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dic
     """Seconds per image (and per part, in ms) of each timed variant of each method, and of the region
     proposals, on these images; the first `timing.warmup` are not counted."""
     from pipeline.proposals import propose
+    from pipeline.timing import time_detector
     params, warmup = ctx.params, ctx.params["warmup"]
     images = [ctx.dataset.read_image(image_id) for image_id in image_ids]
     if any(rgb is None for rgb in images):
@@ -122,17 +104,9 @@ def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dic
     timed = {}
     for method in METHODS.values():
         detector = method.detector(inputs, params["methods"][method.name], ctx.device)
+        given = proposals if method.uses_proposals else [None] * len(images)
         for variant in (variant for variant in method.variants if variant.timed):
-            parts, per_image = {}, []
-            for index, (rgb, boxes) in enumerate(zip(images, proposals)):
-                clock = Clock(ctx.device)
-                detector(rgb, boxes if method.uses_proposals else None, (variant.name,), clock)
-                if index >= warmup:
-                    per_image.append(clock.total())
-                    for part, seconds in clock.laps.items():
-                        parts[part] = parts.get(part, 0.0) + seconds
-            timed[variant.timed] = {"seconds_per_image": float(np.mean(per_image)),
-                                    "parts_ms": {part: 1000 * seconds / len(per_image) for part, seconds in parts.items()}}
+            timed[variant.timed] = time_detector(detector, variant.name, images, given, warmup, ctx.device)
     return {"images": len(images) - warmup, "warmup": warmup, "methods": timed,
             "proposals_s_per_image": float(np.mean(proposal_seconds[warmup:])),
             "proposals_per_image": float(np.mean([len(boxes) for boxes in proposals[warmup:]]))}

@@ -1,9 +1,12 @@
 """Clocks and the bookkeeping behind the timing table; the detection helpers they time."""
+import json
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from pipeline.models import freeze_batchnorm
+from pipeline.models import build_region_net, freeze_batchnorm
 from pipeline.regions import flip_boxes, sample_windows
 from pipeline.timing import union_seconds
 
@@ -39,3 +42,26 @@ def test_frozen_batchnorm_keeps_the_trained_statistics_in_training_mode():
     frozen = freeze_batchnorm(net).train()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     assert torch.allclose(frozen(inputs), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_test_only_timing_counts_each_methods_multiply_adds_without_training_anything(shapes_root, tmp_path, capsys):
+    from pipeline.cli import main
+    from test_rcnn_pipeline import options
+    argv = ["timing-table", "--test-only", "--images", "2", *options(shapes_root, tmp_path / "cache", tmp_path / "reports",
+                                                                    "backbone.weights=none")]
+    assert main(argv) == 0
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()) == ["timing-test-only"]
+    report = json.loads((tmp_path / "reports" / "demo" / "timing-test-only" / "timing.json").read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["R-CNN", "SPP-net", "Fast R-CNN", "Fast R-CNN (SVD)", "Faster R-CNN"]  # no sliding window
+    # R-CNN runs the small network on every proposal's 48 px crop: its conv multiply-adds are crops x one crop's
+    from torch.utils.flop_counter import FlopCounterMode
+    net = build_region_net("small", 7, 48).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.pool5(torch.zeros(1, 3, 48, 48))
+    crops = report["measured"]["proposals_per_image"]
+    measured = report["measured"]["methods"]["R-CNN"]["multiply_adds"]["warp + CNN on every crop"]
+    assert measured == pytest.approx(crops * counter.get_total_flops() / 2, rel=1e-6)
+    assert rows["Fast R-CNN"]["multiply_add_ratio"] > 1 and rows["R-CNN"]["speedup"] == 1.0
+    assert "No mAP" in capsys.readouterr().out
