@@ -258,6 +258,9 @@ def command_timing_table(args) -> int:
     if args.images is not None:
         args.set.append(f"timing.images={args.images}")
     if args.test_only:
+        from stages.timing_test_only import PRETRAIN_WEIGHTS
+        if load_config(args.config, args.set)["backbone"]["weights"] == "pretrain":
+            raise ConfigError(PRETRAIN_WEIGHTS)
         args.targets = ["timing-test-only"]
         command_run(args)
         report = make_context(args).reports_root / "timing-test-only"

@@ -25,6 +25,8 @@ from pipeline.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.weights import initial_backbone, weights_key_extras
 
 WARMUP_PROPOSALS = 16
+PRETRAIN_WEIGHTS = ("rcnn timing-table --test-only trains nothing: set backbone.weights to ImageNet weights "
+                    "(torchvision or a file) or to none (random weights; the time is the same)")
 SMALL_NETWORKS = ("alexnet", "small")  # compared with the papers' model S (CaffeNet; ZF for Faster R-CNN)
 
 
@@ -45,11 +47,8 @@ class TestOnlyTiming(Stage):
     exclusive = True  # one clock at a time
 
     def params(self, config: dict) -> dict:
-        backbone = initial_backbone(config["backbone"])
-        if backbone["weights"] == "pretrain":
-            raise ConfigError("rcnn timing-table --test-only trains nothing: set backbone.weights to ImageNet weights "
-                              "(torchvision or a file) or to none (random weights; the time is the same)")
-        return {"images": config["timing"]["images"], "proposals": config["proposals"], "backbone": backbone,
+        return {"images": config["timing"]["images"], "proposals": config["proposals"],
+                "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method, _ in timed_methods()},
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}
 
@@ -65,6 +64,8 @@ class TestOnlyTiming(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         from pipeline.proposals import propose
         from pipeline.timing import Clock, count_multiply_adds, time_detector
+        if ctx.params["backbone"]["weights"] == "pretrain":
+            raise ConfigError(PRETRAIN_WEIGHTS)
         images = [ctx.dataset.read_image(image_id) for image_id in shard.items]
         if len(images) < ctx.params["images"] or any(rgb is None for rgb in images):
             raise ConfigError(f"timing: {ctx.params['images']} test images asked for, {len(images)} readable")
