@@ -22,11 +22,10 @@ def class_groups(num_classes: int, per_task: int) -> list[Shard]:
 
 
 def load_svms(cache: StageCache, num_classes: int) -> dict:
-    """weights[N, D], biases[N] in class order, the mean and scale of the features (an SVM scores
-    (features - mean) * scale) and the layer they were trained on."""
+    """weights[N, D], biases[N] in class order (scoring the layer's features as they come: the stage folds
+    any centring and scaling in) and the layer they were trained on."""
     parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
-    return {**stack_by_class(parts, ("weights", "biases"), num_classes), "mean": parts[0]["mean"],
-            "scale": float(parts[0]["scale"]), "layer": str(parts[0]["layer"])}
+    return {**stack_by_class(parts, ("weights", "biases"), num_classes), "layer": str(parts[0]["layer"])}
 
 
 def load_regressors(cache: StageCache, num_classes: int) -> dict:
@@ -75,7 +74,7 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
 
     from pipeline.boxes import clip_boxes
     svm_features = layer_features(net, features, svms["layer"], device)
-    scores = {"svm": (svm_features - svms["mean"]) * svms["scale"] @ svms["weights"].T + svms["biases"]}
+    scores = {"svm": svm_features @ svms["weights"].T + svms["biases"]}
     if any(variant.startswith("softmax") for variant in variants):
         fc7 = svm_features if svms["layer"] == "fc7" else layer_features(net, features, "fc7", device)
         with torch.no_grad():

@@ -150,7 +150,7 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
             fc7 = net.fc(torch.zeros(1, features)).shape[1]
         rng, count = np.random.default_rng(0), len(classes)
         svms = {"weights": rng.normal(0, 0.01, (count, fc7)).astype(np.float32), "biases": np.zeros(count),
-                "mean": np.zeros(fc7, np.float32), "scale": 1.0, "layer": "fc7"}
+                "layer": "fc7"}
         regressors = {"coef": np.zeros((count, 4, features), np.float32), "intercept": np.zeros((count, 4), np.float32),
                       "target_mean": np.zeros((count, 4), np.float32), "target_std": np.ones((count, 4), np.float32),
                       "scale": 1.0}

@@ -105,6 +105,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("*.end_to_end_iterations", non_negative, "a whole number >= 0 (0: skip the phase)"),
         ("*.baseline_images", non_negative, "a whole number >= 0"),
         ("svm.check_every", non_negative, "a whole number >= 0 (0: no check)"),
+        ("svm.center", lambda value: len(value) > 0, "a list of one or two of false, true"),
         ("*", lambda value: each(positive)(value) if isinstance(value, list) else positive(value),
          "a positive number (or a list of them)"),
     ]

@@ -41,7 +41,7 @@ class SVM(PrefixedStage):
     """Per-class linear SVMs on cached features, with hard negative mining."""
 
     base_name = "svm"
-    version = "3"
+    version = "4"
     base_inputs = ("features", "finetune")
     shard_suffix = ".npz"
     headline_metrics = ("classes", "mean_cached_negatives", "retrains")
@@ -64,35 +64,48 @@ class SVM(PrefixedStage):
         def features_of(pool5: np.ndarray) -> np.ndarray:
             return layer_features(net, pool5, params["layer"], ctx.device)
 
-        mean, scale = feature_statistics(reader, image_ids[:params["norm_images"]], features_of, params["feature_norm"],
-                                         params["center"])
-
-        def scaled_features_of(pool5: np.ndarray) -> np.ndarray:
-            return (features_of(pool5) - mean) * scale
-
-        caches = fit_svms(reader, image_ids, shard.items, scaled_features_of, ctx.classes, params)
+        treatments = {center: FeatureTreatment(*feature_statistics(reader, image_ids[:params["norm_images"]], features_of,
+                                                                   params["feature_norm"], center), features_of)
+                      for center in params["center"]}
+        if len(treatments) > 1 and not params["check_every"]:
+            raise ConfigError("svm.center lists several treatments: svm.check_every must hold training images back "
+                              "to choose between them")
         held_back = image_ids[::params["check_every"]] if params["check_every"] else []
-        check = {}
-        if held_back:  # the same fit without the held-back images, ranking their regions
-            fitted_on = [image_id for image_id in image_ids if image_id not in set(held_back)]
-            check = ranking_quality(reader, held_back, fit_svms(reader, fitted_on, shard.items, scaled_features_of,
-                                                               ctx.classes, params), scaled_features_of, params)
+        fitted_on = [image_id for image_id in image_ids if image_id not in set(held_back)]
+        checks = {center: ranking_quality(reader, held_back, fit_svms(reader, fitted_on, shard.items, treatment,
+                                                                      ctx.classes, params), treatment, params)
+                  for center, treatment in treatments.items()} if held_back else {}
+        # each class: the treatment whose fit ranks the held-back images best (a tie: the first listed)
+        chosen = {class_index: max(params["center"], key=lambda center: checks[center].get(class_index, {})
+                                   .get("held_back_auc", 0.0) if checks else 0.0) for class_index in shard.items}
+        stats, weights, biases = {}, {}, {}
+        for center, treatment in treatments.items():
+            classes_of = tuple(c for c in shard.items if chosen[c] == center)
+            for class_index, cache in fit_svms(reader, image_ids, classes_of, treatment, ctx.classes, params).items():
+                # the SVM scores the layer's features as they come: its weights and bias fold the treatment in
+                weights[class_index] = cache.weights * treatment.scale
+                biases[class_index] = cache.bias - float(treatment.scale * np.sum(treatment.mean * cache.weights))
+                aucs = {f"held_back_auc_{'centred' if c else 'raw'}": checks[c][class_index]["held_back_auc"]
+                        for c in checks if class_index in checks[c]}
+                stats[ctx.classes[class_index]] = {**cache.summary(), "center": center, **aucs}
+                if checks and class_index in checks[center]:
+                    stats[ctx.classes[class_index]]["held_back_auc"] = checks[center][class_index]["held_back_auc"]
         buffer = io.BytesIO()
-        np.savez(buffer, class_indices=np.array(shard.items), scale=scale, layer=params["layer"],
-                 mean=np.broadcast_to(np.float32(mean), caches[shard.items[0]].weights.shape),
-                 weights=np.stack([caches[c].weights for c in shard.items]),
-                 biases=np.array([caches[c].bias for c in shard.items]))
+        np.savez(buffer, class_indices=np.array(shard.items), layer=params["layer"],
+                 weights=np.stack([weights[c] for c in shard.items]), biases=np.array([biases[c] for c in shard.items]))
         write_bytes(out.path, buffer.getvalue())
-        return {ctx.classes[c]: {**caches[c].summary(), **check.get(c, {})} for c in shard.items}
+        return stats
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
         rows = [[name, stats["positives"], stats["cached_negatives"], stats["hard_negatives_seen"], stats["retrains"],
-                 stats["unconverged_fits"], stats.get("held_back_auc", "-")] for name, stats in per_class.items()]
+                 stats["unconverged_fits"], stats.get("held_back_auc_raw", "-"), stats.get("held_back_auc_centred", "-"),
+                 "centred" if stats["center"] else "raw"] for name, stats in per_class.items()]
         (cache.report_dir / "svm.md").write_text(
             f"# Linear SVMs ({ctx.params['layer']}, C = {ctx.params['C']})\n\n"
             + markdown_table(["class", "positives", "cached negatives at the end", "hard negatives added",
-                              "retrains", "fits that hit svm.max_iter", "ROC AUC, held-back training regions"], rows)
+                              "retrains", "fits that hit svm.max_iter", "held-back ROC AUC, raw features",
+                              "held-back ROC AUC, centred", "used"], rows)
             + CHECK_EXPLAINED.format(every=ctx.params["check_every"], iou=ctx.params["negative_iou"]))
         return {"classes": len(per_class), "per_class": per_class,
                 "mean_cached_negatives": float(np.mean([s["cached_negatives"] for s in per_class.values()])),
@@ -123,9 +136,22 @@ class ClassCache:
 
 
 CHECK_EXPLAINED = (
-    "\nROC AUC: a second fit, made the same way without every {every}-th training image, ranks those images' "
+    "\nHeld-back ROC AUC: a fit made the same way without every {every}-th training image ranks those images' "
     "ground-truth boxes of the class against their regions of IoU < {iou} with it (the SVM's own positives and "
-    "negatives): 1 separates them, 0.5 is chance. A class near 0.5 has an SVM that learnt nothing it can use.\n")
+    "negatives): 1 separates them, 0.5 is chance. Raw: R-CNN's features, scaled to their mean norm; centred: "
+    "the mean training feature subtracted first. Each class's SVM is trained on all training images with the "
+    "treatment (svm.center) that ranks better. A class near 0.5 has an SVM that learnt nothing it can use.\n")
+
+
+@dataclass
+class FeatureTreatment:
+    """What the SVMs see: (layer features - mean) * scale (mean 0 for R-CNN's raw features)."""
+    mean: np.ndarray | float
+    scale: float
+    features_of: object  # pool5 -> layer features
+
+    def __call__(self, pool5: np.ndarray) -> np.ndarray:
+        return (self.features_of(pool5) - self.mean) * self.scale
 
 
 def fit_svms(reader: FeatureReader, image_ids: list[str], class_indices, transform, classes: list[str],
