@@ -179,7 +179,7 @@ def add_predict_parser(commands) -> None:
 
 def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
     parser.add_argument("--config", default=None, metavar="NAME|PATH",
-                        help=f"a preset in configs/ (demo, voc2007) or a YAML file (default: {DEFAULT_PRESET})")
+                        help=f"a preset in configs/ (demo, photos, voc2007) or a YAML file (default: {DEFAULT_PRESET})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set proposals.max_proposals=300 (repeatable; "
                              "the value is read as YAML)")

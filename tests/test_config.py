@@ -36,7 +36,7 @@ def test_override_without_equals_sign_is_an_error():
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="presets: demo, voc2007"):
+    with pytest.raises(ConfigError, match="presets: demo, photos, voc2007"):
         load_config("nonexistent")
 
 

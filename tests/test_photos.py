@@ -1,0 +1,47 @@
+"""Real photographs from an ImageNet classifier: the photos preset on 25 BCCD images with the shared
+MobileNetV2 weights, against random weights on the same images (skipped without ../shared/data)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BCCD, WEIGHTS = SHARED / "bccd", SHARED / "weights" / "mobilenet_v2_imagenet.pth"
+QUICK = ["proposals.max_proposals=150", "finetune.iterations=150", "finetune.batch_size=32",
+         "finetune.checkpoint_every=50", "finetune.step_every=1000", "svm.norm_images=10", "bbox.norm_images=10",
+         "features.images_per_shard=6", "detect.images_per_shard=4", "evaluate.pictures=1",
+         "evaluate.bootstrap_resamples=10"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (BCCD.is_dir() and WEIGHTS.is_file()),
+                                 reason="../shared/data (BCCD and the ImageNet MobileNetV2 weights) is absent")]
+
+
+@pytest.fixture(scope="module")
+def bccd_subset(tmp_path_factory):
+    """18 training and 7 test images of BCCD, in a VOC root of their own that points at the shared files."""
+    root = tmp_path_factory.mktemp("bccd") / "bccd25"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for folder in ("Annotations", "JPEGImages"):
+        (root / folder).symlink_to(BCCD / folder)
+    for split, count in (("trainval", 18), ("test", 7)):
+        ids = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:count]
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def map_with(bccd_subset, tmp_path, weights: str) -> float:
+    sets = [item for value in (*QUICK, f"backbone.weights={weights}") for item in ("--set", value)]
+    argv = ["run", "--config", "photos", *sets, "--data", str(bccd_subset), "--cache", str(tmp_path / "cache"),
+            "--reports", str(tmp_path / "reports")]
+    assert main(argv) == 0
+    return json.loads((tmp_path / "reports" / "photos" / "rcnn-evaluate" / "map.json").read_text())[
+        "results"]["svm_bbox"]["0.5"]["map_voc07_11pt"]
+
+
+def test_imagenet_weights_detect_blood_cells_far_better_than_random_weights(bccd_subset, tmp_path):
+    imagenet = map_with(bccd_subset, tmp_path / "imagenet", str(WEIGHTS))
+    random = map_with(bccd_subset, tmp_path / "random", "none")
+    assert imagenet >= 0.4 and imagenet >= random + 0.2, (imagenet, random)
