@@ -104,3 +104,19 @@ def count_multiply_adds(detector, variant: str, images: list, proposals: list) -
         for part, count in meter.laps.items():
             totals[part] = totals.get(part, 0.0) + count / len(images)
     return totals
+
+
+def time_proposals(images: list, params, device: str) -> tuple[list, list[float]]:
+    """Each image's region proposals (pipeline.proposals.propose with these params) and the seconds each took."""
+    from pipeline.proposals import propose
+    proposals, seconds = [], []
+    for rgb in images:
+        clock = Clock(device)
+        proposals.append(propose(rgb, params))
+        seconds.append(clock.lap())
+    return proposals, seconds
+
+
+def timing_key_extras(device: str, threads: int) -> dict:
+    """Timings belong to a machine: another one (or another thread count) measures again."""
+    return {"hardware": describe_hardware(device), "torch_threads": threads}

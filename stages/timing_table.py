@@ -23,7 +23,6 @@ from pipeline.cache import StageCache
 from pipeline.errors import ConfigError
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext
-from pipeline.timing import Clock
 from pipeline.weights import initial_backbone
 
 class TimingTable(Stage):
@@ -46,9 +45,8 @@ class TimingTable(Stage):
         return tuple(dict.fromkeys(stages))
 
     def key_extras(self, ctx: StageContext) -> dict:
-        """Timings belong to a machine: another one (or another thread count) measures again."""
-        from pipeline.timing import describe_hardware
-        return {"hardware": describe_hardware(ctx.device), "torch_threads": ctx.threads}
+        from pipeline.timing import timing_key_extras
+        return timing_key_extras(ctx.device, ctx.threads)
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         image_ids = ctx.dataset.image_ids(ctx.test_split)
@@ -90,17 +88,12 @@ class TimingTable(Stage):
 def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dict:
     """Seconds per image (and per part, in ms) of each timed variant of each method, and of the region
     proposals, on these images; the first `timing.warmup` are not counted."""
-    from pipeline.proposals import propose
-    from pipeline.timing import time_detector
+    from pipeline.timing import time_detector, time_proposals
     params, warmup = ctx.params, ctx.params["warmup"]
     images = [ctx.dataset.read_image(image_id) for image_id in image_ids]
     if any(rgb is None for rgb in images):
         raise ConfigError("timing: a test image could not be read; see the proposals report")
-    proposals, proposal_seconds = [], []
-    for rgb in images:
-        clock = Clock(ctx.device)
-        proposals.append(propose(rgb, params["proposals"]))
-        proposal_seconds.append(clock.lap())
+    proposals, proposal_seconds = time_proposals(images, params["proposals"], ctx.device)
     timed = {}
     for method in METHODS.values():
         detector = method.detector(inputs, params["methods"][method.name], ctx.device)

@@ -53,27 +53,20 @@ class TestOnlyTiming(Stage):
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}
 
     def key_extras(self, ctx: StageContext) -> dict:
-        """Timings belong to a machine: another one (or another thread count) measures again."""
-        from pipeline.timing import describe_hardware
-        return {"hardware": describe_hardware(ctx.device), "torch_threads": ctx.threads,
-                **weights_key_extras(ctx.params["backbone"])}
+        from pipeline.timing import timing_key_extras
+        return {**timing_key_extras(ctx.device, ctx.threads), **weights_key_extras(ctx.params["backbone"])}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", tuple(ctx.dataset.image_ids(ctx.test_split)[:ctx.params["images"]]))]
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.proposals import propose
-        from pipeline.timing import Clock, count_multiply_adds, time_detector
+        from pipeline.timing import Clock, count_multiply_adds, time_detector, time_proposals
         if ctx.params["backbone"]["weights"] == "pretrain":
             raise ConfigError(PRETRAIN_WEIGHTS)
         images = [ctx.dataset.read_image(image_id) for image_id in shard.items]
         if len(images) < ctx.params["images"] or any(rgb is None for rgb in images):
             raise ConfigError(f"timing: {ctx.params['images']} test images asked for, {len(images)} readable")
-        proposals, proposal_seconds = [], []
-        for rgb in images:
-            clock = Clock(ctx.device)
-            proposals.append(propose(rgb, ctx.params["proposals"]))
-            proposal_seconds.append(clock.lap())
+        proposals, proposal_seconds = time_proposals(images, ctx.params["proposals"], ctx.device)
         measured = {}
         for method, variant in timed_methods():
             detector = method.fresh_detector(ctx.params, ctx.classes, ctx.params["methods"][method.name], ctx.device)
