@@ -95,6 +95,7 @@ def recall_curve(dataset, proposals: dict[str, np.ndarray], caps: list[int]) -> 
     import torch
     from torchvision.ops import box_iou
 
+    caps = sorted(set(caps))  # max_proposals may also be one of recall_at: count each cap once
     best_iou_per_cap = {cap: [] for cap in caps}
     kept_per_cap = {cap: 0 for cap in caps}
     for image_id, boxes in proposals.items():
@@ -107,7 +108,7 @@ def recall_curve(dataset, proposals: dict[str, np.ndarray], caps: list[int]) -> 
             best = kept.max(dim=1).values if kept.shape[1] else torch.zeros(len(gt_boxes))
             best_iou_per_cap[cap].append(best)
     curve = []
-    for cap in sorted(set(caps)):
+    for cap in caps:
         best = torch.cat(best_iou_per_cap[cap]) if best_iou_per_cap[cap] else torch.zeros(0)
         row = {"cap": cap, "mean_kept": kept_per_cap[cap] / max(len(proposals), 1), "gt_boxes": len(best),
                "mean_best_iou": float(best.mean()) if len(best) else 0.0}

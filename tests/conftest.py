@@ -36,10 +36,11 @@ def shapes_copy(shapes_root, tmp_path):
 
 @pytest.fixture
 def rcnn(tmp_path, shapes_root):
-    """Run the CLI in-process on the tiny set with a private cache and reports folder."""
-    def run(*args, data=None, cache=None):
+    """Run the CLI in-process on the tiny set with a private cache and reports folder (on the scheduler of
+    --rcnn-scheduler, unless `scheduler` names one: threads for a test that patches what the stages run)."""
+    def run(*args, data=None, cache=None, scheduler=None):
         return main([*args, "--data", str(data or shapes_root), "--cache", str(cache or tmp_path / "cache"),
-                     "--reports", str(tmp_path / "reports"), *SCHEDULER])
+                     "--reports", str(tmp_path / "reports"), *(["--scheduler", scheduler] if scheduler else SCHEDULER)])
     return run
 
 

@@ -99,7 +99,7 @@ def test_opencv_failure_on_one_image_is_reported_by_name(rcnn, shapes_root, monk
         return real_search(rgb, params)
 
     monkeypatch.setitem(proposals_module.PROPOSAL_METHODS, "selective-search", search_that_asserts)
-    assert rcnn("proposals") == 0
+    assert rcnn("proposals", scheduler="threads") == 0  # the patch reaches this process's threads only
     metrics = status_json(rcnn, capsys)["proposals"]["metrics"]
     assert failing_id in metrics["failed"] and "Assertion failed" in metrics["failed"][failing_id]
     assert metrics["failed_images"] >= 1

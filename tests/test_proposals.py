@@ -62,8 +62,10 @@ def test_recall_curve_on_a_hand_worked_example():
                        [0, 0, 10, 16],     # IoU 100/160 = 0.625 with the first
                        [50, 50, 60, 60]],  # the difficult box: never counted
                       np.float32)
-    curve = recall_curve(dataset, {"img": ranked}, [1, 2, 3])
+    curve = recall_curve(dataset, {"img": ranked}, [1, 2, 3, 3])  # max_proposals repeats a recall_at cap
+    assert [row["cap"] for row in curve] == [1, 2, 3]
     assert [row["gt_boxes"] for row in curve] == [2, 2, 2]
+    assert [row["mean_kept"] for row in curve] == [1, 2, 3]
     assert [row["recall@0.5"] for row in curve] == [0.5, 1.0, 1.0]
     assert [row["recall@0.7"] for row in curve] == [0.5, 0.5, 0.5]
     assert curve[1]["mean_best_iou"] == pytest.approx((1.0 + 0.625) / 2)

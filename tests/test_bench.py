@@ -1,0 +1,34 @@
+"""The benchmark scripts that report results (bench/paired_runs.py) on fabricated detect outputs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.data.voc import VOCDataset
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def write_detect_output(directory: Path, dataset: VOCDataset, shift: float) -> Path:
+    """A detect stage's output holding each test object's own box moved right by `shift` of its width."""
+    directory.mkdir(parents=True)
+    with h5py.File(directory / "00000.h5", "w") as shard:
+        for image_id in dataset.image_ids("test"):
+            boxes, labels, _ = dataset.ground_truth(image_id)
+            moved = boxes + np.outer(boxes[:, 2] - boxes[:, 0], [shift, 0, shift, 0])
+            rows = np.column_stack([moved, np.ones(len(boxes)), labels]).astype(np.float32)
+            shard.create_dataset(f"svm_bbox/{image_id}", data=rows)
+    return directory
+
+
+def test_paired_runs_reports_both_maps_and_their_difference(shapes_root, tmp_path):
+    dataset = VOCDataset(shapes_root)
+    exact = write_detect_output(tmp_path / "cache" / "rcnn-detect" / "exact", dataset, shift=0.0)
+    missed = write_detect_output(tmp_path / "cache" / "rcnn-detect" / "missed", dataset, shift=0.6)
+    table = subprocess.run([sys.executable, str(BENCH / "paired_runs.py"), "--data", str(shapes_root),
+                            "--ious", "0.5", "--resamples", "50", str(exact), str(missed)],
+                           capture_output=True, text=True, check=True).stdout
+    row = table.strip().splitlines()[-1]
+    assert row == "| 0.5 | 1.000 | 0.000 | +1.000 [+1.000, +1.000] |"
