@@ -119,9 +119,7 @@ def file_digests(paths: list[Path], stat_cache: Path, algorithm: str = "blake2b"
         digests[path] = entry[2]
     if updated:
         stat_cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_path(stat_cache)
-        temporary.write_text(json.dumps(remembered))
-        os.replace(temporary, stat_cache)
+        write_json_atomic(stat_cache, remembered)
     return digests
 
 

@@ -60,7 +60,6 @@ def run_shard_task(plan, shard, *_upstream_done) -> str:
     return shard.id
 
 
-
 def finalize_task(finalize, plan, *_shards_done) -> str:
     return finalize(plan)
 

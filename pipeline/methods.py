@@ -140,13 +140,13 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
 
         from pipeline.roi import spp_dim
         from pipeline.weights import initial_net
-        net = initial_net(settings["backbone"], len(classes), {})
-        if spp:
-            net.set_fc6_input(spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"]))
-        size = settings["backbone"]["input_size"]
+        net, size = initial_net(settings["backbone"], len(classes), {}), settings["backbone"]["input_size"]
         with torch.no_grad():
-            features = (spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"]) if spp else
-                        net.pool5(torch.zeros(1, 3, size, size)).numel())
+            if spp:
+                features = spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"])
+                net.set_fc6_input(features)
+            else:
+                features = net.pool5(torch.zeros(1, 3, size, size)).numel()
             fc7 = net.fc(torch.zeros(1, features)).shape[1]
         rng, count = np.random.default_rng(0), len(classes)
         svms = {"weights": rng.normal(0, 0.01, (count, fc7)).astype(np.float32), "biases": np.zeros(count),

@@ -71,7 +71,8 @@ class SVM(PrefixedStage):
             raise ConfigError("svm.center lists several treatments: svm.check_every must hold training images back "
                               "to choose between them")
         held_back = image_ids[::params["check_every"]] if params["check_every"] else []
-        fitted_on = [image_id for image_id in image_ids if image_id not in set(held_back)]
+        held_back_set = set(held_back)
+        fitted_on = [image_id for image_id in image_ids if image_id not in held_back_set]
         checks = {center: ranking_quality(reader, held_back, fit_svms(reader, fitted_on, shard.items, treatment,
                                                                       ctx.classes, params), treatment, params)
                   for center, treatment in treatments.items()} if held_back else {}

@@ -65,3 +65,9 @@ def test_test_only_timing_counts_each_methods_multiply_adds_without_training_any
     assert measured == pytest.approx(crops * counter.get_total_flops() / 2, rel=1e-6)
     assert rows["Fast R-CNN"]["multiply_add_ratio"] > 1 and rows["R-CNN"]["speedup"] == 1.0
     assert "No mAP" in capsys.readouterr().out
+
+
+def test_test_only_timing_refuses_pretrain_weights_before_training_anything(rcnn, tmp_path, capsys):
+    assert rcnn("timing-table", "--test-only", "--images", "1") == 2  # the demo preset starts from pretrain
+    assert "trains nothing: set backbone.weights" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()) == ["timing-test-only"]
