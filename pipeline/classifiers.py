@@ -50,51 +50,61 @@ def box_coder():
     return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
 
-def apply_regressors(regressors: dict, features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Refined boxes float32[R, N, 4] for each class, from the regressors' features[R, D] of boxes[R, 4]."""
+def apply_regressors(regressors: dict, features, boxes):
+    """Refined boxes float32[R, N, 4] for each class (a tensor), from the regressors' features[R, D] of
+    boxes[R, 4] (tensors or arrays)."""
     import torch
-    scaled = features.astype(np.float32) * regressors["scale"]
-    # [R, D] x [N, 4, D] -> [R, N, 4] standardised deltas, then back to (dx, dy, dw, dh)
-    deltas = np.einsum("rd,nkd->rnk", scaled, regressors["coef"]) + regressors["intercept"]
-    deltas = deltas * regressors["target_std"] + regressors["target_mean"]
-    decoded = box_coder().decode_single(torch.from_numpy(deltas.reshape(len(boxes), -1)).float(),
-                                        torch.from_numpy(boxes))
-    return decoded.reshape(len(boxes), -1, 4).numpy()
+    features, boxes = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(boxes, dtype=torch.float32)
+    coef = torch.from_numpy(regressors["coef"])
+    # [R, D] x [D, N * 4]: every class's standardised deltas in one matrix product, then (dx, dy, dw, dh)
+    deltas = ((features * regressors["scale"]) @ coef.flatten(0, 1).T).view(len(boxes), *coef.shape[:2])
+    deltas = ((deltas + torch.from_numpy(regressors["intercept"])) * torch.from_numpy(regressors["target_std"])
+              + torch.from_numpy(regressors["target_mean"]))
+    return box_coder().decode_single(deltas.reshape(len(boxes), -1), boxes).view(len(boxes), -1, 4)
 
 
 def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features: np.ndarray, width: int,
-                  height: int, params: Mapping, device: str, variants: tuple[str, ...]) -> dict[str, np.ndarray]:
+                  height: int, params: Mapping, device: str, variants: tuple[str, ...],
+                  clock=None) -> dict[str, np.ndarray]:
     """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image's boxes[R, 4] from their
     pool5 (or pyramid) features[R, P], per variant asked for:
         svm_bbox (the R-CNN result), svm (no box regression), softmax_bbox and softmax (the fine-tuned
         network's own (N + 1)-way softmax instead of the SVMs).
     Box regression uses the regressors' features (pool5); NMS per class at params["nms_iou"], then the
-    params["max_per_image"] best."""
+    params["max_per_image"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
+    layer) and "SVM + bbox + NMS". The work after fc7 is done in torch on the CPU: mixing numpy's BLAS
+    threads with torch's on the same cores made it 5x slower (bench/rcnn_test_time.py)."""
     import torch
 
-    from pipeline.boxes import clip_boxes
-    svm_features = layer_features(net, features, svms["layer"], device)
-    scores = {"svm": svm_features @ svms["weights"].T + svms["biases"]}
+    svm_features = torch.from_numpy(layer_features(net, features, svms["layer"], device))
+    if clock is not None:
+        clock.lap("fc6 + fc7")
+    scores = {"svm": svm_features @ torch.from_numpy(svms["weights"]).T + torch.from_numpy(svms["biases"]).float()}
     if any(variant.startswith("softmax") for variant in variants):
-        fc7 = svm_features if svms["layer"] == "fc7" else layer_features(net, features, "fc7", device)
+        fc7 = svm_features if svms["layer"] == "fc7" else torch.from_numpy(layer_features(net, features, "fc7", device))
         with torch.no_grad():
-            scores["softmax"] = torch.softmax(net.head(torch.from_numpy(fc7).to(device)), dim=1)[:, 1:].cpu().numpy()
+            scores["softmax"] = torch.softmax(net.head(fc7.to(device)), dim=1)[:, 1:].cpu()
     refined = apply_regressors(regressors, features, boxes)
-    refined = clip_boxes(refined.reshape(-1, 4), width, height).reshape(refined.shape)
-    plain = np.broadcast_to(boxes[:, None, :], refined.shape)
-    return {variant: per_class_nms(refined if variant.endswith("_bbox") else plain, scores[variant.split("_")[0]],
-                                   params["nms_iou"], params["max_per_image"])
-            for variant in variants}
+    refined[..., 0::2] = refined[..., 0::2].clamp(0, width)
+    refined[..., 1::2] = refined[..., 1::2].clamp(0, height)
+    plain = torch.from_numpy(boxes)[:, None, :].expand_as(refined)
+    detections = {variant: per_class_nms(refined if variant.endswith("_bbox") else plain,
+                                         scores[variant.split("_")[0]], params["nms_iou"], params["max_per_image"])
+                  for variant in variants}
+    if clock is not None:
+        clock.lap("SVM + bbox + NMS")
+    return detections
 
 
-def per_class_nms(class_boxes: np.ndarray, scores: np.ndarray, nms_iou: float, max_detections: int) -> np.ndarray:
-    """NMS within each class over class_boxes[R, N, 4] and scores[R, N]; the best max_detections overall."""
+def per_class_nms(class_boxes, scores, nms_iou: float, max_detections: int) -> np.ndarray:
+    """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); the best
+    max_detections overall."""
     import torch
     from torchvision.ops import batched_nms
 
     num_regions, num_classes = scores.shape
-    flat_boxes = torch.from_numpy(np.array(class_boxes, dtype=np.float32).reshape(-1, 4))
-    flat_scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32).reshape(-1))
+    flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
+    flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     classes = torch.arange(num_classes).repeat(num_regions)
     keep = batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score
     return torch.cat([flat_boxes[keep], flat_scores[keep, None], classes[keep, None].float()], dim=1).numpy()

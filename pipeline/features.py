@@ -4,8 +4,15 @@ Cache layout (one HDF5 file per image shard, one writer per file, a group per im
     boxes         float32[R, 4]  ground-truth boxes first (all of them, difficult included), then proposals
     gt_label      int16[R]       class index for ground-truth rows, -1 for proposals
     gt_difficult  bool[R]
-    features      float16[R, D]  (features.dtype) chunked and compressed; the file's attribute `kind` says
-                                 what they are: R-CNN's flattened pool5, or SPP-net's spatial pyramid
+    features      [R, D] as features.dtype says, chunked and compressed (features.compression); the file's
+                                 attribute `kind` says what they are: R-CNN's flattened pool5, or SPP-net's
+                                 spatial pyramid. float16 | float32: the values; uint8: each row quantised
+                                 to 256 levels between its minimum and maximum, with
+    feature_offset float32[R]    (uint8 only) each row's minimum, and
+    feature_step  float32[R]     (uint8 only) its level spacing: value = code * step + offset, off by at most
+                                 step / 2 = 1/510 of the row's range. Where pool5 follows a ReLU (the small
+                                 network, AlexNet, VGG16, ResNet) a row's minimum is 0, so its zeros (about
+                                 half the values) stay exact and compress; MobileNetV2's ends linear.
 The SVMs and box regressors of both methods read them through FeatureReader, and compute fc6 / fc7
 from them through the fine-tuned fc layers (layer_features).
 """
@@ -20,7 +27,8 @@ import numpy as np
 
 from pipeline.cache import StageCache
 
-DTYPES = ("float16", "float32")
+DTYPES = ("uint8", "float16", "float32")
+LEVELS = 255  # uint8 codes 0..255 span each row's range
 COMPRESSIONS = ("lzf", "gzip", "none")
 LAYERS = ("pool5", "fc6", "fc7")
 
@@ -30,7 +38,8 @@ class ImageFeatures:
     boxes: np.ndarray         # float32[R, 4]
     gt_label: np.ndarray      # int16[R], -1 for proposals
     gt_difficult: np.ndarray  # bool[R]
-    features: np.ndarray | None  # float16 or float32 [R, D]; None when only the regions were read
+    features: np.ndarray | None  # float16 or float32 [R, D] (uint8 decoded to float32); None when only the
+                                 # regions were read
 
     @property
     def proposal_rows(self) -> np.ndarray:
@@ -51,9 +60,37 @@ def write_image_features(shard_file: h5py.File, image_id: str, regions: ImageFea
     (features.dtype and features.compression)."""
     group = shard_file.create_group(image_id)
     group["boxes"], group["gt_label"], group["gt_difficult"] = regions.boxes, regions.gt_label, regions.gt_difficult
-    group.create_dataset("features", data=features.astype(params["dtype"]),
-                         chunks=(min(len(features), 128), features.shape[1]),
+    if params["dtype"] == "uint8":
+        codes, group["feature_offset"], group["feature_step"] = quantise(features)
+    else:
+        codes = features.astype(params["dtype"])
+    group.create_dataset("features", data=codes, chunks=(min(len(features), 128), features.shape[1]),
                          compression=None if params["compression"] == "none" else params["compression"])
+
+
+def quantise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """features[R, D] -> (codes uint8[R, D], offset float32[R], step float32[R]), row by row between the
+    row's minimum and maximum (a constant row gets step 1, its codes all 0)."""
+    features = features.astype(np.float32, copy=False)
+    offset = features.min(axis=1) if features.size else np.zeros(len(features), np.float32)
+    span = (features.max(axis=1) if features.size else offset) - offset
+    step = np.where(span > 0, span / LEVELS, 1.0).astype(np.float32)
+    codes = np.rint((features - offset[:, None]) / step[:, None])
+    return np.clip(codes, 0, LEVELS).astype(np.uint8), offset, step
+
+
+def dequantise(codes: np.ndarray, offset: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """float32[R, D] from quantise's codes[R, D], offset[R] and step[R]."""
+    return codes.astype(np.float32) * step[:, None] + offset[:, None]
+
+
+def as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
+    """float32[R, D] features rounded as a feature cache of `dtype` stores them: what the SVMs and box
+    regressors trained on, so that test features (computed from pixels) are scored as they were."""
+    import torch
+    if dtype == "uint8":
+        return dequantise(*quantise(features))
+    return torch.from_numpy(features).to(getattr(torch, dtype)).float().numpy()  # torch converts 10x faster than numpy
 
 
 class FeatureReader:
@@ -79,8 +116,10 @@ class FeatureReader:
         with h5py.File(self.file_of[image_id], "r") as shard_file:
             group = shard_file[image_id]
             rows = slice(int((group["gt_label"][()] >= 0).sum())) if ground_truth_only else slice(None)
-            return ImageFeatures(group["boxes"][rows], group["gt_label"][rows], group["gt_difficult"][rows],
-                                 group["features"][rows])
+            features = group["features"][rows]
+            if "feature_step" in group:
+                features = dequantise(features, group["feature_offset"][rows], group["feature_step"][rows])
+            return ImageFeatures(group["boxes"][rows], group["gt_label"][rows], group["gt_difficult"][rows], features)
 
 
 def training_image_ids(dataset, train_split: str, reader: FeatureReader) -> list[str]:
@@ -99,8 +138,9 @@ def features_summary(records: dict, device: str, dtype: str) -> dict:
 
 
 def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, batch_size: int, device: str,
-                   amp: bool) -> np.ndarray:
-    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches."""
+                   amp: bool, clock=None) -> np.ndarray:
+    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches. A
+    pipeline.timing.Clock, if given, gets the laps "warp" and "CNN on every crop" (to pool5)."""
     import torch
 
     from pipeline.regions import image_tensor, mean_subtracted, warp_regions
@@ -110,7 +150,11 @@ def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, b
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
         for batch in boxes.split(batch_size):
             crops = warp_regions(image, batch, backbone["input_size"], backbone["context_pad"])
+            if clock is not None:
+                clock.lap("warp")
             outputs.append(net.pool5(crops).flatten(1).float().cpu())
+            if clock is not None:
+                clock.lap("CNN on every crop")
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -119,11 +163,11 @@ def layer_features(net, features: np.ndarray, layer: str, device: str, batch_siz
     the fine-tuned fc layers."""
     import torch
     if layer == "pool5":
-        return features.astype(np.float32)
+        return features.astype(np.float32, copy=False)
     outputs = []
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
-            batch = torch.from_numpy(features[start:start + batch_size].astype(np.float32)).to(device)
+            batch = torch.from_numpy(features[start:start + batch_size]).to(device, torch.float32)
             outputs.append(net.fc(batch, layer).cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, net.head.in_features), np.float32)
 

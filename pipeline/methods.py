@@ -161,11 +161,11 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
 def svm_detector(spp: bool) -> Callable[[RegionModels, Mapping, str], Detector]:
     """R-CNN (every proposal warped and run through the whole CNN) or SPP-net (conv5 once per scale, each
     proposal pooled by the pyramid), then fc layers, SVM scores, box regression and per-class NMS
-    (pipeline.classifiers.score_regions). Features are rounded to features.dtype, as the SVMs' training
-    features were stored."""
+    (pipeline.classifiers.score_regions). Features are rounded to features.dtype (pipeline.features.as_stored),
+    as the SVMs' training features were stored."""
     def assemble(models: RegionModels, params: Mapping, device: str) -> Detector:
         from pipeline.classifiers import score_regions
-        from pipeline.features import pool5_features
+        from pipeline.features import as_stored, pool5_features
         from pipeline.roi import conv5_at_scales, pyramid_features
         net, backbone = models.net, models.backbone
 
@@ -178,13 +178,12 @@ def svm_detector(spp: bool) -> Callable[[RegionModels, Mapping, str], Detector]:
                 features = pyramid_features(maps, proposals, params["levels"], net.trunk_stride, backbone["input_size"])
                 clock.lap("pyramid pooling")
             else:
-                features = pool5_features(net, rgb, proposals, backbone, params["crops_per_batch"], device, amp=False)
-                clock.lap("warp + CNN on every crop")
-            rows = score_regions(net, models.svms, models.regressors, proposals,
-                                 features.astype(params["feature_dtype"]), rgb.shape[1], rgb.shape[0], params, device,
-                                 variants)
-            clock.lap("fc + SVM + bbox + NMS")
-            return rows
+                features = pool5_features(net, rgb, proposals, backbone, params["crops_per_batch"], device, amp=False,
+                                          clock=clock)
+            features = as_stored(features, params["feature_dtype"])
+            clock.lap("rounding to features.dtype")
+            return score_regions(net, models.svms, models.regressors, proposals, features, rgb.shape[1], rgb.shape[0],
+                                 params, device, variants, clock)
         return Detector(models.classes, detect)
     return assemble
 

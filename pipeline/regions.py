@@ -4,6 +4,10 @@ R-CNN (Appendix A) dilates each region so that, once warped to S x S, it has exa
 pixels of image context on every side, then warps it anisotropically; pixels outside the image take
 the mean colour. Here the warp is torchvision.ops.roi_align over the mean-subtracted image (so the
 zeros it samples outside the image are the mean colour), batched on the device: no per-crop Python loop.
+One bilinear sample per output pixel (sampling_ratio 1), as R-CNN's own crop (rcnn_im_crop.m: imresize
+'bilinear' with 'antialiasing' false); roi_align's adaptive sampling averages up to ceil(side / S)^2
+samples per pixel, an anti-aliased warp that cost R-CNN's test pass 3 to 4x the time of this one on a CPU
+(bench/rcnn_test_time.py).
 Boxes are (x1, y1, x2, y2) in the pipeline's continuous pixel coordinates (pipeline.boxes), which is
 what roi_align(aligned=True) expects.
 """
@@ -44,7 +48,7 @@ def warp_regions(image: torch.Tensor, boxes: torch.Tensor, output_size: int, con
     if image.dtype == torch.uint8:
         image = mean_subtracted(image)
     rois = context_boxes(boxes.to(image.device, torch.float32), output_size, context_pad)
-    crops = roi_align(image[None], [rois], output_size=output_size, spatial_scale=1.0, sampling_ratio=-1,
+    crops = roi_align(image[None], [rois], output_size=output_size, spatial_scale=1.0, sampling_ratio=1,
                       aligned=True)
     return crops.div_(torch.tensor(STD_RGB, device=image.device).view(1, 3, 1, 1))
 

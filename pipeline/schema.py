@@ -103,6 +103,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("proposals.search_side", non_negative, "a whole number >= 0 (0: never shrink the image)"),
         ("*.min_size", non_negative, "a number >= 0"),
         ("*.end_to_end_iterations", non_negative, "a whole number >= 0 (0: skip the phase)"),
+        ("*.warmup", non_negative, "a whole number >= 0 (0: no warm-up)"),
         ("*.baseline_images", non_negative, "a whole number >= 0"),
         ("svm.check_every", non_negative, "a whole number >= 0 (0: no check)"),
         ("svm.center", lambda value: len(value) > 0, "a list of one or two of false, true"),

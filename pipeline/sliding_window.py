@@ -50,6 +50,6 @@ def classify_windows(net, backbone: Mapping, rgb: np.ndarray, boxes: np.ndarray,
     objects = probabilities.argmax(1) > 0  # the best label is a class, not background
     scores = np.where(probabilities[:, 1:] == probabilities[:, 1:].max(1, keepdims=True), probabilities[:, 1:], 0)
     scores = scores[objects]
-    class_boxes = np.broadcast_to(boxes[objects, None, :], (int(objects.sum()), scores.shape[1], 4))
+    class_boxes = torch.from_numpy(boxes[objects])[:, None, :].expand(-1, scores.shape[1], 4)
     rows = per_class_nms(class_boxes, scores, params["nms_iou"], params["max_per_image"])
     return rows[rows[:, 4] > 0]

@@ -39,6 +39,7 @@ class SGDSettings:
     seed: int
     checkpoint_every: int
     optimizer: str = "sgd"  # sgd (with momentum) | adam (momentum unused; its defaults for the moment estimates)
+    warmup: int = 0         # the learning rate rises linearly from lr / warmup to lr over this many iterations
 
     @classmethod
     def from_config(cls, section: dict) -> SGDSettings:
@@ -75,7 +76,7 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
     """
     model.to(device).train()
     optimizer = make_optimizer(settings, parameters or list(model.parameters()))
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_every, settings.gamma)
+    schedule = lr_schedule(optimizer, settings)
     rng, losses, parts, start = np.random.default_rng(settings.seed), [], {}, 0
     torch.manual_seed(settings.seed)
     threads = threads or os.cpu_count() or 1
@@ -105,6 +106,18 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
             _save(checkpoint, model, optimizer, schedule, rng, iteration + 1, losses, parts, threads)
     model.eval()
     return History(losses, parts)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, settings: SGDSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """Steps of gamma every step_every iterations, after a linear warm-up of `warmup` iterations if any (Goyal
+    et al. 2017; detectron2 and torchvision's detection references warm up too): newly initialised fc layers
+    on the unbounded features of a pretrained trunk can otherwise take steps early on that switch most of
+    their ReLUs off for good (photos preset, MobileNetV2: 70 % of fc6 and fc7 dead after 300 iterations)."""
+    steps = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_every, settings.gamma)
+    if not settings.warmup:
+        return steps
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / settings.warmup, total_iters=settings.warmup)
+    return torch.optim.lr_scheduler.ChainedScheduler([warmup, steps], optimizer)
 
 
 def make_optimizer(settings: SGDSettings, parameters: list) -> torch.optim.Optimizer:

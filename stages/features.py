@@ -18,7 +18,7 @@ class Features(Stage):
     """pool5 features of every ground-truth box and proposal of the training images, in HDF5 per shard."""
 
     name = "features"
-    version = "3"
+    version = "4"  # 4: R-CNN's warp, one bilinear sample per pixel (pipeline.regions)
     inputs = ("proposals", "finetune")
     headline_metrics = ("regions", "bytes_per_region", "regions_per_second")
     runs_on_device = True

@@ -26,7 +26,7 @@ class Finetune(TrainingStage):
     """Fine-tune the CNN on warped proposals as an (N + 1)-way classifier."""
 
     name = "finetune"
-    version = "2"
+    version = "3"  # 3: R-CNN's warp, one bilinear sample per pixel (pipeline.regions)
     inputs = ("proposals",)
     headline_metrics = ("final_loss", "window_accuracy", "foreground_windows")
     loss_title = "finetune: (N + 1)-way loss on warped proposals"

@@ -22,7 +22,7 @@ class Pretrain(TrainingStage):
     """Train the backbone from scratch as a classifier on jittered ground-truth crops."""
 
     name = "pretrain"
-    version = "2"
+    version = "3"  # 3: R-CNN's warp, one bilinear sample per pixel (pipeline.regions)
     headline_metrics = ("final_loss", "train_accuracy")
     loss_title = "pretrain: classification loss (ground-truth crops)"
 

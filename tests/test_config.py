@@ -62,7 +62,7 @@ def test_every_preset_has_the_schemas_keys_types_and_ranges(preset):
     ("sppnet.scales=[144, big]", "sppnet.scales = [144, 'big']: expected a list of whole numbers"),
     ("detect.nms_iou=0", "detect.nms_iou = 0.0: expected a number in (0, 1]"),
     ("finetune.momentum=1", "finetune.momentum = 1.0: expected a number in [0, 1)"),
-    ("features.dtype=int8", "features.dtype = 'int8': expected one of float16, float32"),
+    ("features.dtype=int8", "features.dtype = 'int8': expected one of uint8, float16, float32"),
 ])
 def test_a_value_of_the_wrong_type_or_range_is_one_line_naming_key_value_and_what_is_expected(override, message):
     with pytest.raises(ConfigError) as caught:

@@ -120,7 +120,8 @@ def run_in_a_small_filesystem(tmp_path, command: str) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_with_exit_code_2_and_the_run_resumes_once_there_is_room(shapes_root, tmp_path):
-    sets = "--set pretrain.iterations=4 --set finetune.iterations=4 --set proposals.max_proposals=80"
+    sets = ("--set pretrain.iterations=4 --set finetune.iterations=4 --set proposals.max_proposals=80 "
+            "--set features.dtype=float32 --set features.compression=none")  # features larger than the 3 MiB disk
     rcnn = f"{sys.executable} -m pipeline.cli features --data {shapes_root} --reports {tmp_path}/reports {sets}"
     finished = run_in_a_small_filesystem(
         tmp_path, f"{rcnn} --cache {tmp_path}/small/cache; code=$?; cp -r {tmp_path}/small/cache {tmp_path}/kept; "

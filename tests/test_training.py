@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training import SGDSettings, train
+import dataclasses
+
+from pipeline.training import SGDSettings, lr_schedule, train
 
 SETTINGS = SGDSettings(iterations=12, lr=0.1, momentum=0.9, weight_decay=0.0005, step_every=8, gamma=0.1, seed=3,
                        checkpoint_every=3)
@@ -33,18 +35,31 @@ def test_loss_goes_down(tmp_path):
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+def test_warmup_raises_the_learning_rate_linearly_then_the_steps_apply():
+    optimizer = torch.optim.SGD(tiny_model().parameters(), lr=0.1)
+    schedule = lr_schedule(optimizer, dataclasses.replace(SETTINGS, warmup=4, step_every=6))
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.025, 0.04375, 0.0625, 0.08125, 0.1, 0.1, 0.01, 0.01])
+
+
+@pytest.mark.parametrize("warmup", [0, 10])  # 10: killed during the warm-up
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, warmup):
+    settings = dataclasses.replace(SETTINGS, warmup=warmup)
     uninterrupted = tiny_model()
-    train(uninterrupted, batches(), SETTINGS, tmp_path / "a", "cpu", threads=2)
+    train(uninterrupted, batches(), settings, tmp_path / "a", "cpu", threads=2)
 
     resumed = tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        train(resumed, batches(fail_at=8), SETTINGS, tmp_path / "b", "cpu", threads=2)  # killed in iteration 8
+        train(resumed, batches(fail_at=8), settings, tmp_path / "b", "cpu", threads=2)  # killed in iteration 8
     assert (tmp_path / "b").is_file()  # the checkpoint after iteration 6
     torch.manual_seed(12345)  # the global RNG moved on meanwhile: the checkpoint must restore it
     torch.set_num_threads(1)  # and the process now has another thread count: the checkpoint's wins
     fresh = tiny_model()
-    losses = train(fresh, batches(), SETTINGS, tmp_path / "b", "cpu").losses
+    losses = train(fresh, batches(), settings, tmp_path / "b", "cpu").losses
     assert torch.get_num_threads() == 2
     assert len(losses) == 12
     for name, value in uninterrupted.state_dict().items():
