@@ -15,6 +15,7 @@ from pipeline.config import DEFAULT_PRESET, load_config
 from pipeline.data.voc import ON_BAD_INPUT, VOCDataset
 from pipeline.errors import BadInputError, ConfigError, UserError
 from pipeline.graph import parse_scheduler
+from pipeline.memory import use_tensor_friendly_malloc
 from pipeline.methods import METHODS, TASKS
 from pipeline.runner import RunContext, plan_stages, run_stages
 from stages import REGISTRY
@@ -29,6 +30,7 @@ SCHEDULER_HELP = ("Dask engine: 'threads' or 'threads:N' (in-process threads; th
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code: 0 done, 2 a one-line error (a traceback with --debug), 130 interrupted."""
+    use_tensor_friendly_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(message)s")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.cache import temporary_path
 from pipeline.errors import ConfigError
+from pipeline.memory import use_tensor_friendly_malloc
 from pipeline.stage import ShardOutput
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ _EXCLUSIVE_LOCK = threading.Lock()  # shards of stages that must not share this 
 
 def run_shard_task(plan, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
+    use_tensor_friendly_malloc()
     with _IMPORT_LOCK:  # torchvision's first import is not thread-safe; stages import it lazily, side by side
         import torchvision  # noqa: F401
     with _EXCLUSIVE_LOCK if plan.stage.exclusive else nullcontext():
