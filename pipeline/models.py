@@ -18,7 +18,10 @@ For the last three, which have no fully connected layers but their ImageNet clas
 7 x 7 max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
 randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with the ImageNet
 statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops
-of one data set, give poor statistics. ImageNet weights are read from a local file or the torch hub
+of one data set, give poor statistics. The pretrain stage, which trains the network from scratch, asks
+for trainable ones (`frozen_batchnorm=False`), as torchvision does for untrained backbones: frozen at
+their initial identity, MobileNetV2 has no normalisation and learnt nothing but the commonest class on
+BCCD's crops; the statistics it learns are then frozen like ImageNet's. ImageNet weights are read from a local file or the torch hub
 cache, never downloaded (pipeline.weights).
 """
 from __future__ import annotations
@@ -79,7 +82,7 @@ class RegionNet(nn.Module):
 
 
 def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None = None,
-                     fc6_input_dim: int | None = None) -> RegionNet:
+                     fc6_input_dim: int | None = None, frozen_batchnorm: bool = True) -> RegionNet:
     """A RegionNet with randomly initialised head; `torchvision_state` loads ImageNet weights first.
 
     `fc6_input_dim` gives fc6 another input size than pool5's (SPP-net's pyramid), newly initialised.
@@ -91,7 +94,7 @@ def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_s
     elif name in CLASSIC:
         net = _torchvision_net(name, num_outputs, torchvision_state)
     elif name in TORCHVISION_WEIGHTS:
-        net = _stride16_net(name, num_outputs, input_size, torchvision_state)
+        net = _stride16_net(name, num_outputs, input_size, torchvision_state, frozen_batchnorm)
     else:
         raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
     if fc6_input_dim is not None:
@@ -112,7 +115,8 @@ def _torchvision_net(name: str, num_outputs: int, torchvision_state: dict | None
                      roi_size=roi_size)
 
 
-def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None) -> RegionNet:
+def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None,
+                  frozen_batchnorm: bool) -> RegionNet:
     """mobilenet_v2, resnet18 or resnet50 cut at stride 16 (see the module docstring), new fc6 and fc7."""
     if input_size % 16:
         raise ConfigError(f"backbone.input_size {input_size}: {name} needs a multiple of 16")
@@ -124,7 +128,8 @@ def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_stat
     else:
         trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
                               model.layer3)
-    trunk = freeze_batchnorm(trunk)
+    if frozen_batchnorm:
+        trunk = freeze_batchnorm(trunk)
     channels = next(m.out_channels for m in reversed(list(trunk.modules())) if isinstance(m, nn.Conv2d))
     fc6 = nn.Sequential(nn.Dropout(), nn.Linear(channels * NEW_ROI_SIZE ** 2, NEW_FC_DIM), nn.ReLU(inplace=True))
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))

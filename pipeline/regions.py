@@ -158,7 +158,9 @@ def load_training_images(dataset, split: str, device: str) -> TrainingImages:
 
 def predict_classes(net, bank: ImageBank, image_index: np.ndarray, boxes: torch.Tensor, input_size: int,
                     context_pad: float, batch_size: int = 256) -> torch.Tensor:
-    """The network's arg-max class of each window (image_index[K], boxes[K, 4]), warped and run in batches."""
+    """The network's arg-max class of each window (image_index[K], boxes[K, 4]), warped and run in batches
+    (in eval mode: no dropout, BatchNorm's running statistics left as they are)."""
+    net.eval()
     predicted = []
     with torch.no_grad():
         for start in range(0, len(image_index), batch_size):

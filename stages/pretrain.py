@@ -22,7 +22,8 @@ class Pretrain(TrainingStage):
     """Train the backbone from scratch as a classifier on jittered ground-truth crops."""
 
     name = "pretrain"
-    version = "3"  # 3: R-CNN's warp, one bilinear sample per pixel (pipeline.regions)
+    # 3: R-CNN's warp, one bilinear sample per pixel (pipeline.regions); 4: BatchNorm trained (pipeline.models)
+    version = "4"
     headline_metrics = ("final_loss", "train_accuracy")
     loss_title = "pretrain: classification loss (ground-truth crops)"
 
@@ -39,7 +40,7 @@ class Pretrain(TrainingStage):
         params, backbone = ctx.params, ctx.params["backbone"]
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)
-        net = build_region_net(backbone["name"], len(ctx.classes), backbone["input_size"])
+        net = build_region_net(backbone["name"], len(ctx.classes), backbone["input_size"], frozen_batchnorm=False)
         training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
         windows = np.concatenate([np.full(len(boxes), index) for index, boxes in enumerate(training.gt_boxes)])
         boxes = torch.from_numpy(np.concatenate(training.gt_boxes))

@@ -44,6 +44,19 @@ def test_imagenet_backbones_cut_at_stride_16_with_new_fc6_and_fc7(name, size, ch
     assert any(isinstance(m, FrozenBatchNorm2d) for m in net.trunk.modules())
 
 
+def test_a_network_trained_from_scratch_learns_batchnorm_and_its_statistics_are_then_frozen():
+    """The pretrain stage's network normalises with batch statistics while it trains; what it saves loads
+    into the frozen network every later stage builds, which then computes what it computed in eval mode."""
+    scratch = build_region_net("mobilenet_v2", 3, 96, frozen_batchnorm=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.trunk.modules())
+    crops = torch.randn(8, 3, 96, 96)
+    scratch.train()(crops * 3 + 1)  # one training-mode pass moves the running statistics off the identity
+    frozen = build_region_net("mobilenet_v2", 3, 96)
+    frozen.load_state_dict(scratch.state_dict())  # strict: BatchNorm's num_batches_tracked is the one extra
+    with torch.no_grad():
+        assert torch.allclose(frozen.eval()(crops), scratch.eval()(crops), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "resnet50"])
 def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
     model = getattr(torchvision.models, name)(weights=None)
