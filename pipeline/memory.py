@@ -9,12 +9,12 @@ photos preset (MobileNetV2, 128 crops of 96 px per batch, two dask threads) 3 30
 arena and thresholds of 1 GiB keep those blocks in the process. The cost: a process's resident memory
 stays at its peak instead of shrinking between batches.
 
-`use_tensor_friendly_malloc()` sets this for the running process with mallopt (the CLI calls it first;
-a shard task calls it in a process that has not yet, since a dask worker may start with other settings,
-e.g. dask's own trim threshold) and, through GLIBC_TUNABLES, for the processes it starts (a LocalCluster's
-workers: the one arena must be set before a process's threads allocate). Workers of an existing cluster
-are best started with GLIBC_TUNABLES set to `TUNABLES`. Other C libraries (macOS, musl) keep their own
-behaviour.
+`use_tensor_friendly_malloc()` sets this for the running process with mallopt (the CLI calls it first; a
+shard task calls it in a process that has not yet, since a dask worker may start with other settings,
+e.g. dask's own trim threshold) and, through GLIBC_TUNABLES, for the processes it starts (a
+LocalCluster's workers: the one arena must be set before a process's threads allocate). Workers of an
+existing cluster are best started with GLIBC_TUNABLES set to `TUNABLES`. Other C libraries (macOS, musl)
+keep their own behaviour.
 """
 from __future__ import annotations
 

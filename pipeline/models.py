@@ -14,15 +14,15 @@ by spatial pyramid pooling and Fast R-CNN by RoI pooling, both over the trunk's 
                   32 and are left out, so that RoI and SPP pooling see a stride-16 map as in the papers
     resnet18/50   conv1 through layer3 (256 / 1024 channels, stride 16): the "C4" cut of Faster R-CNN
                   with ResNet (He et al. 2016, Detectron's R50-C4); layer4 (stride 32) is left out
-For the last three, which have no fully connected layers but their ImageNet classifier, pool5 is a
-7 x 7 max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
+For the last three, which have no fully connected layers but their ImageNet classifier, pool5 is a 7 x 7
+max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
 randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with the ImageNet
-statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops
-of one data set, give poor statistics. The pretrain stage, which trains the network from scratch, asks
-for trainable ones (`frozen_batchnorm=False`), as torchvision does for untrained backbones: frozen at
-their initial identity, MobileNetV2 has no normalisation and learnt nothing but the commonest class on
-BCCD's crops; the statistics it learns are then frozen like ImageNet's. ImageNet weights are read from a local file or the torch hub
-cache, never downloaded (pipeline.weights).
+statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops of
+one data set, give poor statistics. The pretrain stage, which trains the network from scratch, asks for
+trainable ones (`frozen_batchnorm=False`), as torchvision does for untrained backbones: frozen at their
+initial identity, MobileNetV2 has no normalisation and learnt nothing but the commonest class on BCCD's
+crops; the statistics it learns are then frozen like ImageNet's. ImageNet weights are read from a local
+file or the torch hub cache, never downloaded (pipeline.weights).
 """
 from __future__ import annotations
 
