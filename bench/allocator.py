@@ -40,15 +40,17 @@ def measure(backbone: str, input_size: int, batch: int, threads: int, crops: int
             for _ in range(batches):
                 net.pool5(crops_batch)
 
-    workers = [threading.Thread(target=run, args=(1,)) for _ in range(threads)]
-    [worker.start() for worker in workers]
-    [worker.join() for worker in workers]
+    def run_side_by_side(batches: int) -> None:
+        workers = [threading.Thread(target=run, args=(batches,)) for _ in range(threads)]
+        [worker.start() for worker in workers]
+        [worker.join() for worker in workers]
+
+    batches = max(1, crops // batch)
+    run_side_by_side(1)  # warm-up
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    workers = [threading.Thread(target=run, args=(max(1, crops // batch),)) for _ in range(threads)]
-    [worker.start() for worker in workers]
-    [worker.join() for worker in workers]
+    run_side_by_side(batches)
     seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
-    total = threads * max(1, crops // batch) * batch
+    total = threads * batches * batch
     kernel, user = after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime
     return {"crops_per_second": total / seconds, "faults_per_crop": (after.ru_minflt - before.ru_minflt) / total,
             "kernel_share": kernel / (kernel + user)}
