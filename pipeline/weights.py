@@ -9,6 +9,7 @@ starts from it.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,9 +24,19 @@ def backbone_shape(backbone: Mapping) -> dict:
     return {name: backbone[name] for name in BACKBONE_KEYS}
 
 
+WEIGHT_SOURCES = ("pretrain", "none", "torchvision")
+
+
 def initial_backbone(backbone: Mapping) -> dict:
-    """What a stage that starts from the backbone depends on: its shape and where its weights come from."""
-    return {**backbone_shape(backbone), "weights": backbone["weights"]}
+    """What a stage that starts from the backbone depends on: its shape and where its weights come from.
+
+    A weights file is named by its absolute path: `../w.pth` and `/abs/w.pth` are one key (the file's
+    bytes are in the key too, weights_key_extras), and a dask worker with another working directory
+    finds the file the client named."""
+    weights = backbone["weights"]
+    if weights not in WEIGHT_SOURCES:
+        weights = os.path.abspath(os.path.expanduser(weights))
+    return {**backbone_shape(backbone), "weights": weights}
 
 
 def pretrain_input(backbone: Mapping) -> tuple[str, ...]:

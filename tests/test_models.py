@@ -143,3 +143,14 @@ def test_weights_of_another_network_are_named_as_such(tmp_path):
     backbone = {"name": "mobilenet_v2", "input_size": 112, "context_pad": 8, "weights": str(path)}
     with pytest.raises(UserError, match=rf"{path}: does not hold torchvision's mobilenet_v2 weights \(Missing key"):
         initial_net(backbone, 3, {})
+
+
+def test_a_weights_file_gives_one_key_however_its_path_is_spelt(tmp_path, monkeypatch):
+    from pipeline.weights import initial_backbone
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    backbone = {"name": "mobilenet_v2", "input_size": 96, "context_pad": 6}
+    spellings = ["../w.pth", str(tmp_path / "w.pth"), f"{tmp_path}/run/../w.pth"]
+    assert {initial_backbone({**backbone, "weights": path})["weights"] for path in spellings} == {str(tmp_path / "w.pth")}
+    for source in ("torchvision", "pretrain", "none"):
+        assert initial_backbone({**backbone, "weights": source})["weights"] == source
