@@ -17,14 +17,12 @@ from pipeline.cache import StageCache
 from pipeline.errors import ConfigError, UserError
 
 BACKBONE_KEYS = ("name", "input_size", "context_pad")
+WEIGHT_SOURCES = ("pretrain", "none", "torchvision")  # backbone.weights values that are not a file path
 
 
 def backbone_shape(backbone: Mapping) -> dict:
     """The backbone's architecture and crop geometry (config section `backbone`), for a key."""
     return {name: backbone[name] for name in BACKBONE_KEYS}
-
-
-WEIGHT_SOURCES = ("pretrain", "none", "torchvision")
 
 
 def initial_backbone(backbone: Mapping) -> dict:
