@@ -17,7 +17,10 @@ from pipeline.cache import StageCache
 from pipeline.errors import ConfigError, UserError
 
 BACKBONE_KEYS = ("name", "input_size", "context_pad")
-WEIGHT_SOURCES = ("pretrain", "none", "torchvision")  # backbone.weights values that are not a file path
+# backbone.weights values that are not a file path: weights no file holds (the pretrain stage's, or random),
+# and torchvision's ImageNet file in the torch hub cache
+NO_WEIGHTS_FILE = ("pretrain", "none")
+HUB_WEIGHTS = "torchvision"
 
 
 def backbone_shape(backbone: Mapping) -> dict:
@@ -32,7 +35,7 @@ def initial_backbone(backbone: Mapping) -> dict:
     bytes are in the key too, weights_key_extras), and a dask worker with another working directory
     finds the file the client named."""
     weights = backbone["weights"]
-    if weights not in WEIGHT_SOURCES:
+    if weights not in (*NO_WEIGHTS_FILE, HUB_WEIGHTS):
         weights = os.path.abspath(os.path.expanduser(weights))
     return {**backbone_shape(backbone), "weights": weights}
 
@@ -44,7 +47,7 @@ def pretrain_input(backbone: Mapping) -> tuple[str, ...]:
 
 def weights_key_extras(backbone: Mapping) -> dict:
     """The bytes of an ImageNet weights file change a result: their hash goes into the key."""
-    if backbone["weights"] in ("pretrain", "none"):
+    if backbone["weights"] in NO_WEIGHTS_FILE:
         return {}
     path = torchvision_weights_file(backbone["name"], backbone["weights"])
     return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -96,7 +99,7 @@ def torchvision_weights_file(name: str, weights: str) -> Path:
     if name not in TORCHVISION_WEIGHTS:
         raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
                           f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(TORCHVISION_WEIGHTS)})")
-    if weights != "torchvision":
+    if weights != HUB_WEIGHTS:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
