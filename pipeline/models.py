@@ -18,10 +18,11 @@ For the last three, which have no fully connected layers but their ImageNet clas
 max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
 randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with the ImageNet
 statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops of
-one data set, give poor statistics. The pretrain stage, which trains the network from scratch, asks for
-trainable ones (`frozen_batchnorm=False`), as torchvision does for untrained backbones: frozen at their
-initial identity, MobileNetV2 has no normalisation and learnt nothing but the commonest class on BCCD's
-crops; the statistics it learns are then frozen like ImageNet's. ImageNet weights are read from a local
+one data set, give poor statistics. The pretrain stage and a random start (backbone.weights none), which
+train the network from scratch, ask for trainable ones (`frozen_batchnorm=False`), as torchvision does for
+untrained backbones: frozen at their initial identity, MobileNetV2 has no normalisation and learnt nothing
+but the commonest class on BCCD's crops; the statistics the pretrain stage learns are then frozen like
+ImageNet's. ImageNet weights are read from a local
 file or the torch hub cache, never downloaded (pipeline.weights).
 """
 from __future__ import annotations

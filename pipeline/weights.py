@@ -46,9 +46,13 @@ def pretrain_input(backbone: Mapping) -> tuple[str, ...]:
 
 
 def weights_key_extras(backbone: Mapping) -> dict:
-    """The bytes of an ImageNet weights file change a result: their hash goes into the key."""
-    if backbone["weights"] in NO_WEIGHTS_FILE:
+    """What a key needs beyond backbone.weights itself: the hash of a weights file (its bytes change a
+    result), and for a random start that it trains its BatchNorm (initial_net), so that runs cached while
+    it stayed frozen at its initial identity are not reused."""
+    if backbone["weights"] == "pretrain":
         return {}
+    if backbone["weights"] == "none":
+        return {"batchnorm": "trained"}
     path = torchvision_weights_file(backbone["name"], backbone["weights"])
     return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -64,8 +68,8 @@ def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCach
         net.load_state_dict(torch.load(inputs["pretrain"].shard_path("00000"), weights_only=True)["model"])
         net.replace_head(num_classes + 1)
         return net
-    if weights == "none":
-        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])
+    if weights == "none":  # untrained: BatchNorm learns its statistics, as in torchvision's untrained backbones
+        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], frozen_batchnorm=False)
     path = torchvision_weights_file(backbone["name"], weights)
     state = load_state(path)
     try:

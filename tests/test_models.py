@@ -57,6 +57,19 @@ def test_a_network_trained_from_scratch_learns_batchnorm_and_its_statistics_are_
         assert torch.allclose(frozen.eval()(crops), scratch.eval()(crops), atol=1e-5)
 
 
+def test_a_random_start_trains_its_batchnorm_and_says_so_in_its_key():
+    """backbone.weights=none: frozen at their initial identity, MobileNetV2's BatchNorm layers would leave
+    it without normalisation (the pretrain stage's defect); a random start learns them instead."""
+    from pipeline.weights import initial_net, weights_key_extras
+    backbone = {"name": "mobilenet_v2", "input_size": 96, "context_pad": 6, "weights": "none"}
+    net = initial_net(backbone, 3, {})
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.trunk.modules())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in net.trunk.modules())
+    net.train()(torch.randn(4, 3, 96, 96) * 3 + 1)
+    assert not torch.equal(net.trunk[0][1].running_mean, torch.zeros_like(net.trunk[0][1].running_mean))
+    assert weights_key_extras(backbone) != weights_key_extras({**backbone, "weights": "pretrain"})
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "resnet50"])
 def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
     model = getattr(torchvision.models, name)(weights=None)

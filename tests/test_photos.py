@@ -42,7 +42,8 @@ def map_with(bccd_subset, tmp_path, weights: str) -> float:
 
 
 def test_imagenet_weights_detect_blood_cells_far_better_than_random_weights(bccd_subset, tmp_path):
-    """Measured: 0.43 (ImageNet) against 0.01 (random) after 300 fine-tuning iterations."""
+    """Measured: 0.46 (ImageNet) against 0.31 (random weights, their BatchNorm trained) after 300
+    fine-tuning iterations on 18 photos (0.01 while a random start's BatchNorm stayed frozen at identity)."""
     imagenet = map_with(bccd_subset, tmp_path / "imagenet", str(WEIGHTS))
     random = map_with(bccd_subset, tmp_path / "random", "none")
-    assert imagenet >= 0.3 and imagenet >= random + 0.2, (imagenet, random)
+    assert imagenet >= 0.35 and imagenet >= random + 0.1, (imagenet, random)
