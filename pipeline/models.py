@@ -22,8 +22,8 @@ one data set, give poor statistics. The pretrain stage and a random start (backb
 train the network from scratch, ask for trainable ones (`frozen_batchnorm=False`), as torchvision does for
 untrained backbones: frozen at their initial identity, MobileNetV2 has no normalisation and learnt nothing
 but the commonest class on BCCD's crops; the statistics the pretrain stage learns are then frozen like
-ImageNet's. ImageNet weights are read from a local
-file or the torch hub cache, never downloaded (pipeline.weights).
+ImageNet's. ImageNet weights are read from a local file or the torch hub cache, never downloaded
+(pipeline.weights).
 """
 from __future__ import annotations
 
