@@ -140,8 +140,8 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
 
         from pipeline.roi import spp_dim
         from pipeline.weights import initial_net
-        net, size = initial_net(settings["backbone"], len(classes), {}), settings["backbone"]["input_size"]
-        with torch.no_grad():
+        net, size = initial_net(settings["backbone"], len(classes), {}).eval(), settings["backbone"]["input_size"]
+        with torch.no_grad():  # in eval mode: the probes below must not move a random start's BatchNorm statistics
             if spp:
                 features = spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"])
                 net.set_fc6_input(features)

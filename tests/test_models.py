@@ -70,6 +70,15 @@ def test_a_random_start_trains_its_batchnorm_and_says_so_in_its_key():
     assert weights_key_extras(backbone) != weights_key_extras({**backbone, "weights": "pretrain"})
 
 
+def test_the_random_network_test_only_timing_builds_is_probed_in_eval_mode():
+    """Its shape probes (a zero image through pool5) must neither fail on a 1 x 1 conv5 nor move BatchNorm."""
+    from pipeline.methods import fresh_region_models
+    settings = {"backbone": {"name": "mobilenet_v2", "input_size": 16, "context_pad": 2, "weights": "none"}}
+    models = fresh_region_models(spp=False)(settings, ["a", "b"], "cpu")
+    batchnorm = next(m for m in models.net.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(batchnorm.running_var, torch.ones_like(batchnorm.running_var)) and not models.net.training
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "resnet50"])
 def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
     model = getattr(torchvision.models, name)(weights=None)
