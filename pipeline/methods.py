@@ -140,13 +140,13 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
 
         from pipeline.roi import spp_dim
         from pipeline.weights import initial_net
-        net, size = initial_net(settings["backbone"], len(classes), {}).eval(), settings["backbone"]["input_size"]
-        with torch.no_grad():  # in eval mode: the probes below must not move a random start's BatchNorm statistics
-            if spp:
-                features = spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"])
-                net.set_fc6_input(features)
-            else:
-                features = net.pool5(torch.zeros(1, 3, size, size)).numel()
+        net = initial_net(settings["backbone"], len(classes), {}).eval()
+        if spp:
+            features = spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"])
+            net.set_fc6_input(features)
+        else:
+            features = net.pool5_dim(settings["backbone"]["input_size"])
+        with torch.no_grad():
             fc7 = net.fc(torch.zeros(1, features)).shape[1]
         rng, count = np.random.default_rng(0), len(classes)
         svms = {"weights": rng.normal(0, 0.01, (count, fc7)).astype(np.float32), "biases": np.zeros(count),

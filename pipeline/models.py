@@ -60,6 +60,17 @@ class RegionNet(nn.Module):
         """crops[K, 3, S, S] (normalised) -> pool5[K, C, roi_size, roi_size]."""
         return self.pool5_layer(self.trunk(crops))
 
+    def pool5_dim(self, input_size: int) -> int:
+        """The number of pool5 features of an input_size x input_size crop, probed with a zero image in eval
+        mode (and the mode restored): in training mode the probe would move BatchNorm's running statistics,
+        and BatchNorm fails on a 1 x 1 map."""
+        was_training, device = self.training, next(self.parameters()).device
+        self.eval()
+        with torch.no_grad():
+            dim = self.pool5(torch.zeros(1, 3, input_size, input_size, device=device)).numel()
+        self.train(was_training)
+        return dim
+
     def set_fc6_input(self, input_dim: int) -> None:
         """A new, randomly initialised fc6 taking `input_dim` features, unless it takes that many already."""
         index, linear = next((index, m) for index, m in enumerate(self.fc6) if isinstance(m, nn.Linear))

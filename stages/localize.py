@@ -71,10 +71,8 @@ def load_single_object_images(dataset, split: str, size: int, device: str) -> Si
 def build_localizer(net, num_classes: int, input_size: int):
     """The RegionNet `net` made a localizer of input_size images: fc6 taking its pool5 at that size (new,
     unless it already does), a class head of num_classes and a regression head `box_head`, fc7 -> 4."""
-    import torch
     from torch import nn
-    with torch.no_grad():
-        net.set_fc6_input(net.pool5(torch.zeros(1, 3, input_size, input_size)).numel())
+    net.set_fc6_input(net.pool5_dim(input_size))
     net.replace_head(num_classes)
     net.box_head = nn.Linear(net.head.in_features, 4)
     return net
@@ -90,7 +88,7 @@ class Localize(TrainingStage):
     """Classification + localization of single-object images: a class head and an L2 box-regression head."""
 
     name = "localize"
-    version = "1"
+    version = "2"  # 2: fc6's input size probed in eval mode (RegionNet.pool5_dim)
     headline_metrics = ("accuracy", "mean_iou", "fraction_iou_0.5", "head_only_mean_iou")
     loss_title = "localize: loss per phase"
 

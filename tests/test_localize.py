@@ -65,6 +65,16 @@ def test_the_head_phase_trains_the_regression_head_alone(single_root, tmp_path):
     assert all(torch.equal(tensor, again.state_dict()[name]) for name, tensor in net.state_dict().items())
 
 
+def test_building_a_localizer_leaves_batchnorm_statistics_and_the_mode_as_they_were():
+    """fc6's input size is probed with a zero image in eval mode: in training mode the probe would move the
+    running statistics the classifier learnt (RegionNet.pool5_dim)."""
+    classifier = build_region_net("small", 7, 48).train()
+    statistics = {name: tensor.clone() for name, tensor in classifier.state_dict().items() if "running" in name}
+    net = build_localizer(classifier, 6, 96)
+    assert net.training and statistics
+    assert all(torch.equal(net.state_dict()[name], tensor) for name, tensor in statistics.items())
+
+
 def test_the_localizer_keeps_the_classifiers_trunk_and_gets_new_fc_layers_for_whole_images():
     classifier = build_region_net("small", 7, 48)
     trunk_weight, fc6_before = classifier.trunk[0].weight, classifier.fc6[1]
