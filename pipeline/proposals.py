@@ -3,8 +3,7 @@
 `proposals.method` picks the proposal method from PROPOSAL_METHODS; each takes an RGB image and the
 proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
 them the same way: a larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
-small and duplicate boxes dropped, near-duplicates suppressed (`near_duplicate_iou`) and the first
-`max_proposals` kept. To add a method, write its
+small and duplicate boxes dropped, and the first `max_proposals` kept. To add a method, write its
 function here and name it in PROPOSAL_METHODS (README: "Add a stage").
 
 selective-search, `proposals.mode`:
@@ -29,8 +28,6 @@ from collections.abc import Mapping
 import cv2
 import h5py
 import numpy as np
-import torch
-from torchvision.ops import nms
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
 from pipeline.cache import StageCache
@@ -47,7 +44,7 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     An image whose longer side exceeds `search_side` is shrunk to it first (0: never; selective search's
     time grows with the pixels, so a 6000 x 4000 photo would take minutes); boxes are scaled back, rounded
     to whole pixels, clipped, and those narrower or shorter than `min_size` pixels, degenerate boxes and
-    duplicates are dropped, then near-duplicates (see drop_near_duplicates).
+    duplicates are dropped.
     """
     height, width = rgb.shape[:2]
     scale = search_scale(width, height, params["search_side"])
@@ -57,21 +54,7 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     rects = PROPOSAL_METHODS[params["method"]](rgb, params)
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rects], np.float32).reshape(-1, 4) / scale
     boxes = clip_boxes(np.round(boxes), width, height)
-    boxes = drop_small_and_duplicates(boxes, params["min_size"])
-    return drop_near_duplicates(boxes, params["near_duplicate_iou"])[:params["max_proposals"]]
-
-
-def drop_near_duplicates(boxes: np.ndarray, max_iou: float) -> np.ndarray:
-    """Greedy suppression in rank order: drop each box whose IoU with a better-ranked kept box exceeds
-    max_iou (1: keep all), as proposal methods such as EdgeBoxes and Faster R-CNN's RPN do.
-
-    Selective search returns many boxes that differ by a few pixels (the same region reached by several
-    merge orders); under a cap of max_proposals they crowd out distinct boxes. Ranks are kept.
-    """
-    if max_iou >= 1.0 or len(boxes) < 2:
-        return boxes
-    keep = nms(torch.from_numpy(boxes), -torch.arange(len(boxes), dtype=torch.float32), max_iou)
-    return boxes[np.sort(keep.numpy())]
+    return drop_small_and_duplicates(boxes, params["min_size"])[:params["max_proposals"]]
 
 
 def search_scale(width: int, height: int, search_side: int) -> float:

@@ -4,8 +4,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from torchvision.ops import box_iou
 
 from pipeline.data.voc import VOCDataset
 from pipeline.proposals import SELECTIVE_SEARCH_MODES, propose, rank_rects
@@ -26,9 +24,9 @@ def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
     assert rank_rects(votes) == rank_rects(reversed_votes)
 
 
-def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000, near_duplicate_iou=1.0) -> dict:
+def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000) -> dict:
     return {"method": "selective-search", "mode": mode, "search_side": search_side, "min_size": min_size,
-            "max_proposals": max_proposals, "near_duplicate_iou": near_duplicate_iou}
+            "max_proposals": max_proposals}
 
 
 @pytest.mark.parametrize("mode", SELECTIVE_SEARCH_MODES)
@@ -40,15 +38,6 @@ def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
     assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
     assert len(np.unique(boxes, axis=0)) == len(boxes)
-
-
-def test_near_duplicates_give_way_to_distinct_boxes_under_the_cap(image):
-    every_box = propose(image, search())
-    capped = propose(image, search(max_proposals=50, near_duplicate_iou=0.8))
-    overlaps = box_iou(torch.from_numpy(capped), torch.from_numpy(capped)).fill_diagonal_(0)
-    assert len(capped) == 50 and overlaps.max() <= 0.8
-    ranks = [np.flatnonzero((every_box == box).all(1))[0] for box in capped]
-    assert ranks == sorted(ranks) and ranks[-1] > 49  # the rank order kept, boxes from beyond the first 50 let in
 
 
 def test_same_image_gives_same_boxes_on_concurrent_threads(image):
