@@ -91,6 +91,13 @@ def build_detection_model(architecture: str, net: RegionNet, num_classes: int, p
     raise ValueError(f"architecture {architecture!r}: expected fast-rcnn or faster-rcnn")
 
 
+def jitter_training_scale(model: nn.Module, sizes: list[int]) -> None:
+    """Scale jitter (Fast R-CNN's multi-scale training, §5.2): in training mode, torchvision's transform
+    resizes each image so that its shorter side is one of `sizes`, drawn at random. Only for the training
+    stage's model: detection builds its own, which resizes to min_size."""
+    model.transform.min_size = tuple(sizes)
+
+
 def load_detection_model(cache, device: str, test_params) -> tuple[nn.Module, dict, list[str]]:
     """A trained Fast or Faster R-CNN (eval mode, on `device`) with the given test-time settings, its
     params and its classes, from the training stage's `00000.pt`."""

@@ -8,7 +8,9 @@
                         at every conv5 cell; objectness + box regression) and Fast R-CNN's RoI heads,
                         trained jointly: the four losses summed. No proposals are read.
 Mini-batches: images_per_batch images x rois_per_image RoIs (Fast R-CNN: 2 x 64, 25 % foreground),
-horizontal flips and, with `augment`, colour changes; resumable like every training stage. Output
+horizontal flips and, with `augment`, colour changes; with `train_sizes`, each training image's shorter
+side drawn from them (scale jitter; Fast R-CNN's multi-scale training) while detection stays at
+`min_size`; resumable like every training stage. Output
 `00000.pt`: the model's state, its architecture, params, backbone, classes and losses. Detection and
 evaluation are every method's (`<method>-detect`, `<method>-evaluate`; the detector in pipeline.methods).
 """
@@ -38,6 +40,8 @@ class DetectorTrain(TrainingStage):
 
     def params(self, config: dict) -> dict:
         training = {name: value for name, value in config[self.section].items() if name not in NETWORK_TEST_PARAMS}
+        if not training["train_sizes"]:  # training at min_size alone, as before the option: the key stays
+            del training["train_sizes"]
         return {**training, "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
 
     def input_stages(self, params) -> tuple[str, ...]:
@@ -49,7 +53,7 @@ class DetectorTrain(TrainingStage):
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         import torch
 
-        from pipeline.detectors import build_detection_model
+        from pipeline.detectors import build_detection_model, jitter_training_scale
         from pipeline.proposals import read_proposals
         from pipeline.regions import load_training_images
         from pipeline.stage import thaw
@@ -61,6 +65,8 @@ class DetectorTrain(TrainingStage):
         torch.manual_seed(settings.seed)
         model = build_detection_model(self.architecture, initial_net(params["backbone"], len(ctx.classes), inputs),
                                       len(ctx.classes), params)
+        if "train_sizes" in params:
+            jitter_training_scale(model, params["train_sizes"])
         training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
         proposals = read_proposals(inputs["proposals"]) if self.uses_proposals else None
         next_batch = image_batches(training, proposals, params)

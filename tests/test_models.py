@@ -176,3 +176,32 @@ def test_a_weights_file_gives_one_key_however_its_path_is_spelt(tmp_path, monkey
     assert {initial_backbone({**backbone, "weights": path})["weights"] for path in spellings} == {str(tmp_path / "w.pth")}
     for source in ("torchvision", "pretrain", "none"):
         assert initial_backbone({**backbone, "weights": source})["weights"] == source
+
+
+DETECTOR_PARAMS = {"min_size": 120, "max_size": 400, "pooling": "roi_align", "fg_iou": 0.5, "rois_per_image": 16,
+                   "fg_fraction": 0.25, "anchor_sizes": [32, 64], "aspect_ratios": [1.0], "rpn_pre_nms_train": 100,
+                   "rpn_post_nms_train": 50, "rpn_pre_nms_test": 100, "rpn_post_nms_test": 50, "rpn_nms_iou": 0.7,
+                   "rpn_anchors_per_image": 32}
+
+
+@pytest.mark.parametrize("architecture", ["fast-rcnn", "faster-rcnn"])
+def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_size(architecture):
+    from pipeline.detectors import build_detection_model, jitter_training_scale
+    torch.manual_seed(0)
+    model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, DETECTOR_PARAMS)
+    jitter_training_scale(model, [96, 144])
+    image = torch.zeros(3, 100, 150)
+    model.train()
+    sizes = {tuple(model.transform([image, image])[0].image_sizes[i]) for _ in range(10) for i in range(2)}
+    assert sizes == {(96, 144), (144, 216)}
+    built_for_detection = build_detection_model(architecture, build_region_net("small", 3, 48), 2, DETECTOR_PARAMS)
+    assert built_for_detection.eval().transform([image])[0].image_sizes == [(120, 180)]
+
+
+def test_empty_train_sizes_leave_the_training_key_as_before_the_option():
+    from pipeline.config import load_config
+    from stages import REGISTRY
+    stage = REGISTRY["faster-rcnn-train"]
+    assert "train_sizes" not in stage.params(load_config("photos"))
+    jittered = stage.params(load_config("photos", ["faster_rcnn.train_sizes=[416, 480, 544]"]))
+    assert jittered["train_sizes"] == [416, 480, 544]
