@@ -8,6 +8,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import build_region_net
 from pipeline.weights import load_state, torchvision_weights_file
+from test_gpu import DETECTOR_PARAMS
 
 SHARED_MOBILENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "mobilenet_v2_imagenet.pth"
 
@@ -178,23 +179,21 @@ def test_a_weights_file_gives_one_key_however_its_path_is_spelt(tmp_path, monkey
         assert initial_backbone({**backbone, "weights": source})["weights"] == source
 
 
-DETECTOR_PARAMS = {"min_size": 120, "max_size": 400, "pooling": "roi_align", "fg_iou": 0.5, "rois_per_image": 16,
-                   "fg_fraction": 0.25, "anchor_sizes": [32, 64], "aspect_ratios": [1.0], "rpn_pre_nms_train": 100,
-                   "rpn_post_nms_train": 50, "rpn_pre_nms_test": 100, "rpn_post_nms_test": 50, "rpn_nms_iou": 0.7,
-                   "rpn_anchors_per_image": 32}
+# test_gpu's detectors, with room for the larger jittered size (144 x 216)
+JITTER_PARAMS = {**DETECTOR_PARAMS, "max_size": 400}
 
 
 @pytest.mark.parametrize("architecture", ["fast-rcnn", "faster-rcnn"])
 def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_size(architecture):
     from pipeline.detectors import build_detection_model, jitter_training_scale
     torch.manual_seed(0)
-    model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, DETECTOR_PARAMS)
+    model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, JITTER_PARAMS)
     jitter_training_scale(model, [96, 144])
     image = torch.zeros(3, 100, 150)
     model.train()
     sizes = {tuple(model.transform([image, image])[0].image_sizes[i]) for _ in range(10) for i in range(2)}
     assert sizes == {(96, 144), (144, 216)}
-    built_for_detection = build_detection_model(architecture, build_region_net("small", 3, 48), 2, DETECTOR_PARAMS)
+    built_for_detection = build_detection_model(architecture, build_region_net("small", 3, 48), 2, JITTER_PARAMS)
     assert built_for_detection.eval().transform([image])[0].image_sizes == [(120, 180)]
 
 
