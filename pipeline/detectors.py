@@ -11,6 +11,14 @@ FasterRCNN with torchvision's RegionProposalNetwork (anchors of several sizes an
 objectness + box regression) on the same conv5 map, trained jointly with the head: four losses.
 Images are normalised before (pipeline.regions.normalised), so torchvision's transform only resizes
 them (shorter side `min_size`, longer side at most `max_size`) and batches them.
+
+With `feature_pyramid` (Lin et al., CVPR 2017), the heads read torchvision's FeaturePyramidNetwork over
+the trunk's maps at half its stride and at its stride (pipeline.models.HALF_STRIDE_LAYERS), both with the
+trunk's channels so that fc6 keeps its input. RoIs are pooled by torchvision's MultiScaleRoIAlign from the
+level FPN's rule (its eq. 1) gives them: a 224-pixel box on stride 16, one level finer for each halving of
+its side, clamped to the two maps (for a stride-16 trunk: boxes under 112 px on the half-stride map). The
+RPN also reads a max-pooled level at twice the stride (FPN's P6), `anchor_sizes` shared out over the three
+levels, smallest on the finest. A pyramid costs compute on the finer map; what it buys: README.
 """
 from __future__ import annotations
 
@@ -19,11 +27,14 @@ import copy
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import MultiScaleRoIAlign
 
+from pipeline.errors import ConfigError
 from pipeline.models import RegionNet, freeze_batchnorm
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
@@ -37,7 +48,7 @@ class FastRCNN(nn.Module):
     def __init__(self, net: RegionNet, num_classes: int, params: dict):
         super().__init__()
         self.transform = GeneralizedRCNNTransform(params["min_size"], params["max_size"], *NO_NORMALISATION)
-        self.backbone = freeze_batchnorm(net.trunk)
+        self.backbone = detection_backbone(net, params)
         self.roi_heads = roi_heads(net, num_classes, params)
 
     def forward(self, images: list[torch.Tensor], proposals: list[torch.Tensor], targets: list[dict]) -> dict:
@@ -45,18 +56,48 @@ class FastRCNN(nn.Module):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         image_list, targets = self.transform(images, targets)
         proposals = resized_proposals(proposals, original_sizes, image_list.image_sizes)
-        _, losses = self.roi_heads({"0": self.backbone(image_list.tensors)}, proposals, image_list.image_sizes, targets)
+        features = feature_maps(self.backbone, image_list.tensors)
+        _, losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         return losses
+
+
+def detection_backbone(net: RegionNet, params: dict) -> nn.Module:
+    """The trunk (BatchNorm frozen), or with `feature_pyramid` an FPN over its last two strides (module
+    docstring); `out_channels` set, as torchvision's detectors read it."""
+    trunk = freeze_batchnorm(net.trunk)
+    if not params.get("feature_pyramid"):
+        trunk.out_channels = net.trunk_channels
+        return trunk
+    layers = {net.half_stride_layer: "0", str(len(trunk) - 1): "1"}
+    with torch.no_grad():
+        in_channels = [child(torch.zeros(1, 3, 64, 64)).shape[1] for child in (trunk[:int(net.half_stride_layer) + 1], trunk)]
+    return BackboneWithFPN(trunk, layers, in_channels, net.trunk_channels)
+
+
+def feature_maps(backbone: nn.Module, images: torch.Tensor) -> dict:
+    """The backbone's maps by name: "0" (the trunk's, or the pyramid's finest), "1", "pool" with a pyramid."""
+    features = backbone(images)
+    return {"0": features} if isinstance(features, torch.Tensor) else features
+
+
+def rpn_anchors(params: dict) -> AnchorGenerator:
+    """Every anchor size on the one map, or with a pyramid `anchor_sizes` split evenly over its three levels."""
+    sizes, ratios = tuple(params["anchor_sizes"]), tuple(params["aspect_ratios"])
+    if not params.get("feature_pyramid"):
+        return AnchorGenerator(sizes=(sizes,), aspect_ratios=(ratios,))
+    if len(sizes) % 3:
+        raise ConfigError(f"faster_rcnn.anchor_sizes {list(sizes)}: with feature_pyramid, a multiple of 3 sizes "
+                          "(one share for each of the pyramid's three levels)")
+    per_level = len(sizes) // 3
+    return AnchorGenerator(sizes=tuple(sizes[i:i + per_level] for i in range(0, len(sizes), per_level)),
+                           aspect_ratios=(ratios,) * 3)
 
 
 def build_faster_rcnn(net: RegionNet, num_classes: int, params: dict) -> FasterRCNN:
     """torchvision's FasterRCNN: our trunk, its RPN, and the same RoI heads as Fast R-CNN's."""
-    trunk = freeze_batchnorm(net.trunk)
-    trunk.out_channels = net.trunk_channels
-    anchors = AnchorGenerator(sizes=(tuple(params["anchor_sizes"]),), aspect_ratios=(tuple(params["aspect_ratios"]),))
     model = FasterRCNN(
-        trunk, num_classes=num_classes + 1, min_size=params["min_size"], max_size=params["max_size"],
-        image_mean=NO_NORMALISATION[0], image_std=NO_NORMALISATION[1], rpn_anchor_generator=anchors,
+        detection_backbone(net, params), num_classes=num_classes + 1, min_size=params["min_size"], max_size=params["max_size"],
+        image_mean=NO_NORMALISATION[0], image_std=NO_NORMALISATION[1], rpn_anchor_generator=rpn_anchors(params),
         rpn_pre_nms_top_n_train=params["rpn_pre_nms_train"], rpn_post_nms_top_n_train=params["rpn_post_nms_train"],
         rpn_pre_nms_top_n_test=params["rpn_pre_nms_test"], rpn_post_nms_top_n_test=params["rpn_post_nms_test"],
         rpn_nms_thresh=params["rpn_nms_iou"], rpn_batch_size_per_image=params["rpn_anchors_per_image"])
@@ -67,13 +108,23 @@ def build_faster_rcnn(net: RegionNet, num_classes: int, params: dict) -> FasterR
 def roi_heads(net: RegionNet, num_classes: int, params: dict) -> RoIHeads:
     """RoI pooling to pool5's size, fc6 + fc7 as the box head, cls_score + bbox_pred, the multitask loss."""
     return RoIHeads(
-        box_roi_pool=RoIPooler(net.roi_size, net.trunk_stride, params["pooling"]),
+        box_roi_pool=roi_pooler(net, params),
         box_head=nn.Sequential(nn.Flatten(), net.fc6, net.fc7),
         box_predictor=FastRCNNPredictor(net.head.in_features, num_classes + 1),
         fg_iou_thresh=params["fg_iou"], bg_iou_thresh=params["fg_iou"],  # background: IoU below fg_iou
         batch_size_per_image=params["rois_per_image"], positive_fraction=params["fg_fraction"],
         bbox_reg_weights=None, score_thresh=0.0, nms_thresh=params["nms_iou"],
         detections_per_img=params["max_per_image"])
+
+
+def roi_pooler(net: RegionNet, params: dict) -> nn.Module:
+    """RoIPooler on the trunk's map; with a pyramid, torchvision's MultiScaleRoIAlign over its two levels
+    (RoIAlign only, on torchvision's grid: aligned=False, half a cell off pipeline.roi's)."""
+    if not params.get("feature_pyramid"):
+        return RoIPooler(net.roi_size, net.trunk_stride, params["pooling"])
+    if params["pooling"] != "roi_align":
+        raise ConfigError(f"pooling {params['pooling']!r} with feature_pyramid: the pyramid pools with roi_align")
+    return MultiScaleRoIAlign(["0", "1"], net.roi_size, sampling_ratio=2)
 
 
 # what only detection reads: a model built for training (whose params leave them out, as they do not change
@@ -131,7 +182,7 @@ def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.T
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     with torch.no_grad():
         image_list, _ = model.transform(images)
-        features = {"0": model.backbone(image_list.tensors)}
+        features = feature_maps(model.backbone, image_list.tensors)
         clock.lap("conv")
         if proposals is None:
             proposals, _ = model.rpn(image_list, features)

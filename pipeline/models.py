@@ -24,6 +24,11 @@ untrained backbones: frozen at their initial identity, MobileNetV2 has no normal
 but the commonest class on BCCD's crops; the statistics the pretrain stage learns are then frozen like
 ImageNet's. ImageNet weights are read from a local file or the torch hub cache, never downloaded
 (pipeline.weights).
+
+A feature pyramid (pipeline.detectors, `feature_pyramid`) also reads the trunk's last map at half its
+stride: the output of the trunk's child `HALF_STRIDE_LAYERS[name]`, the last layer before the trunk's
+last 2x downsampling (small: block 3's ReLU, stride 4; AlexNet: conv2's ReLU and VGG16: conv4_3's, stride
+8; MobileNetV2: features[6], 32 channels; ResNets: layer2, FPN's C3).
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ SMALL_CHANNELS = (16, 32, 64, 64)
 # pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two
 # max-pools; VGG16's four max-pools; the stride-16 cuts of the others
 TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16, "mobilenet_v2": 16, "resnet18": 16, "resnet50": 16}
+# the trunk's child whose output is its last map at half trunk_stride (see the module docstring)
+HALF_STRIDE_LAYERS = {"small": "10", "alexnet": "4", "vgg16": "22", "mobilenet_v2": "6", "resnet18": "5",
+                      "resnet50": "5"}
 CLASSIC = ("alexnet", "vgg16")  # torchvision classifiers with fc6 and fc7 of their own
 NEW_FC_DIM, NEW_ROI_SIZE = 1024, 7  # fc6 / fc7 width and pool5 grid of the networks cut at stride 16
 
@@ -55,6 +63,7 @@ class RegionNet(nn.Module):
         self.trunk, self.pool5_layer, self.fc6, self.fc7 = trunk, pool5_layer, fc6, fc7
         self.head = nn.Linear(fc7_dim, num_outputs)
         self.trunk_stride, self.roi_size = trunk_stride, roi_size
+        self.half_stride_layer: str | None = None  # the trunk's child at trunk_stride / 2 (HALF_STRIDE_LAYERS)
 
     def pool5(self, crops: torch.Tensor) -> torch.Tensor:
         """crops[K, 3, S, S] (normalised) -> pool5[K, C, roi_size, roi_size]."""
@@ -111,6 +120,7 @@ def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_s
         raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
     if fc6_input_dim is not None:
         net.set_fc6_input(fc6_input_dim)
+    net.half_stride_layer = HALF_STRIDE_LAYERS[name]
     return net
 
 

@@ -10,7 +10,8 @@
 Mini-batches: images_per_batch images x rois_per_image RoIs (Fast R-CNN: 2 x 64, 25 % foreground),
 horizontal flips and, with `augment`, colour changes; with `train_sizes`, each training image's shorter
 side drawn from them (scale jitter; Fast R-CNN's multi-scale training) while detection stays at
-`min_size`; resumable like every training stage. Output
+`min_size`; with `feature_pyramid`, an FPN over the trunk (pipeline.detectors); resumable like every
+training stage. Output
 `00000.pt`: the model's state, its architecture, params, backbone, classes and losses. Detection and
 evaluation are every method's (`<method>-detect`, `<method>-evaluate`; the detector in pipeline.methods).
 """
@@ -22,6 +23,15 @@ from pipeline.methods import NETWORK_TEST_PARAMS
 from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+
+
+# options added after the first cached runs, at the value that trains as those did: left out of the key,
+# so that the cached models stay valid (the model builders read a missing option as this value)
+NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False}
+
+
+def is_neutral(name: str, value) -> bool:
+    return name in NEUTRAL_OPTIONS and value == NEUTRAL_OPTIONS[name]
 
 
 class DetectorTrain(TrainingStage):
@@ -39,9 +49,8 @@ class DetectorTrain(TrainingStage):
                         if uses_proposals else "Train Faster R-CNN (RPN + Fast R-CNN head, four losses) jointly.")
 
     def params(self, config: dict) -> dict:
-        training = {name: value for name, value in config[self.section].items() if name not in NETWORK_TEST_PARAMS}
-        if not training["train_sizes"]:  # training at min_size alone, as before the option: the key stays
-            del training["train_sizes"]
+        training = {name: value for name, value in config[self.section].items()
+                    if name not in NETWORK_TEST_PARAMS and not is_neutral(name, value)}
         return {**training, "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
 
     def input_stages(self, params) -> tuple[str, ...]:
@@ -65,7 +74,7 @@ class DetectorTrain(TrainingStage):
         torch.manual_seed(settings.seed)
         model = build_detection_model(self.architecture, initial_net(params["backbone"], len(ctx.classes), inputs),
                                       len(ctx.classes), params)
-        if "train_sizes" in params:
+        if params.get("train_sizes"):
             jitter_training_scale(model, params["train_sizes"])
         training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
         proposals = read_proposals(inputs["proposals"]) if self.uses_proposals else None

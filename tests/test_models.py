@@ -197,10 +197,69 @@ def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_si
     assert built_for_detection.eval().transform([image])[0].image_sizes == [(120, 180)]
 
 
-def test_empty_train_sizes_leave_the_training_key_as_before_the_option():
+@pytest.mark.parametrize("option, value", [("train_sizes", [416, 480, 544]), ("feature_pyramid", True)])
+def test_options_off_leave_the_training_key_as_before_them(option, value):
     from pipeline.config import load_config
     from stages import REGISTRY
     stage = REGISTRY["faster-rcnn-train"]
-    assert "train_sizes" not in stage.params(load_config("photos"))
-    jittered = stage.params(load_config("photos", ["faster_rcnn.train_sizes=[416, 480, 544]"]))
-    assert jittered["train_sizes"] == [416, 480, 544]
+    assert option not in stage.params(load_config("photos"))
+    assert stage.params(load_config("photos", [f"faster_rcnn.{option}={value}"]))[option] == value
+
+
+# test_gpu's detectors with a feature pyramid: three anchor sizes, one per level, and RoIAlign
+PYRAMID_PARAMS = {**DETECTOR_PARAMS, "feature_pyramid": True, "pooling": "roi_align", "anchor_sizes": [16, 32, 64]}
+
+
+@pytest.mark.parametrize("name", ["small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50"])
+def test_the_feature_pyramid_reads_half_the_trunks_stride_and_keeps_its_channels(name):
+    from pipeline.detectors import detection_backbone
+    net = build_region_net(name, 3, 64 if name == "small" else 112)
+    backbone = detection_backbone(net, PYRAMID_PARAMS).eval()
+    with torch.no_grad():
+        maps = backbone(torch.zeros(1, 3, 256, 256))
+    fine, trunk, pool = maps.values()
+    assert list(maps) == ["0", "1", "pool"] and backbone.out_channels == net.trunk_channels
+    assert {m.shape[1] for m in maps.values()} == {net.trunk_channels}
+    assert trunk.shape[2:] == net.trunk(torch.zeros(1, 3, 256, 256)).shape[2:]
+    assert fine.shape[2] in (2 * trunk.shape[2], 2 * trunk.shape[2] + 1)  # AlexNet's kernels do not tile exactly
+    assert pool.shape[2] == -(-trunk.shape[2] // 2)
+
+
+def test_the_pyramid_pools_small_regions_from_the_fine_map_and_large_ones_from_the_coarse():
+    from pipeline.detectors import roi_pooler
+    pooler = roi_pooler(build_region_net("mobilenet_v2", 3, 112), PYRAMID_PARAMS)
+    maps = {"0": torch.ones(1, 4, 64, 64), "1": torch.full((1, 4, 32, 32), 2.0)}  # strides 8 and 16
+    boxes = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [0.0, 0.0, 400.0, 300.0], [100.0, 100.0, 200.0, 200.0]])]
+    pooled = pooler(maps, boxes, [(512, 512)])
+    assert pooled.shape == (3, 4, 7, 7)
+    assert pooled.mean(dim=(1, 2, 3)).tolist() == [1.0, 2.0, 1.0]  # 50 and 100 px: under 112, stride 8
+
+
+@pytest.mark.parametrize("architecture", ["fast-rcnn", "faster-rcnn"])
+def test_detectors_with_a_pyramid_train_its_layers_and_reload_from_their_state(architecture):
+    from pipeline.detectors import build_detection_model, detect
+    from pipeline.timing import Clock
+    torch.manual_seed(0)
+    model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, PYRAMID_PARAMS).train()
+    images = [torch.randn(3, 120, 160), torch.randn(3, 120, 160)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0], [60.0, 20.0, 150.0, 110.0]]),
+                "labels": torch.tensor([1, 2])}] * 2
+    # regions under 112 px are pooled from the fine map, the whole image's from the trunk's: both levels learn
+    proposals = [torch.tensor([[8.0, 12.0, 42.0, 48.0], [55.0, 25.0, 140.0, 115.0], [0.0, 0.0, 160.0, 120.0]])] * 2
+    losses = model(images, proposals, targets) if architecture == "fast-rcnn" else model(images, targets)
+    assert len(losses) == (2 if architecture == "fast-rcnn" else 4)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.fpn.parameters())
+    reloaded = build_detection_model(architecture, build_region_net("small", 3, 48), 2, PYRAMID_PARAMS)
+    reloaded.load_state_dict(model.state_dict())  # strict: the same layers under the same names
+    detections = detect(reloaded.eval(), images[:1], proposals[:1] if architecture == "fast-rcnn" else None,
+                        Clock())[0]
+    assert len(detections["boxes"]) > 0 and (detections["boxes"][:, 2:] <= torch.tensor([160.0, 120.0])).all()
+
+
+@pytest.mark.parametrize("change, problem", [({"anchor_sizes": [16, 32]}, "a multiple of 3 sizes"),
+                                             ({"pooling": "roi_pool"}, "the pyramid pools with roi_align")])
+def test_pyramid_settings_it_cannot_use_are_a_config_error(change, problem):
+    from pipeline.detectors import build_detection_model
+    with pytest.raises(ConfigError, match=problem):
+        build_detection_model("faster-rcnn", build_region_net("small", 3, 48), 2, {**PYRAMID_PARAMS, **change})
