@@ -69,9 +69,7 @@ def detection_backbone(net: RegionNet, params: dict) -> nn.Module:
         trunk.out_channels = net.trunk_channels
         return trunk
     layers = {net.half_stride_layer: "0", str(len(trunk) - 1): "1"}
-    with torch.no_grad():
-        in_channels = [child(torch.zeros(1, 3, 64, 64)).shape[1] for child in (trunk[:int(net.half_stride_layer) + 1], trunk)]
-    return BackboneWithFPN(trunk, layers, in_channels, net.trunk_channels)
+    return BackboneWithFPN(trunk, layers, [net.half_stride_channels, net.trunk_channels], net.trunk_channels)
 
 
 def feature_maps(backbone: nn.Module, images: torch.Tensor) -> dict:
@@ -96,8 +94,9 @@ def rpn_anchors(params: dict) -> AnchorGenerator:
 def build_faster_rcnn(net: RegionNet, num_classes: int, params: dict) -> FasterRCNN:
     """torchvision's FasterRCNN: our trunk, its RPN, and the same RoI heads as Fast R-CNN's."""
     model = FasterRCNN(
-        detection_backbone(net, params), num_classes=num_classes + 1, min_size=params["min_size"], max_size=params["max_size"],
-        image_mean=NO_NORMALISATION[0], image_std=NO_NORMALISATION[1], rpn_anchor_generator=rpn_anchors(params),
+        detection_backbone(net, params), num_classes=num_classes + 1,
+        min_size=params["min_size"], max_size=params["max_size"], image_mean=NO_NORMALISATION[0],
+        image_std=NO_NORMALISATION[1], rpn_anchor_generator=rpn_anchors(params),
         rpn_pre_nms_top_n_train=params["rpn_pre_nms_train"], rpn_post_nms_top_n_train=params["rpn_post_nms_train"],
         rpn_pre_nms_top_n_test=params["rpn_pre_nms_test"], rpn_post_nms_top_n_test=params["rpn_post_nms_test"],
         rpn_nms_thresh=params["rpn_nms_iou"], rpn_batch_size_per_image=params["rpn_anchors_per_image"])

@@ -88,7 +88,12 @@ class RegionNet(nn.Module):
 
     @property
     def trunk_channels(self) -> int:
-        return next(m.out_channels for m in reversed(list(self.trunk.modules())) if isinstance(m, nn.Conv2d))
+        return conv_channels(self.trunk)
+
+    @property
+    def half_stride_channels(self) -> int:
+        """Channels of the trunk's map at half its stride (the output of its child `half_stride_layer`)."""
+        return conv_channels(self.trunk[:int(self.half_stride_layer) + 1])
 
     def fc(self, pool5: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         """pool5[K, C, h, w] (or flattened [K, C*h*w]) -> fc6 or fc7 activations [K, D]."""
@@ -152,11 +157,16 @@ def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_stat
                               model.layer3)
     if frozen_batchnorm:
         trunk = freeze_batchnorm(trunk)
-    channels = next(m.out_channels for m in reversed(list(trunk.modules())) if isinstance(m, nn.Conv2d))
+    channels = conv_channels(trunk)
     fc6 = nn.Sequential(nn.Dropout(), nn.Linear(channels * NEW_ROI_SIZE ** 2, NEW_FC_DIM), nn.ReLU(inplace=True))
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))
     return RegionNet(trunk, nn.AdaptiveMaxPool2d(NEW_ROI_SIZE), fc6, fc7, NEW_FC_DIM, num_outputs,
                      trunk_stride=TRUNK_STRIDES[name], roi_size=NEW_ROI_SIZE)
+
+
+def conv_channels(layers: nn.Module) -> int:
+    """The output channels of the last convolution in `layers` (what a trunk cut after it outputs)."""
+    return next(m.out_channels for m in reversed(list(layers.modules())) if isinstance(m, nn.Conv2d))
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
