@@ -35,6 +35,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.errors import ConfigError
+from pipeline.methods import NEUTRAL_OPTIONS
 from pipeline.models import RegionNet, freeze_batchnorm
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
@@ -65,7 +66,7 @@ def detection_backbone(net: RegionNet, params: dict) -> nn.Module:
     """The trunk (BatchNorm frozen), or with `feature_pyramid` an FPN over its last two strides (module
     docstring); `out_channels` set, as torchvision's detectors read it."""
     trunk = freeze_batchnorm(net.trunk)
-    if not params.get("feature_pyramid"):
+    if not params["feature_pyramid"]:
         trunk.out_channels = net.trunk_channels
         return trunk
     layers = {net.half_stride_layer: "0", str(len(trunk) - 1): "1"}
@@ -81,7 +82,7 @@ def feature_maps(backbone: nn.Module, images: torch.Tensor) -> dict:
 def rpn_anchors(params: dict) -> AnchorGenerator:
     """Every anchor size on the one map, or with a pyramid `anchor_sizes` split evenly over its three levels."""
     sizes, ratios = tuple(params["anchor_sizes"]), tuple(params["aspect_ratios"])
-    if not params.get("feature_pyramid"):
+    if not params["feature_pyramid"]:
         return AnchorGenerator(sizes=(sizes,), aspect_ratios=(ratios,))
     if len(sizes) % 3:
         raise ConfigError(f"faster_rcnn.anchor_sizes {list(sizes)}: with feature_pyramid, a multiple of 3 sizes "
@@ -119,7 +120,7 @@ def roi_heads(net: RegionNet, num_classes: int, params: dict) -> RoIHeads:
 def roi_pooler(net: RegionNet, params: dict) -> nn.Module:
     """RoIPooler on the trunk's map; with a pyramid, torchvision's MultiScaleRoIAlign over its two levels
     (RoIAlign only, on torchvision's grid: aligned=False, half a cell off pipeline.roi's)."""
-    if not params.get("feature_pyramid"):
+    if not params["feature_pyramid"]:
         return RoIPooler(net.roi_size, net.trunk_stride, params["pooling"])
     if params["pooling"] != "roi_align":
         raise ConfigError(f"pooling {params['pooling']!r} with feature_pyramid: the pyramid pools with roi_align")
@@ -133,7 +134,7 @@ TEST_TIME_PLACEHOLDERS = {"nms_iou": 0.3, "max_per_image": 100, "rpn_pre_nms_tes
 
 def build_detection_model(architecture: str, net: RegionNet, num_classes: int, params) -> nn.Module:
     """"fast-rcnn" (FastRCNN, given proposals) or "faster-rcnn" (its RPN proposes) on the backbone `net`."""
-    params = {**TEST_TIME_PLACEHOLDERS, **params}
+    params = {**TEST_TIME_PLACEHOLDERS, **NEUTRAL_OPTIONS, **params}
     if architecture == "fast-rcnn":
         return FastRCNN(net, num_classes, params)
     if architecture == "faster-rcnn":

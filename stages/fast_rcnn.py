@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.methods import NETWORK_TEST_PARAMS
+from pipeline.methods import NETWORK_TEST_PARAMS, NEUTRAL_OPTIONS
 from pipeline.cache import save_torch
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
-
-
-# options added after the first cached runs, at the value that trains as those did: left out of the key,
-# so that the cached models stay valid (the model builders read a missing option as this value)
-NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False}
 
 
 def is_neutral(name: str, value) -> bool:

@@ -55,10 +55,9 @@ DETECTOR_PARAMS = {"min_size": 120, "max_size": 200, "pooling": "roi_pool", "fg_
 
 @pytest.mark.parametrize("method", ["fast", "faster"])
 def test_cuda_detections_match_cpu(method):
-    from pipeline.detectors import FastRCNN, build_faster_rcnn, detect
+    from pipeline.detectors import build_detection_model, detect
     torch.manual_seed(0)
-    build = FastRCNN if method == "fast" else build_faster_rcnn
-    model = build(build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
+    model = build_detection_model(f"{method}-rcnn", build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
     image = torch.randn(3, 120, 160)
     proposals = [torch.tensor([[10.0, 5.0, 90.0, 60.0], [100.0, 40.0, 150.0, 119.0]])] if method == "fast" else None
     on_cpu = detect(model, [image], proposals, Clock("cpu"))[0]
