@@ -15,6 +15,21 @@ from pipeline.schema import validate
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
+# settings added after the first cached runs, at the value that computes what those did: a stage leaves them out
+# of its cache key at that value (cached results stay valid; without_neutral_options), and what reads its params
+# reads a missing one as that value (with_neutral_options)
+NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False, "near_duplicate_iou": 1.0}
+
+
+def without_neutral_options(section: dict) -> dict:
+    """A config section less the NEUTRAL_OPTIONS that hold their neutral value."""
+    return {name: value for name, value in section.items()
+            if not (name in NEUTRAL_OPTIONS and value == NEUTRAL_OPTIONS[name])}
+
+
+def with_neutral_options(params) -> dict:
+    """Params with every neutral option they leave out at its neutral value."""
+    return {**NEUTRAL_OPTIONS, **params}
 
 
 def resolve_config_path(name_or_path: str | None) -> Path:

@@ -35,7 +35,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.errors import ConfigError
-from pipeline.methods import NEUTRAL_OPTIONS
+from pipeline.config import with_neutral_options
 from pipeline.models import RegionNet, freeze_batchnorm
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
@@ -134,7 +134,7 @@ TEST_TIME_PLACEHOLDERS = {"nms_iou": 0.3, "max_per_image": 100, "rpn_pre_nms_tes
 
 def build_detection_model(architecture: str, net: RegionNet, num_classes: int, params) -> nn.Module:
     """"fast-rcnn" (FastRCNN, given proposals) or "faster-rcnn" (its RPN proposes) on the backbone `net`."""
-    params = {**TEST_TIME_PLACEHOLDERS, **NEUTRAL_OPTIONS, **params}
+    params = with_neutral_options({**TEST_TIME_PLACEHOLDERS, **params})
     if architecture == "fast-rcnn":
         return FastRCNN(net, num_classes, params)
     if architecture == "faster-rcnn":

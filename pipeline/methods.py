@@ -109,11 +109,6 @@ NETWORK_TEST_PARAMS = ("svd_ranks", "nms_iou", "max_per_image", "rpn_pre_nms_tes
                        "images_per_shard")
 
 
-# settings of a Fast / Faster R-CNN section added after the first cached runs, at the value that trains as those
-# did: the training stage leaves them out of its key at that value (cached models stay valid), and
-# pipeline.detectors.build_detection_model reads a missing one as that value
-NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False}
-
 
 def network_test_params(section: str) -> Callable[[dict], dict]:
     return lambda config: {name: value for name, value in config[section].items() if name in NETWORK_TEST_PARAMS}

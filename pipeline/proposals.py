@@ -3,8 +3,9 @@
 `proposals.method` picks the proposal method from PROPOSAL_METHODS; each takes an RGB image and the
 proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
 them the same way: a larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
-small and duplicate boxes dropped, and the first `max_proposals` kept. To add a method, write its
-function here and name it in PROPOSAL_METHODS (README: "Add a stage").
+small and duplicate boxes dropped, near-duplicates moved back (`near_duplicate_iou`, below), and the first
+`max_proposals` kept. To add a method, write its function here and name it in PROPOSAL_METHODS (README:
+"Add a stage").
 
 selective-search, `proposals.mode`:
   rcnn-fast       R-CNN's "fast" selective search: HSV and Lab images, graph segmentations with
@@ -18,6 +19,13 @@ to run and thread to thread, while the *set* of boxes does not. We therefore kee
 ourselves: first by how many segmentations produced the box (boxes that several colour spaces and
 scales agree on are likelier objects), then by a hash of the box's coordinates, a fixed stand-in for
 selective search's random diversification.
+
+Near-duplicates: 99 % of the boxes of a photo come from one segmentation only, so the votes rarely decide
+and the rank is mostly that hash, and many boxes differ from another by a few pixels. A cap then spends
+part of its budget on near-copies of boxes it already has while other objects get none. With
+`near_duplicate_iou` below 1, a box overlapping a better-ranked box by more than that IoU moves behind
+every box that does not (greedy NMS over the rank order, whose suppressed boxes are kept, in order, after
+the survivors): the set is the same, the count under the cap too, but the first boxes cover more of the image.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import numpy as np
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
 from pipeline.cache import StageCache
+from pipeline.config import with_neutral_options
 
 SELECTIVE_SEARCH_MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
 RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
@@ -44,8 +53,9 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     An image whose longer side exceeds `search_side` is shrunk to it first (0: never; selective search's
     time grows with the pixels, so a 6000 x 4000 photo would take minutes); boxes are scaled back, rounded
     to whole pixels, clipped, and those narrower or shorter than `min_size` pixels, degenerate boxes and
-    duplicates are dropped.
+    duplicates are dropped, and near-duplicates moved back (module docstring).
     """
+    params = with_neutral_options(params)
     height, width = rgb.shape[:2]
     scale = search_scale(width, height, params["search_side"])
     if scale != 1.0:
@@ -54,7 +64,22 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     rects = PROPOSAL_METHODS[params["method"]](rgb, params)
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rects], np.float32).reshape(-1, 4) / scale
     boxes = clip_boxes(np.round(boxes), width, height)
-    return drop_small_and_duplicates(boxes, params["min_size"])[:params["max_proposals"]]
+    boxes = drop_small_and_duplicates(boxes, params["min_size"])
+    return defer_near_duplicates(boxes, params["near_duplicate_iou"])[:params["max_proposals"]]
+
+
+def defer_near_duplicates(boxes: np.ndarray, iou: float) -> np.ndarray:
+    """boxes[N, 4] in rank order, re-ranked: each overlapping a better-ranked survivor by more than `iou` goes
+    behind all survivors, the moved ones keeping their order. iou 1: unchanged (no two distinct boxes overlap more)."""
+    if iou >= 1 or len(boxes) < 2:
+        return boxes
+    import torch
+    from torchvision.ops import nms
+
+    ranks = torch.arange(len(boxes), 0, -1, dtype=torch.float32)  # nms keeps the highest score: the best rank
+    survivors = nms(torch.from_numpy(boxes), ranks, iou).numpy()  # in rank order
+    moved = np.setdiff1d(np.arange(len(boxes)), survivors)        # sorted: in rank order
+    return boxes[np.concatenate([survivors, moved])]
 
 
 def search_scale(width: int, height: int, search_side: int) -> float:

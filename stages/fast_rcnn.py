@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.methods import NETWORK_TEST_PARAMS, NEUTRAL_OPTIONS
 from pipeline.cache import save_torch
+from pipeline.config import without_neutral_options
+from pipeline.methods import NETWORK_TEST_PARAMS
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
-
-
-def is_neutral(name: str, value) -> bool:
-    return name in NEUTRAL_OPTIONS and value == NEUTRAL_OPTIONS[name]
 
 
 class DetectorTrain(TrainingStage):
@@ -44,8 +41,8 @@ class DetectorTrain(TrainingStage):
                         if uses_proposals else "Train Faster R-CNN (RPN + Fast R-CNN head, four losses) jointly.")
 
     def params(self, config: dict) -> dict:
-        training = {name: value for name, value in config[self.section].items()
-                    if name not in NETWORK_TEST_PARAMS and not is_neutral(name, value)}
+        training = {name: value for name, value in without_neutral_options(config[self.section]).items()
+                    if name not in NETWORK_TEST_PARAMS}
         return {**training, "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
 
     def input_stages(self, params) -> tuple[str, ...]:

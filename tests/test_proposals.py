@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.voc import VOCDataset
-from pipeline.proposals import SELECTIVE_SEARCH_MODES, propose, rank_rects
+from pipeline.proposals import SELECTIVE_SEARCH_MODES, defer_near_duplicates, propose, rank_rects
 from stages.proposals import recall_curve
 
 
@@ -24,9 +24,9 @@ def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
     assert rank_rects(votes) == rank_rects(reversed_votes)
 
 
-def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000) -> dict:
+def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000, **more) -> dict:
     return {"method": "selective-search", "mode": mode, "search_side": search_side, "min_size": min_size,
-            "max_proposals": max_proposals}
+            "max_proposals": max_proposals, **more}
 
 
 @pytest.mark.parametrize("mode", SELECTIVE_SEARCH_MODES)
@@ -38,6 +38,35 @@ def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
     assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
     assert len(np.unique(boxes, axis=0)) == len(boxes)
+
+
+def test_near_duplicates_go_behind_the_distinct_boxes_in_their_order():
+    ranked = np.array([[0, 0, 100, 100],     # kept first
+                       [0, 0, 100, 95],      # IoU 0.95 with the first: moved back
+                       [200, 0, 300, 100],   # distinct
+                       [2, 0, 100, 100],     # IoU 0.98 with the first: moved back, after the second
+                       [0, 0, 100, 75]],     # IoU 0.75 with the first: kept in place
+                      np.float32)
+    assert defer_near_duplicates(ranked, 0.8).tolist() == ranked[[0, 2, 4, 1, 3]].tolist()
+    assert defer_near_duplicates(ranked, 1.0).tolist() == ranked.tolist()
+
+
+def test_deferring_near_duplicates_keeps_the_set_and_spreads_the_first_boxes(image):
+    import torch
+    from torchvision.ops import box_iou
+    plain, deferred = propose(image, search()), propose(image, search(near_duplicate_iou=0.7))
+    assert sorted(map(tuple, deferred.tolist())) == sorted(map(tuple, plain.tolist()))
+    first = torch.from_numpy(deferred[:20])
+    overlaps = box_iou(first, first).fill_diagonal_(0)
+    assert overlaps.max() <= 0.7 < box_iou(torch.from_numpy(plain), torch.from_numpy(plain)).fill_diagonal_(0).max()
+
+
+def test_deferring_off_leaves_the_proposals_key_as_before_it():
+    from pipeline.config import load_config
+    from stages import REGISTRY
+    stage = REGISTRY["proposals"]
+    assert "near_duplicate_iou" not in stage.params(load_config("demo"))
+    assert stage.params(load_config("demo", ["proposals.near_duplicate_iou=0.8"]))["near_duplicate_iou"] == 0.8
 
 
 def test_same_image_gives_same_boxes_on_concurrent_threads(image):
