@@ -34,8 +34,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline.errors import ConfigError
 from pipeline.config import with_neutral_options
+from pipeline.errors import ConfigError
 from pipeline.models import RegionNet, freeze_batchnorm
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock

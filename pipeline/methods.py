@@ -109,7 +109,6 @@ NETWORK_TEST_PARAMS = ("svd_ranks", "nms_iou", "max_per_image", "rpn_pre_nms_tes
                        "images_per_shard")
 
 
-
 def network_test_params(section: str) -> Callable[[dict], dict]:
     return lambda config: {name: value for name, value in config[section].items() if name in NETWORK_TEST_PARAMS}
 

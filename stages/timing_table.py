@@ -36,7 +36,8 @@ class TimingTable(Stage):
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {**config["timing"], "proposals": without_neutral_options(config["proposals"]), "backbone": initial_backbone(config["backbone"]),
+        return {**config["timing"], "proposals": without_neutral_options(config["proposals"]),
+                "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method in METHODS.values()}}
 
     def input_stages(self, params) -> tuple[str, ...]:
