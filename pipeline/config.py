@@ -15,15 +15,17 @@ from pipeline.schema import validate
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
-# settings added after the first cached runs, at the value that computes what those did: a stage leaves them out
-# of its cache key at that value (cached results stay valid; without_neutral_options), and what reads its params
-# reads a missing one as that value (with_neutral_options)
+# settings added after the first cached runs, at the value that computes what those did: every stage's cache key
+# leaves them out at that value (pipeline.runner.plan_stages: cached results stay valid), and what reads a
+# result saved before them reads a missing one as that value (with_neutral_options)
 NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False, "near_duplicate_iou": 1.0}
 
 
-def without_neutral_options(section: dict) -> dict:
-    """A config section less the NEUTRAL_OPTIONS that hold their neutral value."""
-    return {name: value for name, value in section.items()
+def without_neutral_options(params):
+    """Params (nested mappings) less the NEUTRAL_OPTIONS that hold their neutral value, at any depth."""
+    if not isinstance(params, dict):
+        return params
+    return {name: without_neutral_options(value) for name, value in params.items()
             if not (name in NEUTRAL_OPTIONS and value == NEUTRAL_OPTIONS[name])}
 
 

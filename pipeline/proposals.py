@@ -39,7 +39,6 @@ import numpy as np
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
 from pipeline.cache import StageCache
-from pipeline.config import with_neutral_options
 
 SELECTIVE_SEARCH_MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
 RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
@@ -55,7 +54,6 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     to whole pixels, clipped, and those narrower or shorter than `min_size` pixels, degenerate boxes and
     duplicates are dropped, and near-duplicates moved back (module docstring).
     """
-    params = with_neutral_options(params)
     height, width = rgb.shape[:2]
     scale = search_scale(width, height, params["search_side"])
     if scale != 1.0:

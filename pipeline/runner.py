@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import graph
 from pipeline.cache import StageCache, cache_key, temporary_path
+from pipeline.config import without_neutral_options
 from pipeline.data.identity import data_identity
 from pipeline.data.voc import VOCDataset
 from pipeline.errors import ConfigError
@@ -109,7 +110,7 @@ def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext)
         inputs = stage.input_stages(ctx.params)
         shards = stage.shards(ctx)
         description = {
-            "stage": name, "version": stage.version, "params": thaw(ctx.params),
+            "stage": name, "version": stage.version, "params": without_neutral_options(thaw(ctx.params)),
             "extras": stage.key_extras(ctx), "data": run.data_identity if stage.reads_data_set else None,
             "inputs": {upstream: plans[upstream].key for upstream in inputs},
             "shards": cache_key({shard.id: list(shard.items) for shard in shards}),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.cache import save_torch
-from pipeline.config import without_neutral_options
 from pipeline.methods import NETWORK_TEST_PARAMS
 from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
 from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
@@ -41,8 +40,7 @@ class DetectorTrain(TrainingStage):
                         if uses_proposals else "Train Faster R-CNN (RPN + Fast R-CNN head, four losses) jointly.")
 
     def params(self, config: dict) -> dict:
-        training = {name: value for name, value in without_neutral_options(config[self.section]).items()
-                    if name not in NETWORK_TEST_PARAMS}
+        training = {name: value for name, value in config[self.section].items() if name not in NETWORK_TEST_PARAMS}
         return {**training, "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
 
     def input_stages(self, params) -> tuple[str, ...]:

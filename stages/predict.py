@@ -17,7 +17,6 @@ import h5py
 import numpy as np
 
 from pipeline.cache import StageCache, hdf5_file
-from pipeline.config import without_neutral_options
 from pipeline.data.voc import read_rgb
 from pipeline.errors import BadInputError
 from pipeline.methods import Method
@@ -63,7 +62,7 @@ class PredictProposals(Stage):
         self.images = images
 
     def params(self, config: dict) -> dict:
-        proposals = {name: value for name, value in without_neutral_options(config["proposals"]).items()
+        proposals = {name: value for name, value in config["proposals"].items()
                      if name not in ("recall_at", "images_per_shard")}
         return {**proposals, "on_bad_input": self.images.on_bad_input}
 

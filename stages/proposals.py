@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 
 from pipeline.cache import StageCache, hdf5_file
-from pipeline.config import without_neutral_options
 from pipeline.proposals import propose, read_proposals, search_scale
 from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
@@ -33,7 +32,7 @@ class Proposals(Stage):
     headline_metrics = ("recall@0.5", "recall@0.7", "proposals_per_image", "failed_images")
 
     def params(self, config: dict) -> dict:
-        return without_neutral_options(config["proposals"])
+        return config["proposals"]
 
     def key_extras(self, ctx: StageContext) -> dict:
         return {"opencv": cv2.__version__}

@@ -20,7 +20,6 @@ import json
 import numpy as np
 
 from pipeline.cache import StageCache
-from pipeline.config import without_neutral_options
 from pipeline.errors import ConfigError
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext
@@ -36,8 +35,7 @@ class TimingTable(Stage):
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {**config["timing"], "proposals": without_neutral_options(config["proposals"]),
-                "backbone": initial_backbone(config["backbone"]),
+        return {**config["timing"], "proposals": config["proposals"], "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method in METHODS.values()}}
 
     def input_stages(self, params) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ import json
 import numpy as np
 
 from pipeline.cache import StageCache
-from pipeline.config import without_neutral_options
 from pipeline.errors import ConfigError
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
 from pipeline.stage import Shard, ShardOutput, Stage, StageContext
@@ -48,7 +47,7 @@ class TestOnlyTiming(Stage):
     exclusive = True  # one clock at a time
 
     def params(self, config: dict) -> dict:
-        return {"images": config["timing"]["images"], "proposals": without_neutral_options(config["proposals"]),
+        return {"images": config["timing"]["images"], "proposals": config["proposals"],
                 "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method, _ in timed_methods()},
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}

@@ -1,6 +1,7 @@
 """The three rules of the design (DESIGN.md): a stage reads only what its key covers; stages stand on
 pipeline/, never on each other; a method is one record."""
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,24 @@ def test_sppnet_images_per_shard_changes_the_keys_of_the_stages_it_cuts(shapes_r
     changed = {name for name in before if before[name] != after[name]}
     assert {"sppnet-conv5", "sppnet-features"} <= changed
     assert not {"proposals", "pretrain", "finetune", "features", "svm", "fast-rcnn-train"} & changed
+
+
+def key_descriptions(shapes_root, tmp_path, *sets) -> dict[str, str]:
+    argv = ["status", "--data", str(shapes_root), "--cache", str(tmp_path), *(a for s in sets for a in ("--set", s))]
+    return {plan.stage.name: json.dumps(plan.description["params"])
+            for plan in plan_stages(list(REGISTRY), REGISTRY, make_context(build_parser().parse_args(argv)))}
+
+
+@pytest.mark.parametrize("setting, stages", [
+    ("proposals.near_duplicate_iou=0.8", {"proposals", "timing-table", "timing-test-only"}),
+    ("faster_rcnn.train_sizes=[416, 480]", {"faster-rcnn-train", "timing-test-only"}),
+    ("fast_rcnn.feature_pyramid=true", {"fast-rcnn-train", "timing-test-only"})])
+def test_options_added_later_stay_out_of_every_key_at_their_neutral_value(shapes_root, tmp_path, setting, stages):
+    """Cached results from before an option keep their keys while it is off (pipeline.config.NEUTRAL_OPTIONS)."""
+    name = setting.split("=")[0].split(".")[1]
+    off, on = key_descriptions(shapes_root, tmp_path), key_descriptions(shapes_root, tmp_path, setting)
+    assert not [stage for stage, params in off.items() if f'"{name}"' in params]
+    assert {stage for stage, params in on.items() if f'"{name}"' in params} >= stages
 
 
 def test_the_shard_layout_is_part_of_the_key(shapes_root, tmp_path, monkeypatch):

