@@ -36,7 +36,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.config import with_neutral_options
 from pipeline.errors import ConfigError
-from pipeline.models import RegionNet, freeze_batchnorm
+from pipeline.models import RegionNet, freeze_batchnorm, on_device
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
 
@@ -159,7 +159,7 @@ def load_detection_model(cache, device: str, test_params) -> tuple[nn.Module, di
     net = build_region_net(backbone["name"], len(classes) + 1, backbone["input_size"])
     model = build_detection_model(saved["architecture"], net, len(classes), params)
     model.load_state_dict(saved["model"])
-    return model.to(device).eval(), params, classes
+    return on_device(model, device).eval(), params, classes
 
 
 def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:

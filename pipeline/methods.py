@@ -138,6 +138,7 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
     def fresh(settings: Mapping, classes: list[str], device: str) -> RegionModels:
         import torch
 
+        from pipeline.models import on_device
         from pipeline.roi import spp_dim
         from pipeline.weights import initial_net
         net = initial_net(settings["backbone"], len(classes), {}).eval()
@@ -154,7 +155,7 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
         regressors = {"coef": np.zeros((count, 4, features), np.float32), "intercept": np.zeros((count, 4), np.float32),
                       "target_mean": np.zeros((count, 4), np.float32), "target_std": np.ones((count, 4), np.float32),
                       "scale": 1.0}
-        return RegionModels(net.to(device).eval(), settings["backbone"], classes, svms, regressors)
+        return RegionModels(on_device(net, device).eval(), settings["backbone"], classes, svms, regressors)
     return fresh
 
 
@@ -205,11 +206,12 @@ def fresh_network(architecture: str, section: str) -> Callable[[Mapping, list[st
     """The detection model on the backbone from backbone.weights, its other layers random."""
     def fresh(settings: Mapping, classes: list[str], device: str) -> NetworkModel:
         from pipeline.detectors import build_detection_model
+        from pipeline.models import on_device
         from pipeline.weights import initial_net
         params = {**settings["sections"][section], **settings["methods"][architecture]}
         model = build_detection_model(architecture, initial_net(settings["backbone"], len(classes), {}), len(classes),
                                       params)
-        return NetworkModel(model.to(device).eval(), params, classes)
+        return NetworkModel(on_device(model, device).eval(), params, classes)
     return fresh
 
 
@@ -238,9 +240,10 @@ def load_classifier(trained: dict[str, StageCache], params: Mapping, device: str
 
 
 def fresh_classifier(settings: Mapping, classes: list[str], device: str) -> RegionModels:
+    from pipeline.models import on_device
     from pipeline.weights import initial_net
-    return RegionModels(initial_net(settings["backbone"], len(classes), {}).to(device).eval(), settings["backbone"],
-                        classes, {}, {})
+    net = initial_net(settings["backbone"], len(classes), {})
+    return RegionModels(on_device(net, device).eval(), settings["backbone"], classes, {}, {})
 
 
 def sliding_window_detector(models: RegionModels, params: Mapping, device: str) -> Detector:

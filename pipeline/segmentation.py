@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models import on_device
 
 UPSAMPLINGS = ("nearest", "bed-of-nails", "max-unpool", "transpose-conv")
 DOWNSAMPLINGS = ("max-pool", "strided-conv")
@@ -239,4 +240,4 @@ def load_fcn(cache, device: str) -> tuple[FCN, dict]:
     saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
     model = build_fcn(saved["params"], len(saved["classes"]), saved["params"].get("backbone"))
     model.load_state_dict(saved["model"])
-    return model.to(device).eval(), saved["params"]
+    return on_device(model, device).eval(), saved["params"]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.cache import commit_file, save_torch, temporary_path
 from pipeline.errors import ConfigError, UserError
+from pipeline.models import on_device
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
     last bits: training pins it (`threads`, 0 = every core; never whatever OMP_NUM_THREADS the process
     inherited) and a resumed run uses the count its checkpoint recorded.
     """
-    model.to(device).train()
+    on_device(model, device).train()
     optimizer = make_optimizer(settings, parameters or list(model.parameters()))
     schedule = lr_schedule(optimizer, settings)
     rng, losses, parts, start = np.random.default_rng(settings.seed), [], {}, 0

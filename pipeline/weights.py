@@ -85,13 +85,13 @@ def load_finetuned(cache: StageCache, device: str):
     takes the pyramid, `fc6_input_dim`) and pixel-classifier's."""
     import torch
 
-    from pipeline.models import build_region_net
+    from pipeline.models import build_region_net, on_device
     saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
     backbone = saved["backbone"]
     net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"],
                            fc6_input_dim=saved.get("fc6_input_dim"))
     net.load_state_dict(saved["model"])
-    return net.to(device).eval(), backbone, list(saved["classes"])
+    return on_device(net, device).eval(), backbone, list(saved["classes"])
 
 
 def torchvision_weights_file(name: str, weights: str) -> Path:

@@ -55,9 +55,10 @@ class SPPConv5(Stage):
         return training_shards(ctx)
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        from pipeline.models import on_device
         from pipeline.roi import conv5_at_scales
         from pipeline.weights import initial_net
-        trunk = initial_net(ctx.params["backbone"], len(ctx.classes), inputs).to(ctx.device).eval().trunk
+        trunk = on_device(initial_net(ctx.params["backbone"], len(ctx.classes), inputs), ctx.device).eval().trunk
         images = 0
         with hdf5_file(out.path) as shard_file:
             for image_id in shard.items:

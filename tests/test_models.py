@@ -254,3 +254,26 @@ def test_pyramid_settings_it_cannot_use_are_a_config_error(change, problem):
     from pipeline.detectors import build_detection_model
     with pytest.raises(ConfigError, match=problem):
         build_detection_model("faster-rcnn", build_region_net("small", 3, 48), 2, {**PYRAMID_PARAMS, **change})
+
+
+def test_networks_run_channels_last_with_the_default_layouts_outputs_and_state():
+    from pipeline.detectors import build_detection_model, detect
+    from pipeline.models import on_device
+    from pipeline.timing import Clock
+    torch.manual_seed(0)
+    net = build_region_net("mobilenet_v2", 4, 96).eval()
+    crops = torch.randn(4, 3, 96, 96)
+    with torch.no_grad():
+        expected = net.fc(net.pool5(crops))
+        moved = on_device(net, "cpu")
+        assert moved.trunk[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert moved.pool5(crops).is_contiguous(memory_format=torch.channels_last)  # NCHW input, NHWC activations
+        torch.testing.assert_close(moved.fc(moved.pool5(crops)), expected, rtol=1e-4, atol=1e-4)
+    model = build_detection_model("faster-rcnn", build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
+    image = [torch.randn(3, 120, 160)]
+    expected = detect(model, image, None, Clock())[0]
+    reloaded = build_detection_model("faster-rcnn", build_region_net("small", 4, 48), 3, DETECTOR_PARAMS)
+    reloaded.load_state_dict(on_device(model, "cpu").state_dict())  # a channels-last state loads into NCHW layers
+    for layers in (model, reloaded.eval()):
+        found = detect(layers, image, None, Clock())[0]
+        torch.testing.assert_close(found["boxes"], expected["boxes"], rtol=1e-4, atol=1e-3)
