@@ -165,10 +165,10 @@ def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_stat
 
 
 def on_device(module: nn.Module, device: str) -> nn.Module:
-    """`module` on `device` with its convolution weights channels-last (NHWC): oneDNN's CPU convolutions,
-    the depthwise ones most, and cuDNN's under autocast run faster on that layout, and each layer's output
-    keeps it, so inputs need no conversion. The same arithmetic up to float rounding (summation order), as
-    with another thread count. What it buys: bench/memory_format.py."""
+    """`module` on `device` with its convolution weights channels-last (NHWC): oneDNN's CPU convolutions run
+    faster on that layout (cuDNN's under autocast too, NVIDIA advises), and each layer's output keeps it, so
+    inputs need no conversion. The same arithmetic up to float rounding (summation order), as with another
+    thread count. What it buys: bench/memory_format.py."""
     return module.to(device, memory_format=torch.channels_last)
 
 
