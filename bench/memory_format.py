@@ -84,6 +84,11 @@ def faster_rcnn_workloads(config: dict, backbone: str) -> dict[str, tuple]:
             "Faster R-CNN test pass": (test_image, model, 1, "images/s")}
 
 
+def _rate(value: float) -> str:
+    """Three significant digits, without an exponent for large rates."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="photos", help="config preset or file whose shapes are used (default: photos)")
@@ -104,7 +109,7 @@ def main() -> None:
             for layout, memory_format in LAYOUTS.items():
                 seconds[layout] = min(seconds[layout], fastest(work, model, memory_format))
         default, channels_last = (units / seconds[layout] for layout in LAYOUTS)
-        rows.append([name, unit, f"{default:.3g}", f"{channels_last:.3g}", f"{channels_last / default:.2f}x"])
+        rows.append([name, unit, _rate(default), _rate(channels_last), f"{channels_last / default:.2f}x"])
     print(f"{backbone}, config {args.config}, {args.threads} threads, fastest of {args.repeats}")
     print(markdown_table(["work", "unit", *LAYOUTS, "channels-last / default"], rows))
 
