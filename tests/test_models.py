@@ -7,7 +7,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import build_region_net
-from pipeline.weights import load_state, torchvision_weights_file
+from pipeline.weights import load_state, imagenet_weights_file
 from test_gpu import DETECTOR_PARAMS
 
 SHARED_MOBILENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "mobilenet_v2_imagenet.pth"
@@ -84,7 +84,7 @@ def test_the_random_network_test_only_timing_builds_is_probed_in_eval_mode():
 def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
     model = getattr(torchvision.models, name)(weights=None)
     state = model.state_dict()
-    net = build_region_net(name, 4, 112, torchvision_state=state)  # load_state_dict(strict): no key missing
+    net = build_region_net(name, 4, 112, imagenet_state=state)  # load_state_dict(strict): no key missing
     first_conv = next(m for m in net.trunk.modules() if isinstance(m, torch.nn.Conv2d))
     assert torch.equal(first_conv.weight, next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4))
 
@@ -92,14 +92,14 @@ def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
 @pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="../shared/data/weights is absent (the shared ImageNet weights)")
 def test_the_shared_mobilenet_v2_imagenet_weights_load_and_classify_into_imagenet_classes():
     state = load_state(SHARED_MOBILENET)
-    net = build_region_net("mobilenet_v2", 4, 112, torchvision_state=state)
+    net = build_region_net("mobilenet_v2", 4, 112, imagenet_state=state)
     classifier = torchvision.models.mobilenet_v2(weights=None)
     classifier.load_state_dict(state)
     assert torch.equal(net.trunk[0][0].weight, classifier.features[0][0].weight)
 
 
 @pytest.mark.parametrize("name, size", [("small", 48), ("alexnet", 227), ("vgg16", 224), ("mobilenet_v2", 112),
-                                        ("resnet18", 112)])
+                                        ("resnet18", 112), ("efficientnet_lite0", 112)])
 def test_trunk_runs_on_any_image_size_at_its_stride(name, size):
     net = build_region_net(name, num_outputs=3, input_size=size).eval()
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_replace_head_keeps_the_rest():
 def test_missing_torchvision_weights_say_which_file_and_where(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError) as caught:
-        torchvision_weights_file("alexnet", "torchvision")
+        imagenet_weights_file("alexnet", "torchvision")
     message = str(caught.value)
     assert str(tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in message
     assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in message
@@ -131,12 +131,12 @@ def test_missing_torchvision_weights_say_which_file_and_where(tmp_path, monkeypa
 
 def test_missing_weights_path_is_named(tmp_path):
     with pytest.raises(UserError, match="nope.pth: backbone weights file not found"):
-        torchvision_weights_file("alexnet", str(tmp_path / "nope.pth"))
+        imagenet_weights_file("alexnet", str(tmp_path / "nope.pth"))
 
 
 def test_small_backbone_has_no_torchvision_weights():
     with pytest.raises(ConfigError, match="backbone small has no ImageNet weights"):
-        torchvision_weights_file("small", "torchvision")
+        imagenet_weights_file("small", "torchvision")
     with pytest.raises(ConfigError, match="multiple of 16"):
         build_region_net("small", 6, 50)
 
@@ -164,7 +164,7 @@ def test_weights_of_another_network_are_named_as_such(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     backbone = {"name": "mobilenet_v2", "input_size": 112, "context_pad": 8, "weights": str(path)}
-    with pytest.raises(UserError, match=rf"{path}: does not hold torchvision's mobilenet_v2 weights \(Missing key"):
+    with pytest.raises(UserError, match=rf"{path}: does not hold ImageNet weights of mobilenet_v2 \(Missing key"):
         initial_net(backbone, 3, {})
 
 
@@ -201,7 +201,8 @@ def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_si
 PYRAMID_PARAMS = {**DETECTOR_PARAMS, "feature_pyramid": True, "pooling": "roi_align", "anchor_sizes": [16, 32, 64]}
 
 
-@pytest.mark.parametrize("name", ["small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50",
+                                  "efficientnet_lite0", "efficientnet_lite2"])
 def test_the_feature_pyramid_reads_half_the_trunks_stride_and_keeps_its_channels(name):
     from pipeline.detectors import detection_backbone
     net = build_region_net(name, 3, 64 if name == "small" else 112)
