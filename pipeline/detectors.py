@@ -18,7 +18,7 @@ trunk's channels so that fc6 keeps its input. RoIs are pooled by torchvision's M
 level FPN's rule (its eq. 1) gives them: a 224-pixel box on stride 16, one level finer for each halving of
 its side, clamped to the two maps (for a stride-16 trunk: boxes under 112 px on the half-stride map). The
 RPN also reads a max-pooled level at twice the stride (FPN's P6), `anchor_sizes` shared out over the three
-levels, smallest on the finest. A pyramid costs compute on the finer map; what it buys: README.
+levels, smallest on the finest. A pyramid costs compute on the finer map; what it buys: docs/real-photos.md.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
 them the same way: a larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
 small and duplicate boxes dropped, near-duplicates moved back (`near_duplicate_iou`, below), and the first
-`max_proposals` kept. To add a method, write its function here and name it in PROPOSAL_METHODS (README:
+`max_proposals` kept. To add a method, write its function here and name it in PROPOSAL_METHODS (docs/development.md:
 "Add a stage").
 
 selective-search, `proposals.mode`:

@@ -1,4 +1,4 @@
-"""What the cache, the data reader and the CLI promise when things go wrong (README: Reliability)."""
+"""What the cache, the data reader and the CLI promise when things go wrong (docs/cache.md: Reliability)."""
 import json
 import shutil
 import subprocess
