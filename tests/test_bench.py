@@ -32,3 +32,13 @@ def test_paired_runs_reports_both_maps_and_their_difference(shapes_root, tmp_pat
                            capture_output=True, text=True, check=True).stdout
     row = table.strip().splitlines()[-1]
     assert row == "| 0.5 | 1.000 | 0.000 | +1.000 [+1.000, +1.000] |"
+
+
+def test_validation_split_divides_trainval_into_disjoint_train_and_val(shapes_root, tmp_path):
+    out = tmp_path / "val-root"
+    subprocess.run([sys.executable, str(BENCH / "validation_split.py"), "--data", str(shapes_root), "--out", str(out),
+                    "--val", "3", "--seed", "0"], capture_output=True, text=True, check=True)
+    trainval = set((shapes_root / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    train, val = (set((out / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) for split in ("train", "val"))
+    assert len(val) == 3 and train | val == trainval and not train & val
+    assert VOCDataset(out, class_split="train").image_ids("val") == sorted(val)  # a VOC root through the symlinks
