@@ -11,32 +11,21 @@ R-CNN's training and test with the last two.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from memory_format import _rate, crop_workloads, faster_rcnn_workloads, fastest
+from memory_format import bench_parser, fastest, rate, start, workloads_of
 
-from pipeline.config import load_config
-from pipeline.memory import use_tensor_friendly_malloc
 from pipeline.reports import markdown_table
 
 DEFAULT_BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="photos", help="config preset or file whose shapes are used (default: photos)")
+    parser = bench_parser(__doc__.splitlines()[0], repeats=3)
     parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES,
                         help=f"backbone.name values; the first is the reference (default: {' '.join(DEFAULT_BACKBONES)})")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations of the backbones; the fastest counts")
     args = parser.parse_args()
-    use_tensor_friendly_malloc()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_config(args.config, [])
-    workloads = {name: {**crop_workloads(config, name), **faster_rcnn_workloads(config, name)}
-                 for name in args.backbones}
+    config = start(args)
+    workloads = {name: workloads_of(config, name) for name in args.backbones}
     seconds = {name: dict.fromkeys(workloads[name], float("inf")) for name in args.backbones}
     for _ in range(args.repeats):
         for name in args.backbones:
@@ -46,7 +35,7 @@ def main() -> None:
     rows = []
     for work_name, (_, _, units, unit) in workloads[reference].items():
         rates = {name: units / seconds[name][work_name] for name in args.backbones}
-        rows.append([work_name, unit, *(f"{_rate(rates[name])} ({rates[name] / rates[reference]:.2f}x)"
+        rows.append([work_name, unit, *(f"{rate(rates[name])} ({rates[name] / rates[reference]:.2f}x)"
                                         for name in args.backbones)])
     print(f"config {args.config}, channels-last, {args.threads} threads, fastest of {args.repeats}; "
           f"(rate relative to {reference})")

@@ -84,32 +84,48 @@ def faster_rcnn_workloads(config: dict, backbone: str) -> dict[str, tuple]:
             "Faster R-CNN test pass": (test_image, model, 1, "images/s")}
 
 
-def _rate(value: float) -> str:
+def rate(value: float) -> str:
     """Three significant digits, without an exponent for large rates."""
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workloads_of(config: dict, backbone: str) -> dict[str, tuple]:
+    """Every workload of this benchmark for one backbone: name -> (work, model, units, unit)."""
+    return {**crop_workloads(config, backbone), **faster_rcnn_workloads(config, backbone)}
+
+
+def bench_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options this benchmark and bench/backbones.py share: --config, --threads, --repeats."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="photos", help="config preset or file whose shapes are used (default: photos)")
-    parser.add_argument("--backbone", help="a backbone.name (default: the config's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="alternations of the two layouts; the fastest counts")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help=f"alternations of what is compared; the fastest counts (default: {repeats})")
+    return parser
+
+
+def start(args: argparse.Namespace) -> dict:
+    """The CLI's allocator, --threads torch threads and a fixed seed; returns the config."""
     use_tensor_friendly_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = load_config(args.config, [])
+    return load_config(args.config, [])
+
+
+def main() -> None:
+    parser = bench_parser(__doc__.splitlines()[0], repeats=5)
+    parser.add_argument("--backbone", help="a backbone.name (default: the config's)")
+    args = parser.parse_args()
+    config = start(args)
     backbone = args.backbone or config["backbone"]["name"]
-    workloads = {**crop_workloads(config, backbone), **faster_rcnn_workloads(config, backbone)}
     rows = []
-    for name, (work, model, units, unit) in workloads.items():
+    for name, (work, model, units, unit) in workloads_of(config, backbone).items():
         seconds = {layout: float("inf") for layout in LAYOUTS}
         for _ in range(args.repeats):
             for layout, memory_format in LAYOUTS.items():
                 seconds[layout] = min(seconds[layout], fastest(work, model, memory_format))
         default, channels_last = (units / seconds[layout] for layout in LAYOUTS)
-        rows.append([name, unit, _rate(default), _rate(channels_last), f"{channels_last / default:.2f}x"])
+        rows.append([name, unit, rate(default), rate(channels_last), f"{channels_last / default:.2f}x"])
     print(f"{backbone}, config {args.config}, {args.threads} threads, fastest of {args.repeats}")
     print(markdown_table(["work", "unit", *LAYOUTS, "channels-last / default"], rows))
 
