@@ -4,14 +4,18 @@ Annotations/ and JPEGImages/ whose ImageSets/Main/ holds a seeded train / val sp
     python bench/validation_split.py --data ../shared/data/bccd --out /tmp/bccd-val [--val 51] [--seed 2026]
     rcnn run --config photos --data /tmp/bccd-val --set data.train_split=train --set data.test_split=val
 
-Settings are chosen on such a split, never on test (docs/real-photos.md). The ids are shuffled in
-trainval.txt's order by Python's random.Random(seed) and the first --val of them are val.
+Settings are chosen on such a split, never on test (docs/real-photos.md). trainval's ids, as the data
+set reader lists them (first column, no repeats, file order), are shuffled by Python's
+random.Random(seed) and the first --val of them are val.
 """
 from __future__ import annotations
 
 import argparse
 import random
 from pathlib import Path
+
+from pipeline.data.voc import VOCDataset
+from pipeline.errors import UserError
 
 
 def main() -> None:
@@ -21,12 +25,12 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=51, help="images in val (default: 51, a fifth of BCCD's trainval)")
     parser.add_argument("--seed", type=int, default=2026, help="the shuffle's seed (default: 2026)")
     args = parser.parse_args()
-    trainval = args.data / "ImageSets" / "Main" / "trainval.txt"
-    if not trainval.is_file():
-        raise SystemExit(f"{trainval}: not found (--data must be a VOC-layout root with a trainval split)")
     if args.out.exists():
         raise SystemExit(f"{args.out}: already exists; name a new folder")
-    ids = trainval.read_text().split()
+    try:
+        ids = VOCDataset(args.data).listed_ids("trainval")
+    except UserError as error:
+        raise SystemExit(str(error)) from None
     random.Random(args.seed).shuffle(ids)
     val, train = sorted(ids[:args.val]), sorted(ids[args.val:])
     (args.out / "ImageSets" / "Main").mkdir(parents=True)
