@@ -1,4 +1,4 @@
-"""R-CNN's CNN on crops with glibc's default allocator and with pipeline.memory's settings, side by side.
+"""R-CNN's CNN on crops with glibc's default allocator and with pipeline.engine.memory's settings, side by side.
 
     python bench/allocator.py [--backbone mobilenet_v2] [--input-size 96] [--batch 128] [--threads 2] [--crops 1280]
 
@@ -19,17 +19,17 @@ import sys
 import threading
 import time
 
+import torch
+
+from pipeline.engine.memory import use_tensor_friendly_malloc
+from pipeline.models import build_region_net
 from pipeline.reports import markdown_table
 
-SETTINGS = ("glibc's defaults", "pipeline.memory (one arena, 1 GiB thresholds)")
+SETTINGS = ("glibc's defaults", "pipeline.engine.memory (one arena, 1 GiB thresholds)")
 
 
 def measure(backbone: str, input_size: int, batch: int, threads: int, crops: int, tuned: bool) -> dict:
     """Throughput and page faults of one configuration, in this process."""
-    import torch
-
-    from pipeline.memory import use_tensor_friendly_malloc
-    from pipeline.models import build_region_net
     if tuned:
         use_tensor_friendly_malloc()
     net = build_region_net(backbone, 2, input_size).eval()

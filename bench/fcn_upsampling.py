@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import build_parser, main, make_context
+from pipeline.engine.runner import plan_stages
 from pipeline.reports import markdown_table
-from pipeline.runner import plan_stages
 from pipeline.segmentation import UPSAMPLINGS
 from stages import REGISTRY
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import StageCache
-from pipeline.config import load_config
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import UserError
+from pipeline.engine.cache import StageCache
+from pipeline.engine.config import load_config
+from pipeline.engine.errors import UserError
+from pipeline.engine.runner import RunContext, plan_stages
 from pipeline.features import FeatureReader, ImageFeatures, layer_features, training_image_ids, write_image_features
 from pipeline.methods import RCNN
 from pipeline.reports import markdown_table
-from pipeline.runner import RunContext, plan_stages
 from pipeline.weights import load_finetuned
 from stages import REGISTRY
 

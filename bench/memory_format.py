@@ -9,7 +9,7 @@ fine-tuning step (finetune.batch_size crops, forward, backward and SGD), one Fas
 iteration (images_per_batch random images at min_size x max_size with three boxes each) and Faster
 R-CNN's test pass on one image. Random weights (ImageNet's where backbone.weights names a file would
 cost the same), the same model and inputs in both layouts, the layouts alternated --repeats times and
-the fastest of each kept, --threads torch threads, glibc's allocator as the CLI sets it (pipeline.memory).
+the fastest of each kept, --threads torch threads, glibc's allocator as the CLI sets it (pipeline.engine.memory).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.config import load_config
 from pipeline.detectors import build_detection_model
-from pipeline.memory import use_tensor_friendly_malloc
+from pipeline.engine.config import load_config
+from pipeline.engine.memory import use_tensor_friendly_malloc
 from pipeline.models import build_region_net
 from pipeline.reports import markdown_table
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cache import StageCache
 from pipeline.data.voc import VOCDataset
 from pipeline.detections import read_detections
+from pipeline.engine.cache import StageCache
 from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 from pipeline.reports import markdown_table
 

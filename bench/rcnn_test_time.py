@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import load_config
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import UserError
+from pipeline.engine.config import load_config
+from pipeline.engine.errors import UserError
+from pipeline.engine.runner import RunContext, plan_stages
 from pipeline.methods import RCNN
 from pipeline.proposals import propose
 from pipeline.reports import markdown_table
-from pipeline.runner import RunContext, plan_stages
 from pipeline.timing import Clock
 from stages import REGISTRY
 

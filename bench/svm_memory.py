@@ -66,8 +66,8 @@ TRAIN = """
 import json, resource, sys
 from pathlib import Path
 import sklearn.svm, torchvision.ops  # imported before the baseline: libraries are not training memory
-from pipeline.cache import StageCache
-from pipeline.config import load_config
+from pipeline.engine.cache import StageCache
+from pipeline.engine.config import load_config
 from pipeline.features import FeatureReader
 from stages.svm import ClassCache, collect_positives, mine_hard_negatives
 directory, image_ids, max_cached = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import UserError
+from pipeline.engine.errors import UserError
 
 
 def main() -> None:

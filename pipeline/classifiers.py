@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms
 
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
+from pipeline.engine.stage import Shard
 from pipeline.features import layer_features
-from pipeline.stage import Shard
 
 
 def class_groups(num_classes: int, per_task: int) -> list[Shard]:
@@ -46,14 +49,12 @@ def stack_by_class(parts: list, names: tuple[str, ...], num_classes: int) -> dic
 
 def box_coder():
     """R-CNN's (dx, dy, dw, dh): torchvision's BoxCoder with unit weights."""
-    from torchvision.models.detection._utils import BoxCoder
     return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
 
 def apply_regressors(regressors: dict, features, boxes):
     """Refined boxes float32[R, N, 4] for each class (a tensor), from the regressors' features[R, D] of
     boxes[R, 4] (tensors or arrays)."""
-    import torch
     features, boxes = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(boxes, dtype=torch.float32)
     coef = torch.from_numpy(regressors["coef"])
     # [R, D] x [D, N * 4]: every class's standardised deltas in one matrix product, then (dx, dy, dw, dh)
@@ -74,8 +75,6 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
     params["max_per_image"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
     layer) and "SVM + bbox + NMS". The work after fc7 is done in torch on the CPU: mixing numpy's BLAS
     threads with torch's on the same cores made it 5x slower (bench/rcnn_test_time.py)."""
-    import torch
-
     svm_features = torch.from_numpy(layer_features(net, features, svms["layer"], device))
     if clock is not None:
         clock.lap("fc6 + fc7")
@@ -99,9 +98,6 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
 def per_class_nms(class_boxes, scores, nms_iou: float, max_detections: int) -> np.ndarray:
     """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); the best
     max_detections overall."""
-    import torch
-    from torchvision.ops import batched_nms
-
     num_regions, num_classes = scores.shape
     flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
     flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)

@@ -11,14 +11,17 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PRESET, load_config
-from pipeline.data.voc import ON_BAD_INPUT, VOCDataset
-from pipeline.errors import BadInputError, ConfigError, UserError
-from pipeline.graph import parse_scheduler
-from pipeline.memory import use_tensor_friendly_malloc
+from pipeline.data.shapes import write_shapes
+from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT, VOCDataset
+from pipeline.engine.config import DEFAULT_PRESET, load_config
+from pipeline.engine.errors import BadInputError, ConfigError, DataSetError, UserError
+from pipeline.engine.graph import parse_scheduler
+from pipeline.engine.memory import use_tensor_friendly_malloc
+from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_stages
 from pipeline.methods import METHODS, TASKS
-from pipeline.runner import RunContext, plan_stages, run_stages
+from pipeline.predictions import FORMATS, write_predictions
 from stages import REGISTRY
+from stages.predict import Predict, PredictImages, PredictProposals, read_predictions
 
 log = logging.getLogger("rcnn")
 
@@ -154,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_predict_parser(commands) -> None:
-    from pipeline.predictions import FORMATS
     predict = commands.add_parser(
         "predict", help="a trained detector's boxes on your own images",
         description="Run a trained method's detector (the one its detect stage evaluates) on images outside the "
@@ -225,7 +227,6 @@ def make_context(args) -> RunContext:
 
 
 def command_data_shapes(args) -> int:
-    from pipeline.data.shapes import write_shapes
     written = write_shapes(args.out, args.images, args.seed, args.single_object)
     print(f"{'wrote' if written else 'up to date:'} {args.images} images to {args.out}")
     return 0
@@ -284,8 +285,6 @@ def command_timing_table(args) -> int:
 
 
 def command_predict(args) -> int:
-    from pipeline.predictions import write_predictions
-    from stages.predict import Predict, PredictImages, PredictProposals, read_predictions
     on_bad_input, args.on_bad_input = args.on_bad_input, None  # for the images given, not the model's data set
     ctx = make_context(args)
     method = METHODS[args.method]
@@ -315,7 +314,6 @@ def command_predict(args) -> int:
 
 def image_paths(paths: list[Path]) -> list[Path]:
     """The images named, folders expanded (jpg, jpeg, png, sorted); a one-line error for anything else."""
-    from pipeline.data.voc import IMAGE_SUFFIXES
     found = []
     for path in paths:
         if path.is_dir():
@@ -352,7 +350,6 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
 
 def command_status(args) -> int:
     ctx = make_context(args)
-    from pipeline.runner import VERIFIED
     rows, unavailable = [], []
     for plan in plan_what_the_data_allows(ctx, unavailable):
         state = plan.state()
@@ -412,7 +409,6 @@ def command_verify(args) -> int:
 def plan_what_the_data_allows(ctx: RunContext, unavailable: list[dict]) -> list:
     """Every stage's plan, each method and task planned apart: one the data set cannot feed (the FCN
     without segmentation masks) gets an "n/a" row in `unavailable` instead of stopping the rest."""
-    from pipeline.errors import DataSetError
     plans = {}
     for target in [*(method.evaluate_stage for method in METHODS.values()), "timing-table", *TASKS.values()]:
         try:

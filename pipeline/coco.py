@@ -12,6 +12,8 @@ import contextlib
 import io
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 COCO_METRICS = ("ap", "ap50", "ap75")  # AP@[0.5:0.95], AP@0.5, AP@0.75 (COCOeval.stats[0:3])
 
@@ -44,8 +46,6 @@ def ground_truth(dataset, image_ids: list[str]) -> dict:
 
 def evaluate(truth: dict, detections: list[dict]) -> dict[str, float]:
     """COCO AP@[0.5:0.95], AP50 and AP75 of the detections (pycocotools.COCOeval, bbox)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     if not detections:
         return dict.fromkeys(COCO_METRICS, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

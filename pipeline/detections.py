@@ -11,16 +11,16 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from pipeline.boxes import box_to_voc
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
 
 NO_DETECTIONS = np.zeros((0, 6), np.float32)
 
 
 def detection_rows(detection: dict) -> np.ndarray:
     """float32[D, 6] rows from torchvision's detection output (boxes, scores, labels 1..N)."""
-    import torch
     return torch.cat([detection["boxes"], detection["scores"][:, None], detection["labels"][:, None] - 1.0],
                      dim=1).float().cpu().numpy()
 

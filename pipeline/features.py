@@ -24,13 +24,19 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
+from pipeline.engine.schema import register_choices
+from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 
 DTYPES = ("uint8", "float16", "float32")
 LEVELS = 255  # uint8 codes 0..255 span each row's range
 COMPRESSIONS = ("lzf", "gzip", "none")
 LAYERS = ("pool5", "fc6", "fc7")
+register_choices("features.dtype", DTYPES)
+register_choices("features.compression", COMPRESSIONS)
+register_choices("svm.layer", LAYERS)
 
 
 @dataclass
@@ -87,7 +93,6 @@ def dequantise(codes: np.ndarray, offset: np.ndarray, step: np.ndarray) -> np.nd
 def as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
     """float32[R, D] features rounded as a feature cache of `dtype` stores them: what the SVMs and box
     regressors trained on, so that test features (computed from pixels) are scored as they were."""
-    import torch
     if dtype == "uint8":
         return dequantise(*quantise(features))
     return torch.from_numpy(features).to(getattr(torch, dtype)).float().numpy()  # torch converts 10x faster than numpy
@@ -141,9 +146,6 @@ def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, b
                    amp: bool, clock=None) -> np.ndarray:
     """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches. A
     pipeline.timing.Clock, if given, gets the laps "warp" and "CNN on every crop" (to pool5)."""
-    import torch
-
-    from pipeline.regions import image_tensor, mean_subtracted, warp_regions
     image = mean_subtracted(image_tensor(rgb, device))
     boxes = torch.from_numpy(boxes)
     outputs = []
@@ -161,7 +163,6 @@ def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, b
 def layer_features(net, features: np.ndarray, layer: str, device: str, batch_size: int = 4096) -> np.ndarray:
     """float32[R, D] activations of `layer`, computed from cached pool5 (or pyramid) features[R, P] through
     the fine-tuned fc layers."""
-    import torch
     if layer == "pool5":
         return features.astype(np.float32, copy=False)
     outputs = []

@@ -16,10 +16,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from pipeline.cache import StageCache
+from pipeline.classifiers import load_regressors, load_svms, score_regions
 from pipeline.detections import NO_DETECTIONS, detection_rows
+from pipeline.detectors import build_detection_model, load_detection_model, with_truncated_svd
+from pipeline.detectors import detect as detect_with
+from pipeline.engine.cache import StageCache
+from pipeline.features import as_stored, pool5_features
+from pipeline.models import on_device
+from pipeline.regions import image_tensor, normalised
+from pipeline.roi import conv5_at_scales, pyramid_features, spp_dim
+from pipeline.sliding_window import classify_windows, grid_windows
 from pipeline.timing import Clock
+from pipeline.weights import initial_net, load_finetuned
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,6 @@ class RegionModels:
 
 
 def load_region_models(trained: dict[str, StageCache], params: Mapping, device: str) -> RegionModels:
-    from pipeline.classifiers import load_regressors, load_svms
-    from pipeline.weights import load_finetuned
     net, backbone, classes = load_finetuned(trained["finetune"], device)
     return RegionModels(net, backbone, classes, load_svms(trained["svm"], len(classes)),
                         load_regressors(trained["bbox"], len(classes)))
@@ -136,11 +144,6 @@ def fresh_region_models(spp: bool) -> Callable[[Mapping, list[str], str], Region
     """The networks from backbone.weights (ImageNet or random) with random heads, random SVMs and box
     regressors that move nothing: what the test pass costs does not depend on what was learnt."""
     def fresh(settings: Mapping, classes: list[str], device: str) -> RegionModels:
-        import torch
-
-        from pipeline.models import on_device
-        from pipeline.roi import spp_dim
-        from pipeline.weights import initial_net
         net = initial_net(settings["backbone"], len(classes), {}).eval()
         if spp:
             features = spp_dim(net.trunk_channels, settings["methods"]["sppnet"]["levels"])
@@ -165,9 +168,6 @@ def svm_detector(spp: bool) -> Callable[[RegionModels, Mapping, str], Detector]:
     (pipeline.classifiers.score_regions). Features are rounded to features.dtype (pipeline.features.as_stored),
     as the SVMs' training features were stored."""
     def assemble(models: RegionModels, params: Mapping, device: str) -> Detector:
-        from pipeline.classifiers import score_regions
-        from pipeline.features import as_stored, pool5_features
-        from pipeline.roi import conv5_at_scales, pyramid_features
         net, backbone = models.net, models.backbone
 
         def detect(rgb, proposals, variants, clock):
@@ -198,16 +198,12 @@ class NetworkModel:
 
 
 def load_network(trained: dict[str, StageCache], params: Mapping, device: str) -> NetworkModel:
-    from pipeline.detectors import load_detection_model
     return NetworkModel(*load_detection_model(trained["model"], device, params))
 
 
 def fresh_network(architecture: str, section: str) -> Callable[[Mapping, list[str], str], NetworkModel]:
     """The detection model on the backbone from backbone.weights, its other layers random."""
     def fresh(settings: Mapping, classes: list[str], device: str) -> NetworkModel:
-        from pipeline.detectors import build_detection_model
-        from pipeline.models import on_device
-        from pipeline.weights import initial_net
         params = {**settings["sections"][section], **settings["methods"][architecture]}
         model = build_detection_model(architecture, initial_net(settings["backbone"], len(classes), {}), len(classes),
                                       params)
@@ -218,10 +214,6 @@ def fresh_network(architecture: str, section: str) -> Callable[[Mapping, list[st
 def network_detector(models: NetworkModel, params: Mapping, device: str) -> Detector:
     """Fast R-CNN (given the proposals) or Faster R-CNN (its RPN proposes): pipeline.detectors.detect;
     the variant svd is the same model with fc6 and fc7 replaced by their truncated SVD (svd_ranks)."""
-    import torch
-
-    from pipeline.detectors import detect as detect_with, with_truncated_svd
-    from pipeline.regions import image_tensor, normalised
     model = models.model
     svd = {"svd": with_truncated_svd(model, models.params["svd_ranks"])} if "svd_ranks" in models.params else {}
 
@@ -234,22 +226,17 @@ def network_detector(models: NetworkModel, params: Mapping, device: str) -> Dete
 
 
 def load_classifier(trained: dict[str, StageCache], params: Mapping, device: str) -> RegionModels:
-    from pipeline.weights import load_finetuned
     net, backbone, classes = load_finetuned(trained["finetune"], device)
     return RegionModels(net, backbone, classes, {}, {})
 
 
 def fresh_classifier(settings: Mapping, classes: list[str], device: str) -> RegionModels:
-    from pipeline.models import on_device
-    from pipeline.weights import initial_net
     net = initial_net(settings["backbone"], len(classes), {})
     return RegionModels(on_device(net, device).eval(), settings["backbone"], classes, {}, {})
 
 
 def sliding_window_detector(models: RegionModels, params: Mapping, device: str) -> Detector:
     """R-CNN's fine-tuned classifier on a grid of windows (pipeline.sliding_window)."""
-    from pipeline.sliding_window import classify_windows, grid_windows
-
     def detect(rgb, _proposals, variants, clock):
         windows = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
         rows = classify_windows(models.net, models.backbone, rgb, windows, params, device)

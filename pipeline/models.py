@@ -42,9 +42,11 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.efficientnet_lite import LITE_SCALING, EfficientNetLite, LiteInput, lite_state_dict
-from pipeline.errors import ConfigError
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.schema import register_choices
 
 BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50", *LITE_SCALING)
+register_choices("backbone.name", BACKBONES)
 TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights",
                        "mobilenet_v2": "MobileNet_V2_Weights", "resnet18": "ResNet18_Weights",
                        "resnet50": "ResNet50_Weights"}

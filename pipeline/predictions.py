@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.boxes import clip_boxes
-from pipeline.cache import write_json_atomic
+from pipeline.coco import categories, results
 from pipeline.data.voc import VOCAnnotation, VOCObject, read_rgb, write_annotation
+from pipeline.engine.cache import write_json_atomic
+from pipeline.reports import draw_detections
 
 FORMATS = ("voc", "coco")
 
@@ -23,9 +26,6 @@ def write_predictions(out: Path, images: list[tuple[Path, str]], predictions: di
     """Write the files of every predicted image (images: (path, digest) in the order given; predictions:
     digest -> (rows float32[D, 6], attributes)); returns how many images have files. `about` (method,
     config, key) goes into every JSON file."""
-    import cv2
-
-    from pipeline.reports import draw_detections
     out.mkdir(parents=True, exist_ok=True)
     coco_images, coco_detections = [], {}
     for path, digest in images:
@@ -60,7 +60,6 @@ def write_voc(path: Path, stem: str, rows: np.ndarray, classes: list[str], attri
 
 def write_coco(out: Path, images: list[dict], detections: dict[int, np.ndarray], classes: list[str]) -> None:
     """detections.json (COCO results) and images.json (the images and categories they refer to)."""
-    from pipeline.coco import categories, results
     (out / "detections.json").write_text(json.dumps(results(detections)))
     (out / "images.json").write_text(json.dumps({"images": images, "annotations": [],
                                                  "categories": categories(classes)}, indent=1))

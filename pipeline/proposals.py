@@ -36,9 +36,12 @@ from collections.abc import Mapping
 import cv2
 import h5py
 import numpy as np
+import torch
+from torchvision.ops import nms
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
+from pipeline.engine.schema import register_choices
 
 SELECTIVE_SEARCH_MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
 RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
@@ -71,8 +74,6 @@ def defer_near_duplicates(boxes: np.ndarray, iou: float) -> np.ndarray:
     behind all survivors, the moved ones keeping their order. iou 1: unchanged (no two distinct boxes overlap more)."""
     if iou >= 1 or len(boxes) < 2:
         return boxes
-    import torch
-    from torchvision.ops import nms
 
     ranks = torch.arange(len(boxes), 0, -1, dtype=torch.float32)  # nms keeps the highest score: the best rank
     survivors = nms(torch.from_numpy(boxes), ranks, iou).numpy()  # in rank order
@@ -134,6 +135,8 @@ def rank_rects(votes: Counter) -> list[tuple[int, int, int, int]]:
 
 # proposals.method -> function(rgb, params) returning ranked (x, y, w, h) rectangles
 PROPOSAL_METHODS = {"selective-search": selective_search}
+register_choices("proposals.method", PROPOSAL_METHODS)
+register_choices("proposals.mode", SELECTIVE_SEARCH_MODES)
 
 
 def read_proposals(cache: StageCache, image_ids=None) -> dict[str, np.ndarray]:

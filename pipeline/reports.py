@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub-flavoured markdown table; floats are shown with 3 decimals."""
@@ -15,9 +20,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def new_figure(width: float = 6.0, height: float = 4.0):
     """A matplotlib figure on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure
     return Figure(figsize=(width, height), dpi=100)
 
 
@@ -28,7 +31,6 @@ def save_figure(figure, path: Path) -> None:
 
 def plot_loss(losses: list[float], path: Path, title: str) -> None:
     """Loss per iteration and its running mean over 20 iterations."""
-    import numpy as np
     figure = new_figure()
     axes = figure.add_subplot()
     axes.plot(losses, alpha=0.35, label="per iteration")
@@ -44,7 +46,6 @@ def plot_loss(losses: list[float], path: Path, title: str) -> None:
 
 def plot_losses(losses: dict[str, list[float]], path: Path, title: str) -> None:
     """Several named losses per iteration (e.g. a multitask loss and its parts), each as a running mean of 20."""
-    import numpy as np
     figure = new_figure()
     axes = figure.add_subplot()
     for name, values in losses.items():
@@ -59,7 +60,6 @@ def plot_losses(losses: dict[str, list[float]], path: Path, title: str) -> None:
 def draw_detections(rgb, rows, classes: list[str], min_score: float, ground_truth=None):
     """A BGR picture of an RGB image with its detections float32[D, 6] (x1, y1, x2, y2, score, class) scoring
     at least min_score drawn and labelled (orange), and ground-truth boxes[G, 4] if given (thin, white)."""
-    import cv2
     canvas = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     for box in [] if ground_truth is None else ground_truth:
         cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (255, 255, 255), 1)

@@ -7,12 +7,17 @@ shifted by one there; roi_align(aligned=True) takes continuous coordinates as th
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
+from pipeline.engine.schema import register_choices
+from pipeline.regions import image_tensor, normalised
+
 POOLINGS = ("roi_pool", "roi_align")
+register_choices("*.pooling", POOLINGS)
 
 
 def pool_regions(feature_map: torch.Tensor, boxes: list[torch.Tensor], output_size: int, spatial_scale: float,
@@ -86,9 +91,6 @@ def compress_fc(block: nn.Sequential, rank: int) -> None:
 def conv5_at_scales(trunk, rgb: np.ndarray, scales, device: str, amp: bool) -> list[tuple[float, torch.Tensor]]:
     """SPP-net's image pyramid: (resize factor, conv5 float32[C, h, w] on the device) of an RGB image
     resized so that its shorter side is each of `scales`."""
-    import cv2
-
-    from pipeline.regions import image_tensor, normalised
     maps = []
     for scale in scales:
         factor = scale / min(rgb.shape[:2])

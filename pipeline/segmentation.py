@@ -28,11 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.models import on_device
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.schema import register_choices
+from pipeline.models import build_region_net, on_device
 
 UPSAMPLINGS = ("nearest", "bed-of-nails", "max-unpool", "transpose-conv")
 DOWNSAMPLINGS = ("max-pool", "strided-conv")
+register_choices("fcn.upsampling", UPSAMPLINGS)
+register_choices("fcn.downsampling", DOWNSAMPLINGS)
+register_choices("fcn.encoder", ("pretrain", "scratch"))
 VOID = 255
 
 
@@ -223,7 +227,6 @@ def segmentation_metrics(confusion: np.ndarray) -> dict:
 def build_fcn(params, num_classes: int, backbone, classifier=None) -> FCN:
     """The FCN of `params`; with encoder pretrain, its encoder is `classifier`'s trunk (a RegionNet; when
     None, one of the backbone's shape, for weights that are loaded next)."""
-    from pipeline.models import build_region_net
     encoder = fc_layers = None
     if params["encoder"] == "pretrain":
         classifier = classifier or build_region_net(backbone["name"], num_classes + 1, backbone["input_size"])

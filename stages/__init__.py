@@ -2,7 +2,7 @@
 in pipeline order. A method's record (pipeline.methods) names its stages; every method has its
 `<method>-detect` and `<method>-evaluate`, one class each (stages.detect, stages.evaluate), run on its
 own detector. SPP-net reuses R-CNN's SVM and box-regression stages on its own features, as copies
-named with the prefix "sppnet-" (pipeline.stage.PrefixedStage). No module here imports another.
+named with the prefix "sppnet-" (pipeline.engine.stage.PrefixedStage). No module here imports another.
 """
 from pipeline.methods import METHODS
 from stages.bbox import BBox

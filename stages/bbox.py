@@ -15,12 +15,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+from torchvision.ops import box_iou
 
-from pipeline.cache import StageCache, write_bytes
 from pipeline.classifiers import box_coder, class_groups
-from pipeline.errors import ConfigError
+from pipeline.engine.cache import StageCache, write_bytes
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import PrefixedStage, Shard, ShardOutput, StageContext
 from pipeline.features import FeatureReader, mean_norm_scale, training_image_ids
-from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
 
 
 class BBox(PrefixedStage):
@@ -39,8 +42,6 @@ class BBox(PrefixedStage):
         return class_groups(len(ctx.classes), ctx.params["classes_per_task"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from sklearn.linear_model import Ridge
-
         params = ctx.params
         reader = FeatureReader(self.upstream(inputs, "features"))
         image_ids = training_image_ids(ctx.dataset, ctx.train_split, reader)
@@ -79,9 +80,6 @@ class BBox(PrefixedStage):
 
 def regression_examples(reader: FeatureReader, image_ids: list[str], classes: set[int], min_iou: float) -> dict:
     """class -> (pool5 parts, target parts): regions whose best ground-truth IoU is > min_iou."""
-    import torch
-    from torchvision.ops import box_iou
-
     coder = box_coder()
     examples = {class_index: ([], []) for class_index in classes}
     for image_id in image_ids:

@@ -8,11 +8,11 @@ The report holds the devkit's results files of the method's result variant, `res
 """
 from __future__ import annotations
 
-
-from pipeline.cache import StageCache, hdf5_file
 from pipeline.detections import read_detections, write_devkit_results
+from pipeline.engine.cache import StageCache, hdf5_file
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.methods import Method
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.proposals import read_proposals
 from pipeline.timing import Clock
 
 
@@ -35,7 +35,6 @@ class Detect(Stage):
         return image_shards(ctx.dataset.image_ids(ctx.test_split), ctx.params["images_per_shard"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.proposals import read_proposals
         detector = self.method.detector(inputs, ctx.params, ctx.device)
         proposals = read_proposals(inputs["proposals"], shard.items) if self.method.uses_proposals else {}
         variants = tuple(variant.name for variant in self.method.variants)

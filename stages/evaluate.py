@@ -14,13 +14,17 @@ from __future__ import annotations
 import json
 import logging
 
+import cv2
 import numpy as np
 
-from pipeline.cache import StageCache
+from pipeline import coco
 from pipeline.detections import read_detections
+from pipeline.engine.cache import StageCache
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
+from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 from pipeline.methods import Method
+from pipeline.reports import draw_detections as drawn
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,6 @@ class Evaluate(Stage):
         return [Shard("00000", tuple(self.variants))]
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline import coco
-        from pipeline.evaluation import VOCEvaluator, paired_bootstrap
-
         params, results, evaluators, coco_results = ctx.params, {}, {}, {}
         for variant in shard.items:
             detections = read_detections(inputs[self.method.detect_stage], variant)  # every detected image
@@ -117,7 +118,6 @@ def coco_numbers(ctx: StageContext, detections: dict) -> dict[str, int]:
 
 def write_coco_files(ctx: StageContext, detections: dict, folder) -> None:
     """The result's test detections in the COCO results format, and the test split as COCO ground truth."""
-    from pipeline import coco
     folder.mkdir()
     numbered = coco_numbers(ctx, detections)
     (folder / "ground_truth.json").write_text(json.dumps(coco.ground_truth(ctx.dataset, list(numbered))))
@@ -198,9 +198,6 @@ def plot_pr_curves(path, result: dict, classes: list[str]) -> None:
 
 def draw_detections(ctx: StageContext, detections: dict, report_dir) -> None:
     """The first few test images with ground truth (thin, white) and detections above min_score."""
-    import cv2
-
-    from pipeline.reports import draw_detections as drawn
     pictures = report_dir / "detections"
     pictures.mkdir(exist_ok=True)
     for image_id in ctx.dataset.image_ids(ctx.test_split)[:ctx.params["pictures"]]:

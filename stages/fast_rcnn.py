@@ -18,11 +18,16 @@ evaluation are every method's (`<method>-detect`, `<method>-evaluate`; the detec
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from pipeline.cache import save_torch
+from pipeline.detectors import build_detection_model, jitter_training_scale
+from pipeline.engine.cache import save_torch
+from pipeline.engine.stage import Shard, ShardOutput, StageContext, thaw
 from pipeline.methods import NETWORK_TEST_PARAMS
-from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
-from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+from pipeline.proposals import read_proposals
+from pipeline.regions import flip_boxes, load_training_images, normalised, recolour
+from pipeline.training import SGDSettings, TrainingStage, train
+from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
 
 
 class DetectorTrain(TrainingStage):
@@ -50,14 +55,6 @@ class DetectorTrain(TrainingStage):
         return weights_key_extras(ctx.params["backbone"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.detectors import build_detection_model, jitter_training_scale
-        from pipeline.proposals import read_proposals
-        from pipeline.regions import load_training_images
-        from pipeline.stage import thaw
-        from pipeline.training import SGDSettings, train
-        from pipeline.weights import backbone_shape, initial_net
 
         params = ctx.params
         settings = SGDSettings.from_config(params)
@@ -86,9 +83,6 @@ class DetectorTrain(TrainingStage):
 def image_batches(training, proposals: dict | None, params):
     """next_batch(rng) for the training loop: images_per_batch random training images, each flipped with
     probability 1/2 and, with `augment`, recoloured; with their proposals (if any) and targets."""
-    import torch
-
-    from pipeline.regions import flip_boxes, normalised, recolour
 
     def next_batch(rng: np.random.Generator):
         chosen = rng.choice(len(training.image_ids), size=min(params["images_per_batch"], len(training.image_ids)),

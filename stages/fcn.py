@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import h5py
 import numpy as np
+import torch
 
-from pipeline.cache import StageCache, hdf5_file, save_torch
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, TrainingStage, image_shards
-from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+from pipeline.data.voc import voc_palette
+from pipeline.engine.cache import StageCache, hdf5_file, save_torch
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
+from pipeline.regions import normalised
+from pipeline.reports import markdown_table, new_figure, save_figure
+from pipeline.segmentation import build_fcn, confusion_matrix, load_fcn, predict_mask, segmentation_metrics
+from pipeline.segmentation_data import load_segmentation_set, load_training_masks, random_crops, segment_by_windows
+from pipeline.timing import Clock
+from pipeline.training import SGDSettings, TrainingStage, train
+from pipeline.weights import initial_backbone, initial_net, load_finetuned, pretrain_input, weights_key_extras
 
 # test-time settings of fcn-evaluate, not part of what fcn-train learns
 TEST_PARAMS = ("images_per_shard", "baseline_images", "baseline_stride", "pictures")
@@ -57,13 +66,6 @@ class FCNTrain(TrainingStage):
         return weights_key_extras(ctx.params["backbone"]) if ctx.params["encoder"] == "pretrain" else {}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.segmentation import build_fcn
-        from pipeline.segmentation_data import load_training_masks, random_crops
-        from pipeline.stage import thaw
-        from pipeline.training import SGDSettings, train
-        from pipeline.weights import initial_net
         params = ctx.params
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)
@@ -99,11 +101,6 @@ class FCNEvaluate(Stage):
         return image_shards(ctx.dataset.segmentation_ids(ctx.test_split), ctx.params["images_per_shard"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.regions import normalised
-        from pipeline.segmentation import confusion_matrix, load_fcn, predict_mask
-        from pipeline.segmentation_data import load_segmentation_set, segment_by_windows
-        from pipeline.timing import Clock
-        from pipeline.weights import load_finetuned
         params, num_labels = ctx.params, len(ctx.classes) + 1
         baseline_ids = set(ctx.dataset.segmentation_ids(ctx.test_split)[:params["baseline_images"]])
         fcn, _ = load_fcn(inputs["fcn-train"], ctx.device)
@@ -133,7 +130,6 @@ class FCNEvaluate(Stage):
         return {name: {**tally_, "confusion": tally_["confusion"].tolist()} for name, tally_ in tallies.items()}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        from pipeline.segmentation import segmentation_metrics
         results = {}
         for name in TALLIES:
             parts = [record["metrics"][name] for record in records.values()]
@@ -170,7 +166,6 @@ def write_report(ctx: StageContext, cache: StageCache, results: dict, labels: li
 
 
 def markdown_report(ctx: StageContext, results: dict, labels: list[str], trained: dict) -> str:
-    from pipeline.reports import markdown_table
     params = ctx.params
     titles = {"fcn": "FCN, every test image", "fcn_on_baseline_images": "FCN, the baseline's images",
               "sliding_window": f"sliding window (stride {params['baseline_stride']}), the baseline's images"}
@@ -207,7 +202,6 @@ def patches_per_image(params) -> str:
 
 
 def plot_confusion(path, confusion: np.ndarray, labels: list[str], title: str) -> None:
-    from pipeline.reports import new_figure, save_figure
     rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     figure = new_figure(6.5, 5.5)
     axes = figure.add_subplot()
@@ -224,9 +218,6 @@ def plot_confusion(path, confusion: np.ndarray, labels: list[str], title: str) -
 
 def draw_overlays(ctx: StageContext, cache: StageCache, folder) -> None:
     """<image id>.png: the image, then the truth and each method's labels blended over it (VOC colours)."""
-    import cv2
-
-    from pipeline.data.voc import voc_palette
     palette = np.array(voc_palette(), np.uint8).reshape(256, 3)
     folder.mkdir(exist_ok=True)
     image_ids = ctx.dataset.segmentation_ids(ctx.test_split)[:ctx.params["pictures"]]

@@ -8,10 +8,11 @@ the timed test pass is the evaluated one. The manifest records the bytes stored 
 """
 from __future__ import annotations
 
-
-from pipeline.cache import StageCache, hdf5_file
+from pipeline.engine.cache import StageCache, hdf5_file
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.features import features_summary, image_regions, pool5_features, write_image_features
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.proposals import read_proposals
+from pipeline.weights import load_finetuned
 
 
 class Features(Stage):
@@ -30,9 +31,6 @@ class Features(Stage):
         return image_shards(ctx.dataset.image_ids(ctx.train_split), ctx.params["images_per_shard"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.proposals import read_proposals
-        from pipeline.weights import load_finetuned
-
         params = ctx.params
         net, backbone, _ = load_finetuned(inputs["finetune"], ctx.device)
         proposals = read_proposals(inputs["proposals"], shard.items)

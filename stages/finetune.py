@@ -15,11 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from pipeline.errors import ConfigError
-from pipeline.cache import save_torch
-from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
-from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+from pipeline.engine.cache import save_torch
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Shard, ShardOutput, StageContext
+from pipeline.proposals import read_proposals
+from pipeline.regions import augment_crops, draw, label_regions, load_training_images, predict_classes
+from pipeline.training import SGDSettings, TrainingStage, train
+from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
 
 
 class Finetune(TrainingStage):
@@ -41,12 +45,6 @@ class Finetune(TrainingStage):
         return weights_key_extras(ctx.params["backbone"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.proposals import read_proposals
-        from pipeline.regions import augment_crops, draw, load_training_images, predict_classes
-        from pipeline.training import SGDSettings, train
-        from pipeline.weights import backbone_shape, initial_net
 
         params, backbone = ctx.params, ctx.params["backbone"]
         settings = SGDSettings.from_config(params)
@@ -91,9 +89,6 @@ class Windows:
 
 def training_windows(training, proposals: dict[str, np.ndarray], fg_iou: float) -> Windows:
     """Ground-truth boxes and proposals of each training image, labelled by their best IoU."""
-    import torch
-
-    from pipeline.regions import label_regions
     image_index, boxes, labels = [], [], []
     for index, image_id in enumerate(training.image_ids):
         gt_boxes = torch.from_numpy(training.gt_boxes[index])

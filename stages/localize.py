@@ -22,12 +22,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import box_iou
 
-from pipeline.cache import StageCache, save_torch
-from pipeline.errors import DataSetError
-from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
-from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+from pipeline.engine.cache import StageCache, commit_file, save_torch, temporary_path
+from pipeline.engine.errors import DataSetError
+from pipeline.engine.stage import Shard, ShardOutput, StageContext
+from pipeline.regions import image_tensor, normalised, recolour
+from pipeline.reports import markdown_table, plot_loss
+from pipeline.training import History, SGDSettings, TrainingStage, train
+from pipeline.weights import initial_backbone, initial_net, pretrain_input, weights_key_extras
 
 PHASES = ("classify", "head", "end_to_end")
 EVALUATED = ("head", "end_to_end")  # the phases after which the box head exists
@@ -43,9 +50,6 @@ class SingleObjectImages:
 
 
 def load_single_object_images(dataset, split: str, size: int, device: str) -> SingleObjectImages:
-    import torch
-
-    from pipeline.regions import image_tensor, normalised
     image_ids, images, labels, boxes, left_out = [], [], [], [], 0
     for image_id in dataset.image_ids(split):
         gt_boxes, gt_labels, difficult = dataset.ground_truth(image_id)
@@ -71,7 +75,6 @@ def load_single_object_images(dataset, split: str, size: int, device: str) -> Si
 def build_localizer(net, num_classes: int, input_size: int):
     """The RegionNet `net` made a localizer of input_size images: fc6 taking its pool5 at that size (new,
     unless it already does), a class head of num_classes and a regression head `box_head`, fc7 -> 4."""
-    from torch import nn
     net.set_fc6_input(net.pool5_dim(input_size))
     net.replace_head(num_classes)
     net.box_head = nn.Linear(net.head.in_features, 4)
@@ -102,9 +105,6 @@ class Localize(TrainingStage):
         return weights_key_extras(ctx.params["backbone"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.weights import initial_net
         params = ctx.params
         torch.manual_seed(params["seed"])
         net = build_localizer(initial_net(params["backbone"], len(ctx.classes), inputs), len(ctx.classes),
@@ -133,9 +133,6 @@ class Localize(TrainingStage):
                            for phase, result in results.items()}}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        import torch
-
-        from pipeline.reports import plot_loss
         saved = torch.load(cache.shard_path("00000"), weights_only=True)
         for phase, phase_losses in saved["loss_parts"].items():
             plot_loss(phase_losses, cache.report_dir / f"loss_{phase}.png", f"localize: {phase} phase")
@@ -152,10 +149,6 @@ def phase_file(out: ShardOutput, phase: str, suffix: str):
 
 def train_phase(net, phase: str, training: SingleObjectImages, params, ctx: StageContext, out: ShardOutput):
     """One phase, resumable: its own checkpoint while it runs, its final weights kept once it is done."""
-    import torch
-
-    from pipeline.cache import commit_file, temporary_path
-    from pipeline.training import History, SGDSettings, train
     done = phase_file(out, phase, "pt")
     if done.is_file():
         saved = torch.load(done, map_location=ctx.device, weights_only=True)
@@ -189,9 +182,6 @@ def train_phase(net, phase: str, training: SingleObjectImages, params, ctx: Stag
 def image_batches(training: SingleObjectImages, params: dict):
     """next_batch(rng): batch_size random training images, each flipped (box too) with probability 1/2
     and, with `augment`, recoloured."""
-    import torch
-
-    from pipeline.regions import recolour
 
     def next_batch(rng: np.random.Generator):
         chosen = torch.from_numpy(rng.integers(len(training.image_ids), size=params["batch_size"]))
@@ -207,8 +197,6 @@ def image_batches(training: SingleObjectImages, params: dict):
 
 def evaluate(net, test: SingleObjectImages, batch_size: int = 64) -> dict:
     """Accuracy of the class head; IoU of the predicted box with the true one (mean, fraction >= 0.5)."""
-    import torch
-    from torchvision.ops import box_iou
     net.eval()
     classes, boxes = [], []
     with torch.no_grad():
@@ -226,14 +214,12 @@ def evaluate(net, test: SingleObjectImages, batch_size: int = 64) -> dict:
 
 def ordered_boxes(boxes):
     """Regressed (x1, y1, x2, y2) made a box: corners in order, inside the image ([0, 1])."""
-    import torch
     boxes = boxes.clamp(0, 1)
     return torch.stack([torch.minimum(boxes[:, 0], boxes[:, 2]), torch.minimum(boxes[:, 1], boxes[:, 3]),
                         torch.maximum(boxes[:, 0], boxes[:, 2]), torch.maximum(boxes[:, 1], boxes[:, 3])], dim=1)
 
 
 def markdown_report(ctx: StageContext, metrics: dict) -> str:
-    from pipeline.reports import markdown_table
     params = ctx.params
     titles = {"head": "after `head` (regression head alone, features frozen)",
               "end_to_end": "after `end-to-end` (every layer, cross-entropy + L2)"}
@@ -253,7 +239,6 @@ def markdown_report(ctx: StageContext, metrics: dict) -> str:
 
 def draw_boxes(ctx: StageContext, results: dict, folder) -> None:
     """The first test images with the true box (white) and the last phase's predicted box and class."""
-    import cv2
     folder.mkdir(exist_ok=True)
     predictions = results[list(results)[-1]]["predictions"]
     for image_id in list(predictions)[:ctx.params["pictures"]]:

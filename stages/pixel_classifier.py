@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from pipeline.cache import save_torch
-from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
-from pipeline.weights import initial_backbone, pretrain_input, weights_key_extras
+from pipeline.engine.cache import save_torch
+from pipeline.engine.stage import Shard, ShardOutput, StageContext
+from pipeline.regions import augment_crops
+from pipeline.segmentation_data import labelled_pixels, load_training_masks, patches
+from pipeline.training import SGDSettings, TrainingStage, train
+from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
 
 
 class PixelClassifier(TrainingStage):
@@ -34,12 +38,6 @@ class PixelClassifier(TrainingStage):
         return weights_key_extras(ctx.params["backbone"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.regions import augment_crops
-        from pipeline.segmentation_data import labelled_pixels, load_training_masks, patches
-        from pipeline.training import SGDSettings, train
-        from pipeline.weights import backbone_shape, initial_net
         params, patch_size = ctx.params, ctx.params["backbone"]["input_size"]
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)

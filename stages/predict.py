@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 
-from pipeline.cache import StageCache, hdf5_file
 from pipeline.data.voc import read_rgb
-from pipeline.errors import BadInputError
+from pipeline.engine.cache import StageCache, hdf5_file, sha256_of
+from pipeline.engine.errors import BadInputError
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.methods import Method
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.proposals import propose, read_proposals
 from pipeline.timing import Clock
 
 IMAGES_PER_SHARD = 10
@@ -31,7 +33,6 @@ class PredictImages:
     to do with an unreadable one (on_bad_input: error | skip)."""
 
     def __init__(self, paths: list[Path], on_bad_input: str):
-        from pipeline.cache import sha256_of
         self.on_bad_input = on_bad_input
         self.path_of: dict[str, Path] = {}
         for path in paths:
@@ -70,9 +71,6 @@ class PredictProposals(Stage):
         return self.images.shards()
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import cv2
-
-        from pipeline.proposals import propose
         cv2.setNumThreads(1)
         skipped, boxes_written = {}, 0
         with hdf5_file(out.path) as shard_file:
@@ -110,7 +108,6 @@ class Predict(Stage):
         return self.images.shards()
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.proposals import read_proposals
         detector = self.method.detector(inputs, ctx.params, ctx.device)
         proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
         images, detections, seconds, skipped = 0, 0, 0.0, {}

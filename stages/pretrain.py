@@ -12,9 +12,14 @@ torch is imported inside the methods: importing it costs seconds, which cached r
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
-from pipeline.cache import save_torch
-from pipeline.stage import Shard, ShardOutput, StageContext, TrainingStage
+from pipeline.engine.cache import save_torch
+from pipeline.engine.stage import Shard, ShardOutput, StageContext
+from pipeline.models import build_region_net
+from pipeline.regions import augment_crops, load_training_images, predict_classes
+from pipeline.training import SGDSettings, TrainingStage, train
 from pipeline.weights import backbone_shape
 
 
@@ -31,11 +36,6 @@ class Pretrain(TrainingStage):
         return {**config["pretrain"], "backbone": backbone_shape(config["backbone"])}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.models import build_region_net
-        from pipeline.regions import augment_crops, load_training_images, predict_classes
-        from pipeline.training import SGDSettings, train
 
         params, backbone = ctx.params, ctx.params["backbone"]
         settings = SGDSettings.from_config(params)
@@ -62,9 +62,6 @@ class Pretrain(TrainingStage):
 
 def jitter_boxes(boxes, min_iou: float, rng: np.random.Generator, tries: int = 10):
     """Randomly shifted and rescaled copies of boxes[K, 4] whose IoU with the original stays >= min_iou."""
-    import torch
-    from torchvision.ops import box_iou
-
     jittered = boxes.clone()
     pending = torch.ones(len(boxes), dtype=torch.bool)
     sizes = boxes[:, 2:] - boxes[:, :2]

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
-from pipeline.cache import StageCache, hdf5_file
+from pipeline.engine.cache import StageCache, hdf5_file
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
 from pipeline.proposals import propose, read_proposals, search_scale
 from pipeline.reports import markdown_table, new_figure, save_figure
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
 
 RECALL_IOUS = (0.5, 0.7)
 log = logging.getLogger(__name__)
@@ -92,9 +94,6 @@ class Proposals(Stage):
 
 def recall_curve(dataset, proposals: dict[str, np.ndarray], caps: list[int]) -> list[dict]:
     """Recall of the non-difficult ground truth at IoU 0.5 and 0.7 when keeping the top `cap` boxes."""
-    import torch
-    from torchvision.ops import box_iou
-
     caps = sorted(set(caps))  # max_proposals may also be one of recall_at: count each cap once
     best_iou_per_cap = {cap: [] for cap in caps}
     kept_per_cap = {cap: 0 for cap in caps}

@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import torch
 
-from pipeline.cache import StageCache, hdf5_file, save_torch
-from pipeline.features import features_summary
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext, TrainingStage, image_shards
-from pipeline.weights import backbone_shape, initial_backbone, pretrain_input, weights_key_extras
+from pipeline.engine.cache import StageCache, hdf5_file, save_torch
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
+from pipeline.features import FeatureReader, features_summary, image_regions, training_image_ids, write_image_features
+from pipeline.models import TRUNK_STRIDES, on_device
+from pipeline.proposals import read_proposals
+from pipeline.regions import label_regions, sample_windows
+from pipeline.roi import conv5_at_scales, pyramid_features
+from pipeline.training import SGDSettings, TrainingStage, train
+from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
 
 
 def training_shards(ctx: StageContext) -> list[Shard]:
@@ -55,9 +61,6 @@ class SPPConv5(Stage):
         return training_shards(ctx)
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.models import on_device
-        from pipeline.roi import conv5_at_scales
-        from pipeline.weights import initial_net
         trunk = on_device(initial_net(ctx.params["backbone"], len(ctx.classes), inputs), ctx.device).eval().trunk
         images = 0
         with hdf5_file(out.path) as shard_file:
@@ -98,11 +101,6 @@ class SPPFeatures(Stage):
         return training_shards(ctx)
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.features import image_regions, write_image_features
-        from pipeline.models import TRUNK_STRIDES
-        from pipeline.proposals import read_proposals
-        from pipeline.roi import pyramid_features
-
         proposals = read_proposals(inputs["proposals"], shard.items)
         backbone = ctx.params["backbone"]
         stride = TRUNK_STRIDES[backbone["name"]]
@@ -146,12 +144,6 @@ class SPPFinetune(TrainingStage):
         return weights_key_extras(ctx.params["backbone"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        import torch
-
-        from pipeline.features import FeatureReader, training_image_ids
-        from pipeline.regions import sample_windows
-        from pipeline.training import SGDSettings, train
-        from pipeline.weights import initial_net
 
         params = ctx.params
         settings = SGDSettings.from_config(params)
@@ -190,9 +182,6 @@ class SPPFinetune(TrainingStage):
 def window_labels(reader, image_id: str, fg_iou: float) -> np.ndarray:
     """int64[R] for an image's stored regions: the best-matching non-difficult ground-truth box's class + 1
     where IoU >= fg_iou, else 0 (background); -1 (never drawn) for difficult ground-truth boxes."""
-    import torch
-
-    from pipeline.regions import label_regions
     regions = reader.regions(image_id)
     gt_rows = (regions.gt_label >= 0) & ~regions.gt_difficult
     labels, _, _ = label_regions(torch.from_numpy(regions.boxes), torch.from_numpy(regions.boxes[gt_rows]),

@@ -28,13 +28,19 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import roc_auc_score
+from sklearn.svm import LinearSVC
+from torchvision.ops import box_iou
 
-from pipeline.cache import StageCache, write_bytes
 from pipeline.classifiers import class_groups
-from pipeline.errors import ConfigError
+from pipeline.engine.cache import StageCache, write_bytes
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import PrefixedStage, Shard, ShardOutput, StageContext
 from pipeline.features import FeatureReader, feature_statistics, layer_features, training_image_ids
 from pipeline.reports import markdown_table
-from pipeline.stage import PrefixedStage, Shard, ShardOutput, StageContext
+from pipeline.weights import load_finetuned
 
 
 class SVM(PrefixedStage):
@@ -54,8 +60,6 @@ class SVM(PrefixedStage):
         return class_groups(len(ctx.classes), ctx.params["classes_per_task"])
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.weights import load_finetuned
-
         params = ctx.params
         net, _, _ = load_finetuned(self.upstream(inputs, "finetune"), ctx.device)
         reader = FeatureReader(self.upstream(inputs, "features"))
@@ -166,7 +170,6 @@ def fit_svms(reader: FeatureReader, image_ids: list[str], class_indices, transfo
 
 def ranking_quality(reader: FeatureReader, image_ids: list[str], caches: dict, transform, params) -> dict:
     """class -> {"held_back_auc": ROC AUC of its SVM's scores, positives against negatives, on these images}."""
-    from sklearn.metrics import roc_auc_score
     scores = {class_index: ([], []) for class_index in caches}
     for image_id in image_ids:
         image = reader.read(image_id)
@@ -226,8 +229,6 @@ def mine_hard_negatives(reader: FeatureReader, image_ids: list[str], caches: dic
 
 def class_negatives(image, class_indices, negative_iou: float) -> dict[int, np.ndarray]:
     """class -> the image's proposal rows whose IoU with every instance of the class is < negative_iou."""
-    import torch
-    from torchvision.ops import box_iou
     proposals, gt_rows = image.proposal_rows, image.gt_label >= 0
     overlaps = box_iou(torch.from_numpy(image.boxes[proposals]), torch.from_numpy(image.boxes[gt_rows])).numpy()
     negatives = {}
@@ -246,9 +247,6 @@ LIBLINEAR = threading.Lock()
 
 def retrain(cache: ClassCache, params: dict) -> None:
     """Fit the SVM on positives + cached negatives, then evict the easy negatives."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.svm import LinearSVC
-
     negatives = np.stack(cache.negatives)
     features = np.concatenate([cache.positives, negatives])
     labels = np.concatenate([np.ones(len(cache.positives)), -np.ones(len(negatives))])

@@ -2,7 +2,7 @@
 
 The methods, their training stages, variants and published figures are the records of pipeline.methods.
 Training time: each method's training stages (Method.training), from their manifests (shards record
-when they started and how long they ran; pipeline.timing.union_seconds counts work that ran side by
+when they started and how long they ran; pipeline.engine.runner.union_seconds counts work that ran side by
 side once). Excluded, as in the papers: the classification pre-training (pretrain; ImageNet in the
 papers) and the region proposals. `rcnn timing-table` runs the methods one after another so that their
 training does not share the machine; `--fresh` retrains them all for fresh timings.
@@ -18,12 +18,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
-from pipeline.cache import StageCache
-from pipeline.errors import ConfigError
+from pipeline.engine.cache import StageCache
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.runner import union_seconds
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, describe_hardware
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext
+from pipeline.reports import markdown_table, new_figure, save_figure
+from pipeline.timing import time_detector, time_proposals, timing_key_extras
 from pipeline.weights import initial_backbone
+
 
 class TimingTable(Stage):
     """Train and test R-CNN, SPP-net, Fast and Faster R-CNN on the same data and hardware; compare."""
@@ -45,7 +50,6 @@ class TimingTable(Stage):
         return tuple(dict.fromkeys(stages))
 
     def key_extras(self, ctx: StageContext) -> dict:
-        from pipeline.timing import timing_key_extras
         return timing_key_extras(ctx.device, ctx.threads)
 
     def shards(self, ctx: StageContext) -> list[Shard]:
@@ -62,7 +66,6 @@ class TimingTable(Stage):
         return {}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        from pipeline.timing import describe_hardware
         measured = json.loads(cache.shard_path("00000").read_text())
         manifests = {stage: upstream.manifest() for stage, upstream in inputs.items()}
         rows = []
@@ -88,7 +91,6 @@ class TimingTable(Stage):
 def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dict:
     """Seconds per image (and per part, in ms) of each timed variant of each method, and of the region
     proposals, on these images; the first `timing.warmup` are not counted."""
-    from pipeline.timing import time_detector, time_proposals
     params, warmup = ctx.params, ctx.params["warmup"]
     images = [ctx.dataset.read_image(image_id) for image_id in image_ids]
     if any(rgb is None for rgb in images):
@@ -107,7 +109,6 @@ def time_test_pass(ctx: StageContext, inputs: dict, image_ids: list[str]) -> dic
 
 def training_seconds(manifests: dict[str, dict], stages: tuple[str, ...]) -> float:
     """Wall-clock seconds of a method's training stages, from their manifests (see the module docstring)."""
-    from pipeline.timing import union_seconds
     intervals = []
     for stage in stages:
         manifest = manifests[stage]
@@ -132,7 +133,6 @@ def write_report(report_dir, table: dict, measured: dict, ctx: StageContext, man
 
 def markdown_report(table: dict, measured: dict, ctx: StageContext, manifests: dict,
                     training_hardware: list[str]) -> str:
-    from pipeline.reports import markdown_table
     methods = {m["method"]: m for m in table["methods"]}
     published = {row: variant.published for row, (variant, _) in timed_rows().items()}
     rcnn, published_rcnn = methods["R-CNN"], published["R-CNN"]
@@ -201,7 +201,6 @@ def result_rows() -> list[str]:
 
 
 def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardware: list[str]) -> list[str]:
-    import torch
     params, backbone = ctx.params, ctx.params["backbone"]
     tests = params["methods"]
     trained = {name: manifests[f"{name}-train"]["description"]["params"] for name in ("fast-rcnn", "faster-rcnn")}
@@ -240,7 +239,6 @@ def method_title(proposals) -> str:
 
 def plot_timing(path, methods: list[dict]) -> None:
     """Training time and test time per image, measured (left) beside the published figures (right)."""
-    from pipeline.reports import new_figure, save_figure
     figure = new_figure(11, 7)
     rows = timed_rows()
     names = [m["method"] for m in methods if m["method"] in result_rows()]

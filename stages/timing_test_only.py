@@ -18,10 +18,19 @@ import json
 
 import numpy as np
 
-from pipeline.cache import StageCache
-from pipeline.errors import ConfigError
+from pipeline.engine.cache import StageCache
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
-from pipeline.stage import Shard, ShardOutput, Stage, StageContext
+from pipeline.reports import markdown_table
+from pipeline.timing import (
+    Clock,
+    count_multiply_adds,
+    describe_hardware,
+    time_detector,
+    time_proposals,
+    timing_key_extras,
+)
 from pipeline.weights import initial_backbone, weights_key_extras
 
 WARMUP_PROPOSALS = 16
@@ -53,14 +62,12 @@ class TestOnlyTiming(Stage):
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}
 
     def key_extras(self, ctx: StageContext) -> dict:
-        from pipeline.timing import timing_key_extras
         return {**timing_key_extras(ctx.device, ctx.threads), **weights_key_extras(ctx.params["backbone"])}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", tuple(ctx.dataset.image_ids(ctx.test_split)[:ctx.params["images"]]))]
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
-        from pipeline.timing import Clock, count_multiply_adds, time_detector, time_proposals
         if ctx.params["backbone"]["weights"] == "pretrain":
             raise ConfigError(PRETRAIN_WEIGHTS)
         images = [ctx.dataset.read_image(image_id) for image_id in shard.items]
@@ -82,7 +89,6 @@ class TestOnlyTiming(Stage):
         return {}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        from pipeline.timing import describe_hardware
         measured = json.loads(cache.shard_path("00000").read_text())
         rows = table_rows(measured, ctx.params["backbone"]["name"])
         (cache.report_dir / "timing.json").write_text(json.dumps({"hardware": describe_hardware(ctx.device),
@@ -117,7 +123,6 @@ def table_rows(measured: dict, backbone: str) -> list[dict]:
 
 
 def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardware: str) -> str:
-    from pipeline.reports import markdown_table
     params, backbone = ctx.params, ctx.params["backbone"]
 
     def cell(value, form="{:.1f}x"):

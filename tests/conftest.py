@@ -2,12 +2,13 @@ import contextlib
 import shutil
 
 import pytest
+from tiny import SCHEDULER, STAGES, method_options, options
 
+import pipeline.cli
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
 
 TINY_IMAGES = 16
-SCHEDULER: list[str] = []  # ["--scheduler", SPEC] when the suite runs with --rcnn-scheduler SPEC
 
 
 def pytest_addoption(parser):
@@ -75,9 +76,8 @@ class SealableConfig(dict):
 
 @contextlib.contextmanager
 def config_sealed_while_stages_run():
-    """Inside, every config the CLI loads is sealed while its planned stages run (pipeline.runner.run_stages):
+    """Inside, every config the CLI loads is sealed while its planned stages run (pipeline.engine.runner.run_stages):
     a stage that reads the config instead of the params its key covers fails. Yields the count of sealed runs."""
-    import pipeline.cli
     sealed_runs = []
     load_config, run_stages = pipeline.cli.load_config, pipeline.cli.run_stages
 
@@ -99,10 +99,9 @@ def config_sealed_while_stages_run():
 def timing_run(shapes_root, tmp_path_factory):
     """One `rcnn timing-table` on the tiny set (test_methods' settings): every method trained, evaluated and
     timed, with the config sealed while the stages run. Tests read it or copy its cache."""
-    from test_methods import options
     work = tmp_path_factory.mktemp("methods")
     with config_sealed_while_stages_run() as sealed_runs:
-        assert main(["timing-table", *options(shapes_root, work / "cache", work / "reports")]) == 0
+        assert main(["timing-table", *method_options(shapes_root, work / "cache", work / "reports")]) == 0
     assert "timing-table" in sealed_runs[-1]
     return shapes_root, work / "cache", work / "reports"
 
@@ -111,7 +110,6 @@ def timing_run(shapes_root, tmp_path_factory):
 def tiny_run(shapes_root, tmp_path_factory):
     """One full `rcnn run` of the tiny preset (test_rcnn_pipeline's settings), with the config sealed while
     the stages run; tests only read it or copy its cache."""
-    from test_rcnn_pipeline import STAGES, options
     work = tmp_path_factory.mktemp("rcnn")
     with config_sealed_while_stages_run() as sealed_runs:
         assert main(["run", *options(shapes_root, work / "cache", work / "reports")]) == 0

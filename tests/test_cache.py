@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.cache import StageCache, cache_key, sha256_of, temporary_path
+from pipeline.engine.cache import StageCache, cache_key, sha256_of, temporary_path
 
 
 def test_cache_key_ignores_dict_order_and_follows_values():
@@ -39,7 +39,7 @@ def _written(path):
 
 HOLD_LOCK = """
 import sys, time
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
 cache = StageCache(sys.argv[1], "stage", "key")
 with cache.lock():
     print("locked", flush=True)

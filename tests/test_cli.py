@@ -4,9 +4,9 @@ import json
 import cv2
 import pytest
 
-from pipeline.cache import StageCache, sha256_of
-from pipeline.cli import build_parser, main
 from pipeline import proposals as proposals_module
+from pipeline.cli import build_parser, main
+from pipeline.engine.cache import StageCache, sha256_of
 from pipeline.proposals import read_proposals
 
 

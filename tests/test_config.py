@@ -1,8 +1,10 @@
 import pytest
 import yaml
 
-from pipeline.config import PRESET_DIR, apply_override, load_config
-from pipeline.errors import ConfigError
+from pipeline import models, roi
+from pipeline.engine import schema
+from pipeline.engine.config import PRESET_DIR, apply_override, load_config
+from pipeline.engine.errors import ConfigError
 
 
 def test_demo_preset_is_the_default():
@@ -84,10 +86,12 @@ def test_an_unknown_key_in_a_config_file_is_an_error_naming_the_known_ones(tmp_p
         load_config(str(path))
 
 
-def test_the_schemas_own_choices_are_those_of_the_code():
-    from pipeline import models, roi, schema, segmentation
-    assert schema.BACKBONES == models.BACKBONES and schema.POOLINGS == roi.POOLINGS
-    assert schema.UPSAMPLINGS == segmentation.UPSAMPLINGS and schema.DOWNSAMPLINGS == segmentation.DOWNSAMPLINGS
+def test_a_choice_is_checked_against_the_choices_its_module_registered():
+    assert schema.CHOICES["backbone.name"] is models.BACKBONES and schema.CHOICES["*.pooling"] is roi.POOLINGS
+    with pytest.raises(ConfigError, match=r"backbone.name = 'lenet': expected one of small, alexnet, vgg16, "):
+        load_config("demo", ["backbone.name=lenet"])
+    with pytest.raises(ConfigError, match=r"fast_rcnn.pooling = 'avg': expected one of roi_pool, roi_align"):
+        load_config("demo", ["fast_rcnn.pooling=avg"])
 
 
 def test_a_bad_value_stops_the_command_before_anything_runs(rcnn, tmp_path, capsys):

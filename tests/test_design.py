@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import SealableConfig
+
 from pipeline.cli import build_parser, make_context
 from pipeline.data.voc import VOCDataset
+from pipeline.engine.runner import RunContext, plan_stages, run_stages
+from pipeline.engine.stage import Shard, Stage
 from pipeline.methods import METHODS
-from pipeline.runner import RunContext, plan_stages, run_stages
-from pipeline.stage import Shard, Stage
 from stages import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def key_descriptions(shapes_root, tmp_path, *sets) -> dict[str, str]:
     ("faster_rcnn.train_sizes=[416, 480]", {"faster-rcnn-train", "timing-test-only"}),
     ("fast_rcnn.feature_pyramid=true", {"fast-rcnn-train", "timing-test-only"})])
 def test_options_added_later_stay_out_of_every_key_at_their_neutral_value(shapes_root, tmp_path, setting, stages):
-    """Cached results from before an option keep their keys while it is off (pipeline.config.NEUTRAL_OPTIONS)."""
+    """Cached results from before an option keep their keys while it is off (pipeline.engine.config.NEUTRAL_OPTIONS)."""
     name = setting.split("=")[0].split(".")[1]
     off, on = key_descriptions(shapes_root, tmp_path), key_descriptions(shapes_root, tmp_path, setting)
     assert not [stage for stage, params in off.items() if f'"{name}"' in params]

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from sklearn.datasets import load_sample_image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.efficientnet_lite import (LITE_SCALING, EfficientNetLite, LiteInput, _scaled_channels,
-                                        lite_state_dict)
-from pipeline.errors import ConfigError, UserError
+from pipeline.efficientnet_lite import LITE_SCALING, EfficientNetLite, LiteInput, _scaled_channels, lite_state_dict
+from pipeline.engine.errors import ConfigError, UserError
 from pipeline.models import build_region_net
 from pipeline.weights import imagenet_weights_file, load_state
 
@@ -82,7 +82,6 @@ def test_the_packages_weights_classify_a_real_photo(name):
     """china.jpg (scikit-learn's sample photo of a Chinese temple) is a palace to every Lite; measured,
     top-1 of the seven photos in the closing note of the change: espresso, Egyptian/tiger cat, missile,
     moped, palace. A random network gives each of 1 000 classes about 1/1 000."""
-    from sklearn.datasets import load_sample_image
     categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
     model = EfficientNetLite(name).eval()
     model.load_state_dict(lite_state_dict(load_state(imagenet_weights_file(name, "package")), model.num_blocks))

@@ -2,6 +2,7 @@
 same proposals as threads, and the demo preset reaches its recall on 200 generated images."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,10 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from distributed import Client
 
-from pipeline.cache import StageCache
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
+from pipeline.engine.cache import StageCache
+from pipeline.engine.graph import dask_client
 from pipeline.proposals import read_proposals
 
 pytestmark = pytest.mark.slow
@@ -71,7 +74,6 @@ def test_local_cluster_gives_the_same_proposals_as_threads(rcnn, tmp_path):
 
 
 def test_local_cluster_leaves_the_environment_as_it_found_it():
-    from pipeline.graph import dask_client
     before = dict(os.environ)
     with dask_client("local", 1):
         pass
@@ -92,7 +94,6 @@ def test_demo_preset_recall_on_200_images(tmp_path, capsys):
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -101,7 +102,6 @@ def free_port() -> int:
 def test_a_cluster_that_loses_a_worker_mid_run_finishes_with_the_threads_result(shapes_root, tmp_path):
     """`dask scheduler` and two `dask worker --nthreads 1` on 127.0.0.1; one worker is SIGKILLed once the
     proposals stage has finished some shards; the run still ends well, with the threads run's proposals."""
-    from distributed import Client
     dask = str(Path(sys.executable).parent / "dask")
     address = f"tcp://127.0.0.1:{free_port()}"
     options = ["--data", str(shapes_root), "--reports", str(tmp_path / "reports"), "--set", "proposals.images_per_shard=1"]

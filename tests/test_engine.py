@@ -4,11 +4,10 @@ import shutil
 import pytest
 
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import ConfigError
-from pipeline.graph import parse_scheduler
-from pipeline.runner import plan_stages, run_stages, upstream_order
-from pipeline.runner import RunContext
-from pipeline.stage import Shard, Stage
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.graph import parse_scheduler
+from pipeline.engine.runner import RunContext, plan_stages, run_stages, upstream_order
+from pipeline.engine.stage import Shard, Stage
 
 
 class Count(Stage):

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import StageCache
+from pipeline.engine.cache import StageCache
 from pipeline.features import FeatureReader, ImageFeatures, as_stored, dequantise, quantise, write_image_features
 
 

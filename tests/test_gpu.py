@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.detectors import build_detection_model, detect
 from pipeline.features import pool5_features
 from pipeline.models import build_region_net
 from pipeline.regions import warp_regions
@@ -55,7 +56,6 @@ DETECTOR_PARAMS = {"min_size": 120, "max_size": 200, "pooling": "roi_pool", "fg_
 
 @pytest.mark.parametrize("method", ["fast", "faster"])
 def test_cuda_detections_match_cpu(method):
-    from pipeline.detectors import build_detection_model, detect
     torch.manual_seed(0)
     model = build_detection_model(f"{method}-rcnn", build_region_net("small", 4, 48), 3, DETECTOR_PARAMS).eval()
     image = torch.randn(3, 120, 160)

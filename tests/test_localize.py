@@ -5,16 +5,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import config_sealed_while_stages_run
+from test_rcnn_pipeline import status
+from tiny import options as rcnn_options
+
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
 from pipeline.data.voc import VOCDataset
+from pipeline.engine.stage import ShardOutput
 from pipeline.models import build_region_net
-from pipeline.stage import ShardOutput
 from stages.localize import build_localizer, load_single_object_images, localize, ordered_boxes, train_phase
-from test_rcnn_pipeline import options as rcnn_options
-from test_rcnn_pipeline import status
 
 LOCALIZE_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "localize.input_size=64", "localize.batch_size=8", "localize.classify_iterations=30",
                  "localize.head_iterations=20", "localize.end_to_end_iterations=20", "localize.checkpoint_every=10",

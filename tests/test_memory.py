@@ -1,4 +1,4 @@
-"""pipeline.memory: a batch's activations reuse the memory the batch before freed (glibc only)."""
+"""pipeline.engine.memory: a batch's activations reuse the memory the batch before freed (glibc only)."""
 import os
 import platform
 import subprocess
@@ -15,7 +15,7 @@ BATCHES = """
 import os, resource, sys, threading
 import torch
 if sys.argv[1] == "tuned":
-    from pipeline.memory import use_tensor_friendly_malloc
+    from pipeline.engine.memory import use_tensor_friendly_malloc
     assert use_tensor_friendly_malloc()
 from pipeline.models import build_region_net
 net = build_region_net("mobilenet_v2", 2, 96).eval()

@@ -5,26 +5,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from pipeline.cli import main
-from pipeline.data.voc import VOCDataset
-from pipeline.methods import METHODS
-from pipeline.runner import plan_stages
-from stages import REGISTRY
-from test_rcnn_pipeline import options as rcnn_options
 from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
+from tiny import METHOD_TINY
+from tiny import method_options as options
+
+from pipeline.cli import build_parser, main, make_context
+from pipeline.data.voc import VOCDataset
+from pipeline.engine.runner import plan_stages
+from pipeline.methods import METHODS
+from pipeline.sliding_window import grid_windows
+from stages import REGISTRY
 
 pytestmark = pytest.mark.slow
-
-METHOD_TINY = ["sppnet.images_per_shard=4", "sppnet_finetune.iterations=40", "sppnet_finetune.checkpoint_every=10",
-               "fast_rcnn.iterations=40", "fast_rcnn.checkpoint_every=10", "fast_rcnn.images_per_shard=3",
-               "faster_rcnn.iterations=40", "faster_rcnn.checkpoint_every=10", "faster_rcnn.images_per_shard=3",
-               "sliding_window.sizes=[48, 96]", "sliding_window.aspect_ratios=[1.0]", "sliding_window.step=0.5",
-               "sliding_window.images_per_shard=3", "timing.images=2", "timing.warmup=1"]
-
-
-def options(data, cache, reports):
-    return rcnn_options(data, cache, reports, *METHOD_TINY)
 
 
 def rows_of(timing_run, capsys):
@@ -64,7 +56,6 @@ def test_every_method_is_evaluated_on_every_test_object(timing_run, capsys):
 
 
 def test_sppnet_reuses_the_rcnn_stages_on_its_own_features(shapes_root, tmp_path):
-    from pipeline.cli import build_parser, make_context
     ctx = make_context(build_parser().parse_args(["status", *options(shapes_root, tmp_path / "c", tmp_path / "r")]))
     plans = {plan.stage.name: plan for plan in plan_stages(["sppnet-evaluate"], REGISTRY, ctx)}
     assert type(plans["sppnet-svm"].stage) is type(REGISTRY["svm"])
@@ -77,12 +68,10 @@ def test_sppnet_reuses_the_rcnn_stages_on_its_own_features(shapes_root, tmp_path
 def test_sliding_window_classifies_a_grid_of_windows_with_the_fine_tuned_network(timing_run, capsys):
     data, cache, reports = timing_run
     detect = rows_of(timing_run, capsys)["sliding-window-detect"]
-    from pipeline.cli import build_parser, make_context
     ctx = make_context(build_parser().parse_args(["status", *options(data, cache, reports)]))
     plans = {plan.stage.name: plan for plan in plan_stages(["sliding-window-evaluate"], REGISTRY, ctx)}
     assert set(plans) == {"proposals", "pretrain", "finetune", "sliding-window-detect", "sliding-window-evaluate"}
     assert set(plans["sliding-window-detect"].description["inputs"]) == {"finetune"}
-    from pipeline.sliding_window import grid_windows
     windows = grid_windows(ctx.dataset.annotation(ctx.dataset.image_ids("test")[0]).width,
                            ctx.dataset.annotation(ctx.dataset.image_ids("test")[0]).height, [48, 96], [1.0], 0.5)
     assert len(windows) > 0 and detect["metrics"]["detections_per_image"] <= len(windows)

@@ -1,14 +1,18 @@
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from test_gpu import DETECTOR_PARAMS
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.errors import ConfigError, UserError
-from pipeline.models import build_region_net
-from pipeline.weights import load_state, imagenet_weights_file
-from test_gpu import DETECTOR_PARAMS
+from pipeline.detectors import build_detection_model, detect, detection_backbone, jitter_training_scale, roi_pooler
+from pipeline.engine.errors import ConfigError, UserError
+from pipeline.methods import fresh_region_models
+from pipeline.models import build_region_net, on_device
+from pipeline.timing import Clock
+from pipeline.weights import imagenet_weights_file, initial_backbone, initial_net, load_state, weights_key_extras
 
 SHARED_MOBILENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "mobilenet_v2_imagenet.pth"
 
@@ -61,7 +65,6 @@ def test_a_network_trained_from_scratch_learns_batchnorm_and_its_statistics_are_
 def test_a_random_start_trains_its_batchnorm_and_says_so_in_its_key():
     """backbone.weights=none: frozen at their initial identity, MobileNetV2's BatchNorm layers would leave
     it without normalisation (the pretrain stage's defect); a random start learns them instead."""
-    from pipeline.weights import initial_net, weights_key_extras
     backbone = {"name": "mobilenet_v2", "input_size": 96, "context_pad": 6, "weights": "none"}
     net = initial_net(backbone, 3, {})
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.trunk.modules())
@@ -73,7 +76,6 @@ def test_a_random_start_trains_its_batchnorm_and_says_so_in_its_key():
 
 def test_the_random_network_test_only_timing_builds_is_probed_in_eval_mode():
     """Its shape probes (a zero image through pool5) must neither fail on a 1 x 1 conv5 nor move BatchNorm."""
-    from pipeline.methods import fresh_region_models
     settings = {"backbone": {"name": "mobilenet_v2", "input_size": 16, "context_pad": 2, "weights": "none"}}
     models = fresh_region_models(spp=False)(settings, ["a", "b"], "cpu")
     batchnorm = next(m for m in models.net.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -142,7 +144,6 @@ def test_small_backbone_has_no_torchvision_weights():
 
 
 def pickled_module(path):
-    import pickle
     path.write_bytes(pickle.dumps({"model": torch.nn.Linear(2, 2)}))
 
 
@@ -160,7 +161,6 @@ def test_an_unreadable_weights_file_is_one_error_naming_it(tmp_path, write, prob
 
 
 def test_weights_of_another_network_are_named_as_such(tmp_path):
-    from pipeline.weights import initial_net
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     backbone = {"name": "mobilenet_v2", "input_size": 112, "context_pad": 8, "weights": str(path)}
@@ -169,7 +169,6 @@ def test_weights_of_another_network_are_named_as_such(tmp_path):
 
 
 def test_a_weights_file_gives_one_key_however_its_path_is_spelt(tmp_path, monkeypatch):
-    from pipeline.weights import initial_backbone
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")
     backbone = {"name": "mobilenet_v2", "input_size": 96, "context_pad": 6}
@@ -185,7 +184,6 @@ JITTER_PARAMS = {**DETECTOR_PARAMS, "max_size": 400}
 
 @pytest.mark.parametrize("architecture", ["fast-rcnn", "faster-rcnn"])
 def test_scale_jitter_draws_each_training_images_size_and_detection_keeps_min_size(architecture):
-    from pipeline.detectors import build_detection_model, jitter_training_scale
     torch.manual_seed(0)
     model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, JITTER_PARAMS)
     jitter_training_scale(model, [96, 144])
@@ -204,7 +202,6 @@ PYRAMID_PARAMS = {**DETECTOR_PARAMS, "feature_pyramid": True, "pooling": "roi_al
 @pytest.mark.parametrize("name", ["small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50",
                                   "efficientnet_lite0", "efficientnet_lite2"])
 def test_the_feature_pyramid_reads_half_the_trunks_stride_and_keeps_its_channels(name):
-    from pipeline.detectors import detection_backbone
     net = build_region_net(name, 3, 64 if name == "small" else 112)
     backbone = detection_backbone(net, PYRAMID_PARAMS).eval()
     with torch.no_grad():
@@ -218,7 +215,6 @@ def test_the_feature_pyramid_reads_half_the_trunks_stride_and_keeps_its_channels
 
 
 def test_the_pyramid_pools_small_regions_from_the_fine_map_and_large_ones_from_the_coarse():
-    from pipeline.detectors import roi_pooler
     pooler = roi_pooler(build_region_net("mobilenet_v2", 3, 112), PYRAMID_PARAMS)
     maps = {"0": torch.ones(1, 4, 64, 64), "1": torch.full((1, 4, 32, 32), 2.0)}  # strides 8 and 16
     boxes = [torch.tensor([[10.0, 10.0, 60.0, 60.0], [0.0, 0.0, 400.0, 300.0], [100.0, 100.0, 200.0, 200.0]])]
@@ -229,8 +225,6 @@ def test_the_pyramid_pools_small_regions_from_the_fine_map_and_large_ones_from_t
 
 @pytest.mark.parametrize("architecture", ["fast-rcnn", "faster-rcnn"])
 def test_detectors_with_a_pyramid_train_its_layers_and_reload_from_their_state(architecture):
-    from pipeline.detectors import build_detection_model, detect
-    from pipeline.timing import Clock
     torch.manual_seed(0)
     model = build_detection_model(architecture, build_region_net("small", 3, 48), 2, PYRAMID_PARAMS).train()
     images = [torch.randn(3, 120, 160), torch.randn(3, 120, 160)]
@@ -252,15 +246,11 @@ def test_detectors_with_a_pyramid_train_its_layers_and_reload_from_their_state(a
 @pytest.mark.parametrize("change, problem", [({"anchor_sizes": [16, 32]}, "a multiple of 3 sizes"),
                                              ({"pooling": "roi_pool"}, "the pyramid pools with roi_align")])
 def test_pyramid_settings_it_cannot_use_are_a_config_error(change, problem):
-    from pipeline.detectors import build_detection_model
     with pytest.raises(ConfigError, match=problem):
         build_detection_model("faster-rcnn", build_region_net("small", 3, 48), 2, {**PYRAMID_PARAMS, **change})
 
 
 def test_networks_run_channels_last_with_the_default_layouts_outputs_and_state():
-    from pipeline.detectors import build_detection_model, detect
-    from pipeline.models import on_device
-    from pipeline.timing import Clock
     torch.manual_seed(0)
     net = build_region_net("mobilenet_v2", 4, 96).eval()
     crops = torch.randn(4, 3, 96, 96)

@@ -3,13 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
+from test_methods import options, rows_of
 
-from pipeline.cache import StageCache
 from pipeline.cli import main
 from pipeline.data.voc import VOCDataset, parse_annotation
 from pipeline.detections import read_detections
+from pipeline.engine.cache import StageCache
 from pipeline.methods import METHODS
-from test_methods import options, rows_of
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,6 @@ def test_predicted_voc_annotations_are_read_back_by_the_voc_reader(timing_run, t
 
 
 def test_predicted_coco_results_load_in_pycocotools(timing_run, tmp_path):
-    from pycocotools.coco import COCO
     data, cache, _ = timing_run
     images = split_images(data)[:3]
     assert main(["predict", *map(str, images), "--method", "fast-rcnn", "--format", "coco", "--score-threshold", "0",

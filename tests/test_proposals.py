@@ -4,7 +4,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from torchvision.ops import box_iou
 
+from pipeline import proposals
 from pipeline.data.voc import VOCDataset
 from pipeline.proposals import SELECTIVE_SEARCH_MODES, defer_near_duplicates, propose, rank_rects
 from stages.proposals import recall_curve
@@ -52,8 +55,6 @@ def test_near_duplicates_go_behind_the_distinct_boxes_in_their_order():
 
 
 def test_deferring_near_duplicates_keeps_the_set_and_spreads_the_first_boxes(image):
-    import torch
-    from torchvision.ops import box_iou
     plain, deferred = propose(image, search()), propose(image, search(near_duplicate_iou=0.7))
     assert sorted(map(tuple, deferred.tolist())) == sorted(map(tuple, plain.tolist()))
     first = torch.from_numpy(deferred[:20])
@@ -93,7 +94,6 @@ def test_recall_curve_on_a_hand_worked_example():
 
 
 def test_a_large_photo_is_searched_at_search_side_and_its_boxes_come_back_in_its_pixels(monkeypatch):
-    from pipeline import proposals
     searched = []
 
     def whole_image(rgb, params):

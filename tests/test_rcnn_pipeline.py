@@ -11,24 +11,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny import STAGES, options
 
-from conftest import SCHEDULER
-from pipeline.cache import sha256_of
+from pipeline.classifiers import load_svms
 from pipeline.cli import main
 from pipeline.data.voc import VOCDataset
+from pipeline.engine.cache import StageCache, sha256_of
+from pipeline.features import FeatureReader, layer_features
+from pipeline.weights import load_finetuned
 
 pytestmark = pytest.mark.slow
-
-TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "finetune.iterations=24",
-        "finetune.checkpoint_every=4", "proposals.max_proposals=80", "features.images_per_shard=2",
-        "svm.norm_images=4", "bbox.norm_images=4", "detect.images_per_shard=2", "evaluate.pictures=2"]
-STAGES = ["proposals", "pretrain", "finetune", "features", "svm", "bbox", "rcnn-detect", "rcnn-evaluate"]
-
-
-def options(data, cache, reports, *extra_sets):
-    sets = [item for value in (*TINY, *extra_sets) for item in ("--set", value)]
-    return [*sets, "--data", str(data), "--cache", str(cache), "--reports", str(reports), *SCHEDULER]
-
 
 def status(data, cache, reports, capsys, *extra_sets) -> dict:
     capsys.readouterr()
@@ -57,7 +49,6 @@ def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
 
 def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
     data, _, reports = tiny_run
-    from pipeline.data.voc import VOCDataset
     dataset = VOCDataset(data)
     results = reports / "demo" / "rcnn-detect" / "results"
     assert sorted(path.name for path in results.iterdir()) == sorted(f"comp4_det_test_{name}.txt"
@@ -188,10 +179,6 @@ def test_each_svm_sees_the_features_that_rank_its_held_back_images_best(tiny_run
     better, most above chance (which ones is float rounding's draw: the network's training amplifies it).
     "Below" means an AUC under 0.4: with 5 to 9 held-back positives a class's AUC moves by about 0.1 by chance,
     so one at 0.49 is at chance, not inverted (seen on an AMD machine: 0.492 raw, 0.483 centred)."""
-    from pipeline.cache import StageCache
-    from pipeline.classifiers import load_svms
-    from pipeline.features import FeatureReader, layer_features
-    from pipeline.weights import load_finetuned
     data, cache, reports = tiny_run
     rows = status(data, cache, reports, capsys)
     per_class = rows["svm"]["metrics"]["per_class"]

@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.regions import (MEAN_RGB, STD_RGB, ImageBank, augment_crops, context_boxes, label_regions,
-                              mean_subtracted, warp_regions)
+from pipeline.regions import (
+    MEAN_RGB,
+    STD_RGB,
+    ImageBank,
+    augment_crops,
+    context_boxes,
+    label_regions,
+    mean_subtracted,
+    warp_regions,
+)
 
 
 def normalised(values_rgb: np.ndarray) -> torch.Tensor:

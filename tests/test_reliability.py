@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
-
-from pipeline.cache import StageCache, sha256_of
-from pipeline.cli import main
-from pipeline.runner import plan_stages
 from test_engine import REGISTRY as TOY_STAGES
 from test_engine import make_ctx, run
-from test_rcnn_pipeline import options, status
+from test_rcnn_pipeline import status
+from tiny import options
+
+from pipeline.cli import main
+from pipeline.engine.cache import StageCache, sha256_of
+from pipeline.engine.runner import plan_stages
 
 
 # ---- a cache that cannot lie ---------------------------------------------------------------------------

@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.roi import RoIPooler, compress_fc, pool_regions, spatial_pyramid_pool, spp_dim, truncated_svd
-from pipeline.roi import best_scale, pyramid_features
+from pipeline.roi import (
+    RoIPooler,
+    best_scale,
+    compress_fc,
+    pool_regions,
+    pyramid_features,
+    spatial_pyramid_pool,
+    spp_dim,
+    truncated_svd,
+)
 
 # a 4 x 4 map whose value at (row, column) is 4 * row + column
 MAP = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)

@@ -6,17 +6,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import config_sealed_while_stages_run
+from PIL import Image
+from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
+from tiny import options as rcnn_options
+
 from pipeline.cli import main
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import BadInputError, ConfigError
-from pipeline.segmentation import (FCN, UPSAMPLINGS, confusion_matrix, convolutionalized, out_channels, predict_mask,
-                                   segmentation_metrics, trunk_levels, upsampler)
-from pipeline.training import SGDSettings, train
+from pipeline.engine.errors import BadInputError, ConfigError
+from pipeline.models import build_region_net
+from pipeline.segmentation import (
+    FCN,
+    UPSAMPLINGS,
+    confusion_matrix,
+    convolutionalized,
+    out_channels,
+    predict_mask,
+    segmentation_metrics,
+    trunk_levels,
+    upsampler,
+)
 from pipeline.segmentation_data import SegmentationSet, load_training_masks, patches, random_crops, segment_by_windows
-from test_rcnn_pipeline import options as rcnn_options
-from test_rcnn_pipeline import assert_killed_training_resumes_identically, status
+from pipeline.training import SGDSettings, train
 
 TWO_BY_TWO = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, None]
 
@@ -83,7 +94,6 @@ def test_fcn_scores_every_pixel(upsampling, skips):
 
 
 def test_a_classifiers_conv_layers_cut_at_its_pools_become_the_encoder():
-    from pipeline.models import build_region_net
     classifier = build_region_net("small", 7, 48)
     levels = trunk_levels(classifier.trunk)
     assert [out_channels(level) for level in levels] == [16, 32, 64, 64]
@@ -96,7 +106,6 @@ def test_a_classifiers_conv_layers_cut_at_its_pools_become_the_encoder():
 
 @pytest.mark.parametrize("name, input_size", [("small", 48), ("small", 32), ("vgg16", 224)])
 def test_convolutionalized_fc_layers_give_the_classifiers_activations_at_every_cell(name, input_size):
-    from pipeline.models import build_region_net
     torch.manual_seed(0)
     classifier = build_region_net(name, 7, input_size).eval()
     fc_layers = convolutionalized(classifier).eval()
@@ -141,13 +150,11 @@ def test_a_label_predicted_but_absent_counts_as_iou_zero():
 
 
 def test_the_reader_checks_masks(shapes_copy):
-    from pipeline.data.voc import VOCDataset
     dataset = VOCDataset(shapes_copy)
     image_id = dataset.segmentation_ids("test")[0]
     mask = dataset.read_segmentation(image_id)
     assert mask.shape == dataset.read_image(image_id).shape[:2]
     assert set(np.unique(mask)) <= {0, *range(1, len(dataset.classes) + 1), 255}
-    from PIL import Image
     Image.fromarray(np.full((4, 4), 9, np.uint8), mode="L").save(dataset.segmentation_path(image_id))
     with pytest.raises(BadInputError, match="is 4x4 but its annotation says"):
         dataset.read_segmentation(image_id)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline.data.shapes import CLASSES, VOID, split_ids, write_shapes
 from pipeline.data.voc import VOCDataset
-from pipeline.errors import UserError
+from pipeline.engine.errors import UserError
 
 
 def tree_digest(root):

@@ -1,5 +1,6 @@
 """The sliding-window detection baseline: its grid of windows and its place before R-CNN."""
 import numpy as np
+
 from pipeline.sliding_window import grid_windows
 
 

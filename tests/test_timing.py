@@ -4,11 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import options
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.cli import main
+from pipeline.engine.runner import union_seconds
 from pipeline.models import build_region_net, freeze_batchnorm
 from pipeline.regions import flip_boxes, sample_windows
-from pipeline.timing import union_seconds
 
 
 def test_union_counts_overlapping_work_once_and_skips_gaps():
@@ -46,8 +49,6 @@ def test_frozen_batchnorm_keeps_the_trained_statistics_in_training_mode():
 
 @pytest.mark.slow
 def test_test_only_timing_counts_each_methods_multiply_adds_without_training_anything(shapes_root, tmp_path, capsys):
-    from pipeline.cli import main
-    from test_rcnn_pipeline import options
     argv = ["timing-table", "--test-only", "--images", "2", *options(shapes_root, tmp_path / "cache", tmp_path / "reports",
                                                                     "backbone.weights=none")]
     assert main(argv) == 0
@@ -56,7 +57,6 @@ def test_test_only_timing_counts_each_methods_multiply_adds_without_training_any
     rows = {row["method"]: row for row in report["rows"]}
     assert list(rows) == ["R-CNN", "SPP-net", "Fast R-CNN", "Fast R-CNN (SVD)", "Faster R-CNN"]  # no sliding window
     # R-CNN runs the small network on every proposal's 48 px crop: its conv multiply-adds are crops x one crop's
-    from torch.utils.flop_counter import FlopCounterMode
     net = build_region_net("small", 7, 48).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net.pool5(torch.zeros(1, 3, 48, 48))

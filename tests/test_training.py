@@ -1,9 +1,9 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-import dataclasses
 
 from pipeline.training import SGDSettings, lr_schedule, train
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.voc import VOCDataset, parse_annotation
-from pipeline.errors import BadInputError, DataSetError
+from pipeline.engine.errors import BadInputError, DataSetError
 
 
 def edit_first_box(xml_path, **corners):

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.cache import temporary_path
+from pipeline.engine.cache import temporary_path
 from pipeline.data.voc import VOCAnnotation, VOCObject, voc_palette, write_annotation
-from pipeline.errors import UserError
+from pipeline.engine.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.boxes import box_to_voc, voc_to_box
-from pipeline.errors import BadInputError, ConfigError, DataSetError
+from pipeline.data.identity import files_digest
+from pipeline.engine.errors import BadInputError, ConfigError, DataSetError
+from pipeline.engine.schema import register_choices
 
 ON_BAD_INPUT = ("error", "skip")
+register_choices("data.on_bad_input", ON_BAD_INPUT)
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -116,6 +119,18 @@ class VOCDataset:
                     raise DataSetError(path, f"line {number}: {ids[-1]!r} is not an image id (a file name without "
                                              f"folders: no / or \\, not . or ..)")
         return list(dict.fromkeys(ids))
+
+    def identity(self, splits: list[str], stat_cache: Path) -> dict:
+        """What every cache key holds of the data set: a digest of the split files and of every listed image's
+        annotation, image and mask (pipeline.data.identity), its classes and what is done with bad items."""
+        files = [self.split_file(split) for split in splits]
+        for split in splits:
+            for image_id in self.listed_ids(split):
+                files += [self.annotation_path(image_id), self.image_path(image_id)]
+                if self.segmentation_path(image_id).is_file():
+                    files.append(self.segmentation_path(image_id))
+        count, digest = files_digest(self.root, files, stat_cache)
+        return {"files": count, "digest": digest, "classes": self.classes, "on_bad_input": self.on_bad_input}
 
     # ---- annotations --------------------------------------------------------------------------
     def annotation(self, image_id: str) -> VOCAnnotation | None:

@@ -1,28 +1,32 @@
 """The config's schema: every key's type and range, checked before anything is planned or run.
 
 The type of a key is that of its value in the demo preset (configs/demo.yaml, the reference every preset
-has the same keys as; a whole number is accepted where a decimal is expected); its range is the first of
-RULES whose pattern matches the dotted key. Sections must be mappings. A config that breaks the schema
-is a one-line error naming the key, the value and what is expected, before any stage runs.
+has the same keys as; a whole number is accepted where a decimal is expected). A key that names one of a
+set of choices (a backbone, a proposal method, ...) is checked against the choices its module registered
+with `register_choices`, where they are defined; any other key's range is the first of `rules()` whose
+pattern matches the dotted key. Sections must be mappings. A config that breaks the schema is a one-line
+error naming the key, the value and what is expected, before any stage runs.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.engine.errors import ConfigError
 
-REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+REFERENCE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 Check = Callable[[object], bool]
-# choices whose modules import torch, which a config check should not wait for (a test keeps them in step)
-BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50", "efficientnet_lite0",
-             "efficientnet_lite1", "efficientnet_lite2")                                       # pipeline.models
-POOLINGS = ("roi_pool", "roi_align")                                                 # pipeline.roi
-UPSAMPLINGS = ("nearest", "bed-of-nails", "max-unpool", "transpose-conv")            # pipeline.segmentation
-DOWNSAMPLINGS = ("max-pool", "strided-conv")                                         # pipeline.segmentation
+# key pattern -> the collection its value must be in, registered by the module that defines the choices
+CHOICES: dict[str, Collection] = {}
+
+
+def register_choices(pattern: str, choices: Collection) -> None:
+    """The values a config key (or every key matching `pattern`, e.g. "*.pooling") may take. A registry
+    (a dict that grows as parts register) is read when a config is checked, so later entries count."""
+    CHOICES[pattern] = choices
 
 
 def positive(value) -> bool:
@@ -49,37 +53,22 @@ def anything(value) -> bool:
     return True
 
 
-def one_of(*choices) -> Check:
-    return lambda value: value in choices
-
-
 def each(check: Check) -> Check:
     return lambda values: all(check(value) for value in values)
 
 
-def choices_of(names) -> tuple[Check, str]:
-    return one_of(*names), f"one of {', '.join(map(str, names))}"
+def choices_of(names: Collection) -> tuple[Check, str]:
+    return (lambda value: value in names), f"one of {', '.join(map(str, names))}"
+
+
+register_choices("device", ("auto", "cpu", "cuda"))
 
 
 def rules() -> list[tuple[str, Check, str]]:
-    """(pattern, check, what is expected); the first pattern that matches a key applies."""
-    from pipeline.data.voc import ON_BAD_INPUT
-    from pipeline.features import COMPRESSIONS, DTYPES, LAYERS
-    from pipeline.proposals import PROPOSAL_METHODS, SELECTIVE_SEARCH_MODES
+    """(pattern, check, what is expected); the first pattern that matches a key applies: the registered
+    choices first, then the ranges below."""
     return [
-        ("data.on_bad_input", *choices_of(ON_BAD_INPUT)),
-        ("device", *choices_of(("auto", "cpu", "cuda"))),
-        ("proposals.method", *choices_of(tuple(PROPOSAL_METHODS))),
-        ("proposals.mode", *choices_of(SELECTIVE_SEARCH_MODES)),
-        ("backbone.name", *choices_of(BACKBONES)),
-        ("features.dtype", *choices_of(DTYPES)),
-        ("features.compression", *choices_of(COMPRESSIONS)),
-        ("svm.layer", *choices_of(LAYERS)),
-        ("*.pooling", *choices_of(POOLINGS)),
-        ("*.optimizer", *choices_of(("sgd", "adam"))),
-        ("fcn.encoder", *choices_of(("pretrain", "scratch"))),
-        ("fcn.upsampling", *choices_of(UPSAMPLINGS)),
-        ("fcn.downsampling", *choices_of(DOWNSAMPLINGS)),
+        *((pattern, *choices_of(choices)) for pattern, choices in CHOICES.items()),
         ("data.*", anything, "a string or a list of class names"),
         ("backbone.weights", anything, "pretrain, none, torchvision, package or the path of a weights file"),
         ("*_dir", anything, "a folder"),

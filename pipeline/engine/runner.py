@@ -15,17 +15,14 @@ from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
-from pipeline import graph
-from pipeline.cache import StageCache, cache_key, temporary_path
-from pipeline.config import without_neutral_options
-from pipeline.data.identity import data_identity
-from pipeline.data.voc import VOCDataset
-from pipeline.errors import ConfigError
-from pipeline.stage import Shard, Stage, StageContext, freeze, resolve_device, thaw
-from pipeline.timing import describe_hardware, union_seconds
+from pipeline.engine import graph
+from pipeline.engine.cache import StageCache, cache_key, temporary_path
+from pipeline.engine.config import without_neutral_options
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device, thaw
 
 log = logging.getLogger(__name__)
-VERIFIED = ".verified.json"  # the sha256 of shard files, by path, size and mtime (pipeline.cache.file_digests)
+VERIFIED = ".verified.json"  # the sha256 of shard files, by path, size and mtime (pipeline.engine.cache.file_digests)
 
 
 @dataclass
@@ -33,7 +30,7 @@ class RunContext:
     """One run: the whole config, the data set, and where outputs and reports go. Only the engine and the
     CLI hold it; each stage is handed its own StageContext."""
     config: dict
-    dataset: VOCDataset
+    dataset: DataSet
     cache_root: Path
     reports_root: Path
 
@@ -49,8 +46,8 @@ class RunContext:
     @cached_property
     def data_identity(self) -> dict:
         """The data set's content digest, and which split plays which role (swapping them changes results)."""
-        identity = data_identity(self.dataset, list(dict.fromkeys(self.splits.values())),
-                                 self.cache_root / ".data-identity.json")
+        identity = self.dataset.identity(list(dict.fromkeys(self.splits.values())),
+                                         self.cache_root / ".data-identity.json")
         return {**identity, "splits": self.splits}
 
     def stage_context(self, stage: Stage) -> StageContext:
@@ -210,3 +207,14 @@ def publish_report(plan: StagePlan, reports_root: Path) -> None:
     shutil.copytree(plan.cache.report_dir, staging)
     shutil.rmtree(destination, ignore_errors=True)
     staging.rename(destination)
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, seconds) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, seconds in sorted(intervals):
+        end = start + seconds
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ConfigError
-from pipeline.schema import validate
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.schema import validate
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PRESET = "demo"
 # settings added after the first cached runs, at the value that computes what those did: every stage's cache key
-# leaves them out at that value (pipeline.runner.plan_stages: cached results stay valid), and what reads a
+# leaves them out at that value (pipeline.engine.runner.plan_stages: cached results stay valid), and what reads a
 # result saved before them reads a missing one as that value (with_neutral_options)
 NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False, "near_duplicate_iou": 1.0}
 

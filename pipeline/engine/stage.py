@@ -3,7 +3,7 @@
 A stage declares its name, a version string (bumped when its output format or algorithm changes),
 the upstream stages it reads, and the config params that change its result. It splits its work into
 independent shards, runs one shard into a file the engine hands it, and reduces the shard records
-into the stage's metrics and report. The engine (pipeline.runner) does the caching, locking and Dask.
+into the stage's metrics and report. The engine (pipeline.engine.runner) does the caching, locking and Dask.
 
 A stage reads only what its cache key covers: `params(config)` is the one place it looks at the
 config; everything after that (`input_stages`, `key_extras`, `shards`, `run_shard`, `reduce`) gets a
@@ -12,15 +12,32 @@ the execution settings (device, CPU threads), which choose where the work runs, 
 """
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from types import MappingProxyType
+from typing import Protocol
 
-from pipeline.cache import StageCache
-from pipeline.data.voc import VOCDataset
-from pipeline.errors import ConfigError
+import torch
+
+from pipeline.engine.cache import StageCache
+from pipeline.engine.errors import ConfigError
+
+
+class DataSet(Protocol):
+    """What the engine needs of a data set (pipeline.data's readers are one): its classes, the image ids of
+    a split, and its identity: a digest of what the stages read, part of every key."""
+    root: Path
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    def image_ids(self, split: str) -> list[str]: ...
+
+    def identity(self, splits: list[str], stat_cache: Path) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,7 @@ class StageContext:
     through the data identity), and where to run: `device_setting` (auto | cpu | cuda) and `threads` (CPU
     threads for training, 0: every core), which change where and how fast, not what is computed."""
     params: Mapping
-    dataset: VOCDataset
+    dataset: DataSet
     train_split: str
     test_split: str
     device_setting: str = "auto"
@@ -94,12 +111,25 @@ class StageContext:
 
 
 def resolve_device(wanted: str) -> str:
-    import torch
     if wanted not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {wanted!r}: expected auto, cpu or cuda")
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
     return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+@cache
+def describe_hardware(device: str) -> str:
+    """e.g. 'NVIDIA H100 80GB HBM3' or 'cpu: AMD EPYC 7B13, 2 cores'."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
 
 
 class Stage:
@@ -143,31 +173,6 @@ class Stage:
                inputs: dict[str, StageCache]) -> dict:
         """Combine the shard records into the stage's metrics; write tables and plots to cache.report_dir."""
         return {}
-
-
-class TrainingStage(Stage):
-    """A stage that trains one network: one shard, `00000.pt`, holding at least its "losses" per iteration
-    (and "loss_parts" when the loss has named parts); the report plots them under `loss_title`."""
-    shard_suffix = ".pt"
-    runs_on_device = True
-    exclusive = True
-    loss_title: str = ""
-
-    def shards(self, ctx: StageContext) -> list[Shard]:
-        return [Shard("00000", ())]
-
-    def reduce(self, ctx: StageContext, cache: StageCache, records: dict[str, dict],
-               inputs: dict[str, StageCache]) -> dict:
-        import torch
-
-        from pipeline.reports import plot_loss, plot_losses
-        saved = torch.load(cache.shard_path("00000"), weights_only=True)
-        if saved.get("loss_parts"):
-            plot_losses({"total": saved["losses"], **saved["loss_parts"]}, cache.report_dir / "loss.png",
-                        self.loss_title)
-        else:
-            plot_loss(saved["losses"], cache.report_dir / "loss.png", self.loss_title)
-        return {**records["00000"]["metrics"], "device": ctx.device}
 
 
 class PrefixedStage(Stage):

@@ -22,6 +22,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+import h5py
+import torch
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -54,7 +57,6 @@ def hdf5_file(path: Path):
     HDF5 writing to disk itself fails deep in its C library when the disk is full, prints a traceback for
     every object h5py frees afterwards and can crash the interpreter at exit; written here, a full disk is
     one OSError naming the file. Shards are a few images' worth, so they fit in memory."""
-    import h5py
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as handle:
         yield handle
@@ -63,7 +65,6 @@ def hdf5_file(path: Path):
 
 def save_torch(content, path: Path) -> None:
     """torch.save into memory, then to `path` in one write (torch reports a full disk as a RuntimeError)."""
-    import torch
     buffer = io.BytesIO()
     torch.save(content, buffer)
     write_bytes(path, buffer.getbuffer())
@@ -155,7 +156,7 @@ class StageCache:
     def problems(self, shard_ids, deep: bool, memo: Path | None = None) -> dict[str, str]:
         """shard id -> what is wrong with it: a missing or unreadable record, a missing file, another size
         than the record's, or (deep) other contents: the sha256 the record holds, computed afresh or, with
-        `memo`, remembered for the file's size and mtime (pipeline.cache.file_digests)."""
+        `memo`, remembered for the file's size and mtime (pipeline.engine.cache.file_digests)."""
         found, records = {}, {}
         for shard_id in shard_ids:
             try:

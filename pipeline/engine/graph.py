@@ -16,12 +16,13 @@ from contextlib import contextmanager, nullcontext
 
 import dask
 from dask.callbacks import Callback
+from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.cache import temporary_path
-from pipeline.errors import ConfigError
-from pipeline.memory import use_tensor_friendly_malloc
-from pipeline.stage import ShardOutput
+from pipeline.engine.cache import temporary_path
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.memory import use_tensor_friendly_malloc
+from pipeline.engine.stage import ShardOutput
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,12 @@ def build(plans, finalize) -> list:
     return tasks
 
 
-_IMPORT_LOCK = threading.Lock()
 _EXCLUSIVE_LOCK = threading.Lock()  # shards of stages that must not share this process (Stage.exclusive)
 
 
 def run_shard_task(plan, shard, *_upstream_done) -> str:
     """Run one shard into a temporary file, then commit it and its record."""
     use_tensor_friendly_malloc()
-    with _IMPORT_LOCK:  # torchvision's first import is not thread-safe; stages import it lazily, side by side
-        import torchvision  # noqa: F401
     with _EXCLUSIVE_LOCK if plan.stage.exclusive else nullcontext():
         temporary = temporary_path(plan.cache.shard_path(shard.id))
         started_at, started = time.time(), time.perf_counter()
@@ -83,7 +81,6 @@ def execute(tasks: list, scheduler: str, resources: set[str] = frozenset()) -> N
                 dask.compute(*tasks, scheduler="threads", pool=pool)
             return
         with dask_client(kind, workers_or_address, resources) as client:
-            from distributed import as_completed
             for future in as_completed(client.compute(tasks)):
                 future.result()  # re-raises a task's exception here
                 progress.done(future.key)
@@ -106,7 +103,6 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
 @contextmanager
 def dask_client(kind: str, workers_or_address: int | str, resources: set[str] = frozenset()):
     """A dask.distributed Client on a new LocalCluster ('local') or an existing cluster ('tcp')."""
-    from distributed import Client, LocalCluster
     if kind == "local":
         environment = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 etc. here and leaves them set
         try:
