@@ -1,6 +1,7 @@
 """ImageNet backbones side by side: what each costs the R-CNN family on this machine.
 
-    python bench/backbones.py [--config photos] [--backbones mobilenet_v2 efficientnet_lite0 ...] [--threads 2] [--repeats 3]
+    python bench/backbones.py [--config photos] [--backbones mobilenet_v2 efficientnet_lite0 ...]
+        [--threads 2] [--repeats 3]
 
 The work of bench/memory_format.py (R-CNN's features pass and fine-tuning step on the config's crops,
 a Faster R-CNN training iteration and test pass on its image size), for each backbone in the layout the
@@ -22,7 +23,8 @@ DEFAULT_BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
 def main() -> None:
     parser = bench_parser(__doc__.splitlines()[0], repeats=3)
     parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES,
-                        help=f"backbone.name values; the first is the reference (default: {' '.join(DEFAULT_BACKBONES)})")
+                        help="backbone.name values; the first is the reference "
+                             f"(default: {' '.join(DEFAULT_BACKBONES)})")
     args = parser.parse_args()
     config = start(args)
     workloads = {name: workloads_of(config, name) for name in args.backbones}

@@ -97,7 +97,8 @@ def workloads_of(config: dict, backbone: str) -> dict[str, tuple]:
 def bench_parser(description: str, repeats: int) -> argparse.ArgumentParser:
     """The options this benchmark and bench/backbones.py share: --config, --threads, --repeats."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="photos", help="config preset or file whose shapes are used (default: photos)")
+    parser.add_argument("--config", default="photos",
+                        help="config preset or file whose shapes are used (default: photos)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--repeats", type=int, default=repeats,
                         help=f"alternations of what is compared; the fastest counts (default: {repeats})")

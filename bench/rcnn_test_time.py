@@ -62,7 +62,8 @@ def time_test_pass(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple
     count of each image."""
     device, params = ctx.device, RCNN.test_params(ctx.config)
     models = RCNN.load({role: caches[stage] for role, stage in RCNN.trained.items()}, params, device)
-    detector = RCNN.assemble(models, params, device)  # what RCNN.detector(caches, ...) builds; the net is timed alone too
+    # what RCNN.detector(caches, ...) builds; the net is timed alone too
+    detector = RCNN.assemble(models, params, device)
     net, size, batch_size = models.net, models.backbone["input_size"], params["crops_per_batch"]
     totals, network_alone, crop_counts = {}, 0.0, []
     for index, image_id in enumerate(image_ids):
@@ -93,7 +94,8 @@ def time_network(net, count: int, size: int, batch_size: int, device: str) -> fl
 
 def report(totals: dict, network_alone: float, crop_counts: list[int], ctx: RunContext) -> None:
     images, total = len(crop_counts), sum(totals.values())
-    rows = [[part, seconds, 1000 * seconds / images, f"{100 * seconds / total:.1f} %"] for part, seconds in totals.items()]
+    rows = [[part, seconds, 1000 * seconds / images, f"{100 * seconds / total:.1f} %"]
+            for part, seconds in totals.items()]
     rows.append(["total", total, 1000 * total / images, "100 %"])
     rows.append(["network alone (conv + fc6 + fc7), random crops, same counts", network_alone,
                  1000 * network_alone / images, f"{100 * network_alone / total:.1f} %"])

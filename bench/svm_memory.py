@@ -113,7 +113,8 @@ def main() -> None:
     print(f"SVM training (3 classes, {args.regions} regions of dim {args.dim} per image, "
           f"max_cached_negatives {args.max_cached}), peak resident memory above the start of training:\n")
     print(markdown_table(["images", "feature cache on disk (MiB)", "features as float16 (MiB)",
-                          "peak resident growth (MiB)", "peak live allocations (MiB)", "bound (MiB)", "retrains"], rows))
+                          "peak resident growth (MiB)", "peak live allocations (MiB)", "bound (MiB)", "retrains"],
+                         rows))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def stack_by_class(parts: list, names: tuple[str, ...], num_classes: int) -> dic
     """Concatenate per-task arrays (each with its class_indices) into class order."""
     class_indices = np.concatenate([part["class_indices"] for part in parts])
     if sorted(class_indices.tolist()) != list(range(num_classes)):
-        raise RuntimeError(f"per-class outputs cover classes {sorted(class_indices.tolist())}, not 0..{num_classes - 1}")
+        raise RuntimeError(f"per-class outputs cover classes {sorted(class_indices.tolist())}, "
+                           f"not 0..{num_classes - 1}")
     order = np.argsort(class_indices)
     return {name: np.concatenate([part[name] for part in parts])[order] for name in names}
 

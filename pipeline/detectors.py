@@ -162,7 +162,8 @@ def load_detection_model(cache, device: str, test_params) -> tuple[nn.Module, di
 
 
 def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
-    """A copy of a Fast/Faster R-CNN model whose fc6 and fc7 are replaced by their truncated SVD (ranks[0], ranks[1])."""
+    """A copy of a Fast/Faster R-CNN model whose fc6 and fc7 are replaced by their truncated SVD
+    (ranks[0], ranks[1])."""
     compressed = copy.deepcopy(model)
     _, fc6, fc7 = compressed.roi_heads.box_head
     for block, rank in zip((fc6, fc7), ranks):

@@ -137,7 +137,8 @@ def _overlaps(box: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     widths = np.minimum(box[2], gt_boxes[:, 2]) - np.maximum(box[0], gt_boxes[:, 0])
     heights = np.minimum(box[3], gt_boxes[:, 3]) - np.maximum(box[1], gt_boxes[:, 1])
     intersection = np.where((widths > 0) & (heights > 0), widths * heights, 0.0)
-    areas = (box[2] - box[0]) * (box[3] - box[1]) + (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
+    areas = ((box[2] - box[0]) * (box[3] - box[1])
+             + (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1]))
     return intersection / (areas - intersection)
 
 

@@ -50,7 +50,8 @@ def plot_losses(losses: dict[str, list[float]], path: Path, title: str) -> None:
     axes = figure.add_subplot()
     for name, values in losses.items():
         window = max(1, min(20, len(values)))
-        axes.plot(np.arange(window - 1, len(values)), np.convolve(values, np.ones(window) / window, "valid"), label=name)
+        axes.plot(np.arange(window - 1, len(values)), np.convolve(values, np.ones(window) / window, "valid"),
+                  label=name)
     axes.set(xlabel="iteration", ylabel="loss (mean of 20 iterations)", title=title)
     axes.grid(True, alpha=0.3)
     axes.legend()

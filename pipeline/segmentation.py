@@ -168,7 +168,8 @@ class FCN(nn.Module):
 
 
 def pad_to_stride(image: torch.Tensor, stride: int) -> torch.Tensor:
-    """A normalised image[..., H, W] padded with zeros (the mean colour) at the bottom and right to multiples of stride."""
+    """A normalised image[..., H, W] padded with zeros (the mean colour) at the bottom and right to multiples
+    of stride."""
     height, width = image.shape[-2:]
     return nn.functional.pad(image, (0, -width % stride, 0, -height % stride))
 

@@ -58,7 +58,8 @@ def random_crops(training: SegmentationSet, params: dict):
     def next_batch(rng: np.random.Generator):
         crops, masks = [], []
         for index in rng.integers(len(training.images), size=params["batch_size"]):
-            image, mask = training.images[index], torch.from_numpy(training.masks[index]).to(training.images[index].device)
+            image, mask = (training.images[index],
+                           torch.from_numpy(training.masks[index]).to(training.images[index].device))
             height, width = mask.shape
             top, left = int(rng.integers(max(height - side, 0) + 1)), int(rng.integers(max(width - side, 0) + 1))
             crop = torch.zeros((3, side, side), device=image.device)

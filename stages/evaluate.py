@@ -78,7 +78,8 @@ class Evaluate(Stage):
         results, differences, coco_results = saved["results"], saved["differences"], saved["coco"]
         main_iou = str(ctx.params["ious"][0])
         write_tables(cache.report_dir, results, differences, coco_results, self.variants, ctx.classes, main_iou)
-        write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir / "coco")
+        write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary),
+                         cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
         draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
         warnings = chance_level_svms(inputs[self.method.trained["svm"]]) if "svm" in self.method.trained else []
@@ -88,8 +89,10 @@ class Evaluate(Stage):
             for warning in warnings:
                 log.warning("%s: %s", self.name, warning)
         primary = results[self.primary][main_iou]
-        return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"], "map_all_point": primary["map_all_point"],
-                **{name: results[variant][main_iou]["map_voc07_11pt"] for name, variant in self.variant_metrics.items()},
+        return {"iou": float(main_iou), "map_voc07_11pt": primary["map_voc07_11pt"],
+                "map_all_point": primary["map_all_point"],
+                **{name: results[variant][main_iou]["map_voc07_11pt"]
+                   for name, variant in self.variant_metrics.items()},
                 "ap_voc07_11pt": {name: r["ap_voc07_11pt"] for name, r in primary["per_class"].items()},
                 "variants": {variant: {f"map_{metric}@{iou}": r[f"map_{metric}"] for iou, r in by_iou.items()
                                        for metric in ("voc07_11pt", "all_point")}
@@ -121,7 +124,8 @@ def write_coco_files(ctx: StageContext, detections: dict, folder) -> None:
     folder.mkdir()
     numbered = coco_numbers(ctx, detections)
     (folder / "ground_truth.json").write_text(json.dumps(coco.ground_truth(ctx.dataset, list(numbered))))
-    (folder / "detections.json").write_text(json.dumps(coco.results({numbered[i]: rows for i, rows in detections.items()})))
+    (folder / "detections.json").write_text(
+        json.dumps(coco.results({numbered[i]: rows for i, rows in detections.items()})))
 
 
 def _jsonable(result: dict) -> dict:

@@ -68,8 +68,9 @@ class SVM(PrefixedStage):
         def features_of(pool5: np.ndarray) -> np.ndarray:
             return layer_features(net, pool5, params["layer"], ctx.device)
 
-        treatments = {center: FeatureTreatment(*feature_statistics(reader, image_ids[:params["norm_images"]], features_of,
-                                                                   params["feature_norm"], center), features_of)
+        treatments = {center: FeatureTreatment(*feature_statistics(reader, image_ids[:params["norm_images"]],
+                                                                   features_of, params["feature_norm"], center),
+                                               features_of)
                       for center in params["center"]}
         if len(treatments) > 1 and not params["check_every"]:
             raise ConfigError("svm.center lists several treatments: svm.check_every must hold training images back "
@@ -104,8 +105,9 @@ class SVM(PrefixedStage):
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         per_class = {name: stats for record in records.values() for name, stats in record["metrics"].items()}
         rows = [[name, stats["positives"], stats["cached_negatives"], stats["hard_negatives_seen"], stats["retrains"],
-                 stats["unconverged_fits"], stats.get("held_back_auc_raw", "-"), stats.get("held_back_auc_centred", "-"),
-                 "centred" if stats["center"] else "raw"] for name, stats in per_class.items()]
+                 stats["unconverged_fits"], stats.get("held_back_auc_raw", "-"),
+                 stats.get("held_back_auc_centred", "-"), "centred" if stats["center"] else "raw"]
+                for name, stats in per_class.items()]
         (cache.report_dir / "svm.md").write_text(
             f"# Linear SVMs ({ctx.params['layer']}, C = {ctx.params['C']})\n\n"
             + markdown_table(["class", "positives", "cached negatives at the end", "hard negatives added",

@@ -75,7 +75,8 @@ def test_bad_image_stops_with_one_line_naming_it_and_damages_nothing(rcnn, shape
         if key_dir.is_dir() and key_dir != good_dir:
             assert not (key_dir / "manifest.json").exists()
             for record in key_dir.glob("*.done.json"):  # every finished shard is intact
-                assert sha256_of(key_dir / json.loads(record.read_text())["file"]) == json.loads(record.read_text())["sha256"]
+                assert (sha256_of(key_dir / json.loads(record.read_text())["file"])
+                        == json.loads(record.read_text())["sha256"])
 
 
 def test_skip_mode_leaves_bad_items_out_and_lists_them(rcnn, shapes_copy, tmp_path, capsys):

@@ -19,7 +19,8 @@ def dataset_with(objects: dict):
 
 def test_boxes_become_x_y_width_height_and_classes_ids_from_one():
     rows = np.array([[10, 20, 40, 60, 0.9, 1]], np.float32)
-    assert coco.results({7: rows}) == [{"image_id": 7, "category_id": 2, "score": 0.9, "bbox": [10.0, 20.0, 30.0, 40.0]}]
+    assert coco.results({7: rows}) == [{"image_id": 7, "category_id": 2, "score": 0.9,
+                                        "bbox": [10.0, 20.0, 30.0, 40.0]}]
     truth = coco.ground_truth(dataset_with({"x": [((10, 20, 40, 60), 0, False), ((0, 0, 5, 5), 1, True)]}), ["x"])
     assert truth["images"] == [{"id": 1, "file_name": "x.jpg", "width": 100, "height": 80}]
     assert [(a["bbox"], a["category_id"], a["iscrowd"], a["area"]) for a in truth["annotations"]] == [

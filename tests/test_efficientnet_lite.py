@@ -57,7 +57,8 @@ def test_lite_backbones_cut_at_stride_16_with_frozen_batchnorm(name):
 
 def test_lite_input_turns_imagenet_normalisation_into_lites():
     pixels = torch.tensor([0.0, 127.0, 255.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)  # black, Lite's zero, white
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     converted = LiteInput()((pixels / 255 - mean) / std)
     expected = torch.tensor([-127 / 128, 0.0, 1.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)
     assert torch.allclose(converted, expected, atol=1e-6)

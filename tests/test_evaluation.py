@@ -102,7 +102,8 @@ def test_ap_of_a_batch_of_curves_is_the_ap_of_each():
     recall = np.array([[0.5, 0.5, 1.0], [0.1, 0.2, 0.3]])
     precision = np.array([[1.0, 0.5, 2 / 3], [1.0, 1.0, 1.0]])
     for metric in (voc07_11pt_ap, all_point_ap):
-        assert metric(recall, precision) == pytest.approx([metric(recall[0], precision[0]), metric(recall[1], precision[1])])
+        assert metric(recall, precision) == pytest.approx([metric(recall[0], precision[0]),
+                                                           metric(recall[1], precision[1])])
 
 
 def scored_set(correct: list[bool]) -> VOCEvaluator:
@@ -123,7 +124,8 @@ def test_bootstrap_of_an_evaluation_against_itself_is_exactly_zero():
 def test_bootstrap_difference_is_the_difference_of_all_point_maps():
     better, worse = scored_set([True, True, True, False]), scored_set([True, False, False, True])
     summary = paired_bootstrap(better, worse, resamples=50, seed=0)
-    assert summary["difference"] == pytest.approx(better.evaluate()["map_all_point"] - worse.evaluate()["map_all_point"])
+    assert summary["difference"] == pytest.approx(better.evaluate()["map_all_point"]
+                                                  - worse.evaluate()["map_all_point"])
     assert summary["ci95"][0] <= summary["difference"] <= summary["ci95"][1]
 
 

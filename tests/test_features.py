@@ -39,8 +39,8 @@ def test_as_stored_rounds_floats_to_the_cache_dtype_as_float32():
 def test_reader_returns_what_the_writer_was_given_rounded_as_stored(tmp_path, dtype, compression):
     rng = np.random.default_rng(1)
     features = np.maximum(rng.normal(size=(7, 20)), 0).astype(np.float32)
-    regions = ImageFeatures(rng.uniform(0, 50, (7, 4)).astype(np.float32), np.array([2, 0, -1, -1, -1, -1, -1], np.int16),
-                            np.zeros(7, bool), None)
+    regions = ImageFeatures(rng.uniform(0, 50, (7, 4)).astype(np.float32),
+                            np.array([2, 0, -1, -1, -1, -1, -1], np.int16), np.zeros(7, bool), None)
     cache = StageCache(tmp_path, "features", "key")
     cache.dir.mkdir(parents=True)
     with h5py.File(cache.dir / "00000.h5", "w") as shard_file:

@@ -16,7 +16,8 @@ from pipeline.engine.stage import ShardOutput
 from pipeline.models import build_region_net
 from stages.localize import build_localizer, load_single_object_images, localize, ordered_boxes, train_phase
 
-LOCALIZE_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "localize.input_size=64", "localize.batch_size=8", "localize.classify_iterations=30",
+LOCALIZE_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "localize.input_size=64",
+                 "localize.batch_size=8", "localize.classify_iterations=30",
                  "localize.head_iterations=20", "localize.end_to_end_iterations=20", "localize.checkpoint_every=10",
                  "localize.pictures=2"]
 

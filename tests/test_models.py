@@ -44,7 +44,8 @@ def test_imagenet_backbones_cut_at_stride_16_with_new_fc6_and_fc7(name, size, ch
         pool5 = net.pool5(torch.randn(2, 3, size, size))
     assert conv5.shape == (2, channels, size // 16, size // 16) and net.trunk_stride == 16
     assert pool5.shape == (2, channels, 7, 7) and net.roi_size == 7
-    assert net.fc(pool5, "fc6").shape == (2, 1024) and net.fc(pool5).shape == (2, 1024) and net.trunk_channels == channels
+    assert (net.fc(pool5, "fc6").shape == (2, 1024) and net.fc(pool5).shape == (2, 1024)
+            and net.trunk_channels == channels)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.trunk.modules())  # frozen, as in detection
     assert any(isinstance(m, FrozenBatchNorm2d) for m in net.trunk.modules())
 
@@ -91,7 +92,8 @@ def test_a_torchvision_state_dict_loads_whole_and_its_trunk_is_kept(name):
     assert torch.equal(first_conv.weight, next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4))
 
 
-@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="../shared/data/weights is absent (the shared ImageNet weights)")
+@pytest.mark.skipif(not SHARED_MOBILENET.is_file(),
+                    reason="../shared/data/weights is absent (the shared ImageNet weights)")
 def test_the_shared_mobilenet_v2_imagenet_weights_load_and_classify_into_imagenet_classes():
     state = load_state(SHARED_MOBILENET)
     net = build_region_net("mobilenet_v2", 4, 112, imagenet_state=state)
@@ -173,7 +175,8 @@ def test_a_weights_file_gives_one_key_however_its_path_is_spelt(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "run")
     backbone = {"name": "mobilenet_v2", "input_size": 96, "context_pad": 6}
     spellings = ["../w.pth", str(tmp_path / "w.pth"), f"{tmp_path}/run/../w.pth"]
-    assert {initial_backbone({**backbone, "weights": path})["weights"] for path in spellings} == {str(tmp_path / "w.pth")}
+    assert ({initial_backbone({**backbone, "weights": path})["weights"] for path in spellings}
+            == {str(tmp_path / "w.pth")})
     for source in ("torchvision", "pretrain", "none"):
         assert initial_backbone({**backbone, "weights": source})["weights"] == source
 

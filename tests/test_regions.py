@@ -82,6 +82,7 @@ def test_augment_keeps_shape_and_changes_colours_but_not_layout():
     augmented = augment_crops(crops, np.random.default_rng(0))
     assert augmented.shape == crops.shape
     # each crop is one of: column on the left or on the right (flip); the other columns stay uniform
-    edge = (augmented[..., 0] - augmented[..., 2]).abs().amax(dim=(1, 2)) + (augmented[..., 4] - augmented[..., 2]).abs().amax(dim=(1, 2))
+    edge = ((augmented[..., 0] - augmented[..., 2]).abs().amax(dim=(1, 2))
+            + (augmented[..., 4] - augmented[..., 2]).abs().amax(dim=(1, 2)))
     assert (edge > 0).all() and (augmented[..., 1] == augmented[..., 2]).all()
     assert not torch.allclose(augmented[:, 0], augmented[:1, 0].expand(64, 5, 5))  # colours differ between crops

@@ -231,7 +231,8 @@ def test_the_sliding_window_at_half_scale_sees_a_quarter_of_the_pixels_and_answe
     assert labels.tolist() == (image[0] > 0).int().tolist()
 
 
-SEGMENTATION_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "fcn.iterations=30", "fcn.checkpoint_every=10", "fcn.crop_size=64", "fcn.batch_size=4",
+SEGMENTATION_TINY = ["pretrain.iterations=24", "pretrain.checkpoint_every=4", "fcn.iterations=30",
+                     "fcn.checkpoint_every=10", "fcn.crop_size=64", "fcn.batch_size=4",
                      "fcn.channels=[8, 16, 16]", "pixel_classifier.iterations=30", "pixel_classifier.batch_size=32",
                      "fcn.baseline_images=2", "fcn.baseline_stride=4",
                      "fcn.images_per_shard=3", "fcn.pictures=2"]
