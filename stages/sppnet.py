@@ -27,7 +27,7 @@ import torch
 from pipeline.engine.cache import StageCache, hdf5_file, save_torch
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.features import FeatureReader, features_summary, image_regions, training_image_ids, write_image_features
-from pipeline.models import TRUNK_STRIDES, on_device
+from pipeline.models import BACKBONES, on_device
 from pipeline.proposals import read_proposals
 from pipeline.regions import label_regions, sample_windows
 from pipeline.roi import conv5_at_scales, pyramid_features
@@ -103,7 +103,7 @@ class SPPFeatures(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         proposals = read_proposals(inputs["proposals"], shard.items)
         backbone = ctx.params["backbone"]
-        stride = TRUNK_STRIDES[backbone["name"]]
+        stride = BACKBONES[backbone["name"]].trunk_stride
         regions, dim = 0, 0
         # the conv5 shard of the same id holds these images: both stages' shards are the training split's
         # images cut by sppnet.images_per_shard, which both keys cover

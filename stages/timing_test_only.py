@@ -22,6 +22,7 @@ from pipeline.engine.cache import StageCache
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
+from pipeline.models import BACKBONES
 from pipeline.reports import markdown_table
 from pipeline.timing import (
     Clock,
@@ -36,7 +37,6 @@ from pipeline.weights import initial_backbone, weights_key_extras
 WARMUP_PROPOSALS = 16
 PRETRAIN_WEIGHTS = ("rcnn timing-table --test-only trains nothing: set backbone.weights to ImageNet weights "
                     "(torchvision or a file) or to none (random weights; the time is the same)")
-SMALL_NETWORKS = ("alexnet", "small")  # compared with the papers' model S (CaffeNet; ZF for Faster R-CNN)
 
 
 def timed_methods():
@@ -103,8 +103,8 @@ def table_rows(measured: dict, backbone: str) -> list[dict]:
     """Per timed row: seconds, multiply-adds and achieved GFLOP/s per image, and the ratios to R-CNN's,
     measured, counted and published (model S for AlexNet-class networks, L for VGG16, else none)."""
     def published(variant):
-        return (variant.published_small if backbone in SMALL_NETWORKS else
-                variant.published if backbone == "vgg16" else None)
+        model = BACKBONES[backbone].paper_model  # S: CaffeNet (ZF for Faster R-CNN); L: VGG16
+        return variant.published_small if model == "S" else variant.published if model == "L" else None
 
     rcnn = measured["methods"]["R-CNN"]
     rcnn_macs = sum(rcnn["multiply_adds"].values())
@@ -136,7 +136,7 @@ def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardwar
     parts = markdown_table(["method", "part", "ms per image", "multiply-adds (G)"], [
         [method, part, ms, result["multiply_adds"].get(part, 0.0) / 1e9]
         for method, result in measured["methods"].items() for part, ms in result["parts_ms"].items()])
-    model = "S (AlexNet-class)" if backbone["name"] in SMALL_NETWORKS else "L (VGG16)" if backbone["name"] == "vgg16" else None
+    model = {"S": "S (AlexNet-class)", "L": "L (VGG16)"}.get(BACKBONES[backbone["name"]].paper_model)
     return "\n".join([
         "# Test time at the config's scale, untrained (`rcnn timing-table --test-only`)\n",
         f"Measured on **{hardware}** ({ctx.device}), {measured['images']} images, backbone {backbone['name']} "

@@ -16,7 +16,7 @@ def test_commit_shard_moves_the_file_into_place_then_records_it(tmp_path):
     temporary = temporary_path(cache.shard_path("00000"))
     temporary.write_text("payload")
     assert not cache.shard_done("00000")
-    record = cache.commit_shard("00000", temporary, {"seconds": 1.5})
+    record = cache.commit_shard("00000", temporary, 0.0, 1.5, {})
     assert not temporary.exists() and cache.shard_path("00000").read_text() == "payload"
     assert cache.shard_done("00000") and cache.shard_record("00000") == record
     assert record["sha256"] == sha256_of(cache.shard_path("00000")) and record["bytes"] == 7
@@ -27,7 +27,7 @@ def test_prepare_removes_temporaries_and_keeps_finished_shards(tmp_path):
     cache.prepare()
     leftover = temporary_path(cache.shard_path("00001"))
     leftover.write_text("half written")
-    cache.commit_shard("00000", _written(temporary_path(cache.shard_path("00000"))), {"seconds": 0})
+    cache.commit_shard("00000", _written(temporary_path(cache.shard_path("00000"))), 0.0, 0.0, {})
     cache.prepare()
     assert not leftover.exists() and cache.shard_done("00000")
 

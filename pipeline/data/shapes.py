@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.engine.cache import temporary_path
+from pipeline.engine.cache import naming_the_file, temporary_path, write_bytes
 from pipeline.data.voc import VOCAnnotation, VOCObject, voc_palette, write_annotation
 from pipeline.engine.errors import UserError
 
@@ -58,7 +58,7 @@ def write_shapes(out: Path, images: int, seed: int, single_object: bool = False)
     staging = temporary_path(out)
     try:
         _write_all(staging, images, seed, single_object)
-        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        write_bytes(staging / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -72,17 +72,23 @@ def _write_all(root: Path, images: int, seed: int, single_object: bool) -> None:
     for index in tqdm(range(images), desc="shapes", unit="image", disable=None):
         rgb, labels, objects = render_image(np.random.default_rng([seed, index]), single_object)
         image_id = image_ids[index]
-        Image.fromarray(rgb).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        image_path = root / "JPEGImages" / f"{image_id}.jpg"
+        with naming_the_file(image_path):  # PIL's errors on a full disk name no file
+            Image.fromarray(rgb).save(image_path, quality=90)
         mask = Image.fromarray(labels, mode="P")
         mask.putpalette(voc_palette())
-        mask.save(root / "SegmentationClass" / f"{image_id}.png")
+        mask_path = root / "SegmentationClass" / f"{image_id}.png"
+        with naming_the_file(mask_path):
+            mask.save(mask_path)
         annotation = VOCAnnotation(image_id, rgb.shape[1], rgb.shape[0], tuple(
             VOCObject(obj["name"], obj["box"], obj["difficult"], obj["truncated"]) for obj in objects))
-        write_annotation(root / "Annotations" / f"{image_id}.xml", annotation, "shapes",
-                         f"rcnn-pipeline shapes (seed {seed})", segmented=True)
+        annotation_path = root / "Annotations" / f"{image_id}.xml"
+        with naming_the_file(annotation_path):
+            write_annotation(annotation_path, annotation, "shapes", f"rcnn-pipeline shapes (seed {seed})",
+                             segmented=True)
     for split, ids in split_ids(image_ids).items():
         for folder in ("Main", "Segmentation"):
-            (root / "ImageSets" / folder / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+            write_bytes(root / "ImageSets" / folder / f"{split}.txt", "".join(f"{i}\n" for i in ids).encode())
 
 
 def split_ids(image_ids: list[str]) -> dict[str, list[str]]:

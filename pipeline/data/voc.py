@@ -23,10 +23,37 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.boxes import box_to_voc, voc_to_box
 from pipeline.data.identity import files_digest
 from pipeline.engine.errors import BadInputError, ConfigError, DataSetError
-from pipeline.engine.schema import register_choices
+from pipeline.engine.interrupt import check_stop
+from pipeline.engine.schema import register_check, register_choices
 
 ON_BAD_INPUT = ("error", "skip")
 register_choices("data.on_bad_input", ON_BAD_INPUT)
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name, or None: class names name files (the devkit's results files,
+    comp4_det_<split>_<class>.txt) and folders, so no path separators, control characters, . or .."""
+    if "/" in name or "\\" in name:
+        return "holds a path separator (/ or \\)"
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "holds a control character"
+    if name in (".", ".."):
+        return "is . or .."
+    return None
+
+
+def check_class_names(config: dict) -> None:
+    """data.classes (the schema runs this at config load): valid names, each once."""
+    classes = config["data"]["classes"]
+    for name in classes:
+        if not isinstance(name, str) or class_name_problem(name):
+            raise ConfigError(f"data.classes: {name!r} {class_name_problem(str(name)) or 'is not a string'}")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"data.classes: {repeated[0]!r} is listed more than once")
+
+
+register_check(check_class_names)
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -113,11 +140,17 @@ class VOCDataset:
             raise DataSetError(path, f"split file is missing (expected one image id per line for split {split!r})")
         ids = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                ids.append(line.split()[0])
-                if "/" in ids[-1] or "\\" in ids[-1] or ids[-1] in (".", ".."):
-                    raise DataSetError(path, f"line {number}: {ids[-1]!r} is not an image id (a file name without "
-                                             f"folders: no / or \\, not . or ..)")
+            fields = line.split()
+            if not fields:
+                continue
+            # a class's split file (<class>_<split>.txt) has a second column: 1, 0 or -1
+            if len(fields) > 2 or len(fields) == 2 and fields[1] not in ("1", "0", "-1"):
+                raise DataSetError(path, f"line {number}: {line.strip()!r} is not an image id (ids hold no spaces; "
+                                         f"a second column may only be 1, 0 or -1)")
+            ids.append(fields[0])
+            if "/" in ids[-1] or "\\" in ids[-1] or ids[-1] in (".", ".."):
+                raise DataSetError(path, f"line {number}: {ids[-1]!r} is not an image id (a file name without "
+                                         f"folders: no / or \\, not . or ..)")
         return list(dict.fromkeys(ids))
 
     def identity(self, splits: list[str], stat_cache: Path) -> dict:
@@ -173,7 +206,9 @@ class VOCDataset:
         return stem.with_suffix(IMAGE_SUFFIXES[0])
 
     def read_image(self, image_id: str) -> np.ndarray | None:
-        """The image as RGB uint8[H, W, 3], or None when it is bad and on_bad_input is 'skip'."""
+        """The image as RGB uint8[H, W, 3], or None when it is bad and on_bad_input is 'skip'. Per-image work
+        reads each image here, so a run asked to stop (pipeline.engine.interrupt) stops here too."""
+        check_stop()
         annotation = self.annotation(image_id)
         if annotation is None:
             return None
@@ -221,6 +256,9 @@ def _parse_object(path: Path, element, index: int, width: int, height: int) -> V
     name = (element.findtext("name") or "").strip()
     if not name:
         raise BadInputError(path, f"object {index} has no <name>")
+    if class_name_problem(name):
+        raise BadInputError(path, f"object {index}: class name {name!r} {class_name_problem(name)} (class names "
+                                  f"name files)")
     what = f"object {index} ({name})"
     xmin, ymin, xmax, ymax = (_number(path, element, f"bndbox/{tag}", what)
                               for tag in ("xmin", "ymin", "xmax", "ymax"))

@@ -8,6 +8,8 @@
 Every file is written under a temporary name and renamed, so a killed run never leaves a file that
 looks done; the next run resumes at the first shard without a record. `<stage>/<key>.lock` is held
 (fcntl.flock, released by the kernel if the process dies) by the one run that computes that output.
+Every record is checked for its shape when read (RECORD_FIELDS, MANIFEST_FIELDS, a digest memo's
+entries): one of another shape, whoever wrote it, counts as missing, so its shard is recomputed.
 """
 from __future__ import annotations
 
@@ -25,11 +27,40 @@ from pathlib import Path
 import h5py
 import torch
 
+from pipeline.engine.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RECORD_SUFFIX = ".done.json"
 TEMPORARY_MARK = ".tmp-"
+NUMBER = (int, float)
+# what a shard's record and a stage's manifest must hold to be read at all: field -> its type
+RECORD_FIELDS = {"file": str, "bytes": int, "sha256": str, "started": NUMBER, "seconds": NUMBER, "metrics": dict}
+MANIFEST_FIELDS = {"stage": str, "key": str, "description": dict, "shards": dict, "metrics": dict, "timings": dict}
+
+
+class CacheBusy(UserError):
+    """Another run holds the lock of an output that this command would change."""
+
+
+class BadRecord(ValueError):
+    """A cache record (JSON) that cannot be read or has another shape than its kind's: it counts as missing."""
+
+
+def read_record(path: Path, fields: dict[str, type | tuple]) -> dict:
+    """The JSON object in `path`, checked to hold `fields` of their types; BadRecord naming the file and the
+    problem otherwise (FileNotFoundError when there is no file)."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise BadRecord(f"{path}: not valid JSON") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"{path}: holds a JSON {type(record).__name__}, not an object")
+    for field, kind in fields.items():
+        if not isinstance(record.get(field), kind) or isinstance(record.get(field), bool):
+            raise BadRecord(f"{path}: its {field!r} is missing or of the wrong type")
+    return record
 
 
 def cache_key(description: dict) -> str:
@@ -72,10 +103,19 @@ def save_torch(content, path: Path) -> None:
 
 def write_bytes(path: Path, data) -> None:
     """Write a file; an OSError (a full disk, a read-only folder) names it."""
+    with naming_the_file(path), open(path, "wb") as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """Inside, an OSError that names no file (a full disk found by a write, not an open) is raised again naming
+    `path`, so that the one line a user sees says which file."""
     try:
-        with open(path, "wb") as handle:
-            handle.write(data)
+        yield
     except OSError as error:
+        if error.filename:
+            raise
         raise OSError(error.errno, error.strerror, str(path)) from None
 
 
@@ -100,11 +140,9 @@ def sha256_of(path: Path) -> str:
 
 def file_digests(paths: list[Path], stat_cache: Path, algorithm: str = "blake2b") -> dict[Path, str]:
     """The hash of each file ('missing' for an absent one; blake2b-128 or sha256), reusing those remembered
-    in `stat_cache` for the same size and mtime."""
-    try:
-        remembered = json.loads(stat_cache.read_text())
-    except (OSError, ValueError):
-        remembered = {}
+    in `stat_cache` for the same size and mtime. The memo is only a shortcut: a damaged one is read as empty
+    (and rewritten), and one that cannot be written (a read-only cache) is not."""
+    remembered = read_digest_memo(stat_cache)
     digests, updated = {}, False
     for path in paths:
         try:
@@ -119,9 +157,31 @@ def file_digests(paths: list[Path], stat_cache: Path, algorithm: str = "blake2b"
             remembered[key], updated = entry, True
         digests[path] = entry[2]
     if updated:
-        stat_cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stat_cache, remembered)
+        try:
+            stat_cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stat_cache, remembered)
+        except OSError as error:
+            log.debug("%s: not written (%s); the digests will be computed again next time", stat_cache, error)
     return digests
+
+
+def read_digest_memo(path: Path) -> dict[str, list]:
+    """path -> [size, mtime_ns, digest], the entries of a digest memo that have that shape (a warning for a
+    memo of another shape, which is then ignored)."""
+    try:
+        memo = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        memo = None
+    entry_shape = (int, int, str)
+    if not isinstance(memo, dict) or not all(
+            isinstance(entry, list) and len(entry) == 3 and all(
+                isinstance(value, kind) and not isinstance(value, bool) for value, kind in zip(entry, entry_shape))
+            for entry in memo.values()):
+        log.warning("%s: not a memo of file digests (damaged?); ignored, every file is hashed again", path)
+        return {}
+    return memo
 
 
 class StageCache:
@@ -146,12 +206,23 @@ class StageCache:
         record says (a cheap check; `problems(deep=True)` compares the contents too)."""
         try:
             shards = self.manifest()["shards"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             return False
         return not self.problems(shards, deep=False)
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        """The manifest; FileNotFoundError before it is written, BadRecord when it has another shape."""
+        return read_record(self.manifest_path, MANIFEST_FIELDS)
+
+    def manifest_problem(self) -> str | None:
+        """What is wrong with a manifest that exists but cannot be read as one, else None."""
+        try:
+            self.manifest()
+        except BadRecord as error:
+            return str(error)
+        except OSError:
+            pass
+        return None
 
     def problems(self, shard_ids, deep: bool, memo: Path | None = None) -> dict[str, str]:
         """shard id -> what is wrong with it: a missing or unreadable record, a missing file, another size
@@ -166,7 +237,9 @@ class StageCache:
                     found[shard_id] = f"{path}: the file is missing"
                 elif path.stat().st_size != record["bytes"]:
                     found[shard_id] = f"{path}: {path.stat().st_size} bytes, its record says {record['bytes']}"
-            except (OSError, ValueError, KeyError):
+            except BadRecord as error:
+                found[shard_id] = str(error)
+            except OSError:
                 found[shard_id] = f"{self.record_path(shard_id)}: the record is missing or unreadable"
         if deep:
             paths = {shard_id: self.dir / record["file"] for shard_id, record in records.items() if shard_id not in found}
@@ -189,7 +262,11 @@ class StageCache:
         return self.record_path(shard_id).is_file()
 
     def shard_record(self, shard_id: str) -> dict:
-        return json.loads(self.record_path(shard_id).read_text())
+        """The shard's record; FileNotFoundError before it is written, BadRecord when it has another shape."""
+        record = read_record(self.record_path(shard_id), RECORD_FIELDS)
+        if Path(record["file"]).name != record["file"]:
+            raise BadRecord(f"{self.record_path(shard_id)}: its 'file' {record['file']!r} is not a file of this folder")
+        return record
 
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.dir.rglob("*") if path.is_file()) if self.dir.is_dir() else 0
@@ -202,11 +279,13 @@ class StageCache:
         return sorted(path.parent.name for path in stage_dir.glob(f"*/{MANIFEST}") if path.parent.name != self.key)
 
     # ---- writing (only while holding the lock) ------------------------------------------------
-    def commit_shard(self, shard_id: str, temporary: Path, record: dict) -> dict:
-        """Move a finished shard file into place, then write its record: the shard is now done."""
+    def commit_shard(self, shard_id: str, temporary: Path, started: float, seconds: float, metrics: dict) -> dict:
+        """Move a finished shard file into place, then write its record (RECORD_FIELDS): the shard is now done.
+        started: when it started (seconds since the epoch); seconds: how long it ran; metrics: the stage's."""
         final = self.shard_path(shard_id)
         commit_file(temporary, final)
-        record = {"file": final.name, "bytes": final.stat().st_size, "sha256": sha256_of(final), **record}
+        record = {"file": final.name, "bytes": final.stat().st_size, "sha256": sha256_of(final), "started": started,
+                  "seconds": seconds, "metrics": metrics}
         write_json_atomic(self.record_path(shard_id), record)
         self.checkpoint_path(shard_id).unlink(missing_ok=True)
         return record
@@ -235,16 +314,21 @@ class StageCache:
             shutil.rmtree(self.dir)
 
     @contextlib.contextmanager
-    def lock(self):
-        """Hold this output's lock; wait (saying for whom) while another run holds it."""
+    def lock(self, wait: bool = True):
+        """Hold this output's lock; while another run holds it, wait (saying for whom), or with wait=False
+        raise CacheBusy."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode().strip() or "?"
+                if not wait:
+                    raise CacheBusy(f"{self.dir}: being computed by another run (pid {holder}); run this again "
+                                    f"when it has finished") from None
                 log.warning("%s/%s is being computed by another run (pid %s); waiting for it to finish",
-                            self.stage, self.key, os.pread(descriptor, 32, 0).decode().strip() or "?")
+                            self.stage, self.key, holder)
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, str(os.getpid()).encode(), 0)

@@ -52,7 +52,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> d
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     config["config_name"] = path.stem
@@ -60,6 +60,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> d
         apply_override(config, override)
     validate(config)
     return config
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where PyYAML found the problem (1-based line and column) and what it is."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def apply_override(config: dict, override: str) -> None:

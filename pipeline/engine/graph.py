@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.engine.cache import temporary_path
 from pipeline.engine.errors import ConfigError
+from pipeline.engine.interrupt import check_stop
 from pipeline.engine.memory import use_tensor_friendly_malloc
 from pipeline.engine.stage import ShardOutput
 
@@ -48,19 +49,20 @@ _EXCLUSIVE_LOCK = threading.Lock()  # shards of stages that must not share this 
 
 
 def run_shard_task(plan, shard, *_upstream_done) -> str:
-    """Run one shard into a temporary file, then commit it and its record."""
+    """Run one shard into a temporary file, then commit it and its record (none is started after a stop)."""
+    check_stop()
     use_tensor_friendly_malloc()
     with _EXCLUSIVE_LOCK if plan.stage.exclusive else nullcontext():
         temporary = temporary_path(plan.cache.shard_path(shard.id))
         started_at, started = time.time(), time.perf_counter()
         metrics = plan.stage.run_shard(plan.context, shard, plan.inputs,
                                        ShardOutput(temporary, plan.cache.checkpoint_path(shard.id)))
-        plan.cache.commit_shard(shard.id, temporary, {"started": started_at, "seconds": time.perf_counter() - started,
-                                                      "metrics": metrics})
+        plan.cache.commit_shard(shard.id, temporary, started_at, time.perf_counter() - started, metrics)
     return shard.id
 
 
 def finalize_task(finalize, plan, *_shards_done) -> str:
+    check_stop()
     return finalize(plan)
 
 
@@ -81,9 +83,14 @@ def execute(tasks: list, scheduler: str, resources: set[str] = frozenset()) -> N
                 dask.compute(*tasks, scheduler="threads", pool=pool)
             return
         with dask_client(kind, workers_or_address, resources) as client:
-            for future in as_completed(client.compute(tasks)):
-                future.result()  # re-raises a task's exception here
-                progress.done(future.key)
+            futures = client.compute(tasks)
+            try:
+                for future in as_completed(futures):
+                    future.result()  # re-raises a task's exception here
+                    progress.done(future.key)
+            except BaseException:  # an error or a stop: no task of this run starts on the cluster afterwards
+                client.cancel(futures)
+                raise
     finally:
         progress.close()
 

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.engine import graph
-from pipeline.engine.cache import StageCache, cache_key, temporary_path
+from pipeline.engine.cache import StageCache, cache_key, naming_the_file, temporary_path
 from pipeline.engine.config import without_neutral_options
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device, thaw
@@ -68,6 +68,12 @@ class StagePlan:
     @property
     def missing_shards(self) -> list[Shard]:
         return [shard for shard in self.shards if not self.cache.shard_done(shard.id)]
+
+    def problems(self, memo: Path) -> dict[str, str]:
+        """shard id -> what is wrong with its record or file, for the shards recorded as done (contents
+        compared by sha256, remembered in `memo` by size and mtime: pipeline.engine.cache.file_digests)."""
+        done = [shard.id for shard in self.shards if self.cache.shard_done(shard.id)]
+        return self.cache.problems(done, deep=True, memo=memo)
 
     def state(self) -> str:
         """cached | running | partial | stale | missing, as `rcnn status` shows it."""
@@ -121,27 +127,28 @@ def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext)
 def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: set[str] = frozenset()) -> list[dict]:
     """Compute what is not cached (and what `force` names) through Dask; publish every report.
 
-    Returns one summary per stage: name, key, whether it was computed, its manifest's metrics.
+    A cached output is first checked against its records as `rcnn status` checks it (sha256, remembered by
+    size and mtime): shards that differ, and records or a manifest of the wrong shape, are forgotten and
+    recomputed with a warning, never reused. Returns one summary per stage: name, key, whether it was
+    computed, its manifest's metrics.
     """
-    computed: list[StagePlan] = []
+    memo, computed = run.cache_root / VERIFIED, []
     with ExitStack() as locks:
         for plan in plans:
             name = plan.stage.name
-            if plan.cache.is_complete() and name not in force:
+            if name not in force and plan.cache.is_complete() and not plan.problems(memo):
                 log.info("%s: cached (%s)", name, plan.key)
                 continue
             locks.enter_context(plan.cache.lock())
             if name in force:
                 plan.cache.clear()
-            elif plan.cache.is_complete():  # another run finished it while we waited for the lock
+            elif plan.cache.is_complete() and not plan.problems(memo):  # another run finished it meanwhile
                 continue
             plan.cache.prepare()
-            plan.cache.invalidate(plan.cache.problems([shard.id for shard in plan.shards if plan.cache.shard_done(shard.id)],
-                                                      deep=False))  # a record without its file is not done
+            forget(plan, plan.problems(memo))
             done = len(plan.shards) - len(plan.missing_shards)
             log.info("%s: computing %s (%d of %d shards already done)", name, plan.key, done, len(plan.shards))
             computed.append(plan)
-        computed = recompute_what_would_be_read_corrupt(plans, computed, run, locks)
         if computed:
             resources = {name for plan in computed for name in plan.stage.resources(plan.context)}
             graph.execute(graph.build(computed, finalize_stage), scheduler, resources)
@@ -151,28 +158,15 @@ def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: s
              "metrics": plan.cache.manifest().get("metrics", {})} for plan in plans]
 
 
-def recompute_what_would_be_read_corrupt(plans: list[StagePlan], computed: list[StagePlan], run: RunContext,
-                                         locks: ExitStack) -> list[StagePlan]:
-    """Check the cached outputs the stages about to run will read against their records (sha256, remembered
-    by size and mtime); shards that differ are forgotten and their stage joins the run, its inputs checked
-    in turn. Returns the stages to compute, in plan order."""
-    memo, checked = run.cache_root / VERIFIED, set()
-    while True:
-        read = {name for plan in computed for name in plan.inputs}
-        to_check = [plan for plan in plans if plan.stage.name in read and plan not in computed
-                    and plan.stage.name not in checked]
-        if not to_check:
-            return [plan for plan in plans if plan in computed]
-        for plan in to_check:
-            checked.add(plan.stage.name)
-            bad = plan.cache.problems([shard.id for shard in plan.shards], deep=True, memo=memo)
-            if bad:
-                for problem in bad.values():
-                    log.warning("%s: %s; recomputing that shard", plan.stage.name, problem)
-                locks.enter_context(plan.cache.lock())
-                plan.cache.invalidate(bad)
-                plan.cache.prepare()
-                computed.append(plan)
+def forget(plan: StagePlan, problems: dict[str, str]) -> None:
+    """Forget the shards these problems name (and a manifest of the wrong shape), each with a warning."""
+    manifest_problem = plan.cache.manifest_problem()
+    if manifest_problem:
+        log.warning("%s: %s; written again", plan.stage.name, manifest_problem)
+        plan.cache.manifest_path.unlink()
+    for problem in problems.values():
+        log.warning("%s: %s; recomputing that shard", plan.stage.name, problem)
+    plan.cache.invalidate(problems)
 
 
 def finalize_stage(plan: StagePlan) -> str:
@@ -204,9 +198,25 @@ def publish_report(plan: StagePlan, reports_root: Path) -> None:
     destination = reports_root / plan.stage.name
     reports_root.mkdir(parents=True, exist_ok=True)
     staging = temporary_path(destination)
-    shutil.copytree(plan.cache.report_dir, staging)
-    shutil.rmtree(destination, ignore_errors=True)
-    staging.rename(destination)
+    try:
+        copy_tree(plan.cache.report_dir, staging)
+        shutil.rmtree(destination, ignore_errors=True)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_tree(source: Path, destination: Path) -> None:
+    """Copy a folder's files; the first failure is an OSError naming the file (shutil.copytree would gather
+    every failure into one shutil.Error, a list)."""
+    destination.mkdir()
+    for path in sorted(source.rglob("*")):
+        target = destination / path.relative_to(source)
+        if path.is_dir():
+            target.mkdir()
+        else:
+            with naming_the_file(target):
+                shutil.copyfile(path, target)
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:

@@ -9,6 +9,7 @@ error naming the key, the value and what is expected, before any stage runs.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from fnmatch import fnmatch
 from pathlib import Path
@@ -21,12 +22,21 @@ REFERENCE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 Check = Callable[[object], bool]
 # key pattern -> the collection its value must be in, registered by the module that defines the choices
 CHOICES: dict[str, Collection] = {}
+# checks of the whole config (several keys together, e.g. a crop size against the backbone), registered by the
+# module that knows the rule: each raises a ConfigError
+CHECKS: list[Callable[[dict], None]] = []
 
 
 def register_choices(pattern: str, choices: Collection) -> None:
     """The values a config key (or every key matching `pattern`, e.g. "*.pooling") may take. A registry
     (a dict that grows as parts register) is read when a config is checked, so later entries count."""
     CHOICES[pattern] = choices
+
+
+def register_check(check: Callable[[dict], None]) -> Callable[[dict], None]:
+    """Run `check(config)` on every config, after each key passed its own check."""
+    CHECKS.append(check)
+    return check
 
 
 def positive(value) -> bool:
@@ -77,6 +87,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("*iou*", open_fraction, "a number in (0, 1]"),
         ("*fraction", fraction, "a number in [0, 1]"),
         ("*.momentum", below_one, "a number in [0, 1)"),
+        ("*.lr", open_fraction, "a number in (0, 1]"),
         ("*.gamma", open_fraction, "a number in (0, 1]"),
         ("*.step", open_fraction, "a number in (0, 1]"),
         ("fcn.scale", positive, "a positive number"),
@@ -91,7 +102,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("*.context_pad", non_negative, "a number >= 0"),
         ("torch_threads", non_negative, "a whole number >= 0 (0: every core)"),
         ("proposals.search_side", non_negative, "a whole number >= 0 (0: never shrink the image)"),
-        ("*.min_size", non_negative, "a number >= 0"),
+        ("proposals.min_size", non_negative, "a number >= 0"),
         ("*.end_to_end_iterations", non_negative, "a whole number >= 0 (0: skip the phase)"),
         ("*.warmup", non_negative, "a whole number >= 0 (0: no warm-up)"),
         ("*.baseline_images", non_negative, "a whole number >= 0"),
@@ -111,6 +122,8 @@ def validate(config: dict, reference: dict | None = None) -> None:
         value = lookup(config, key, source)
         if not same_type(value, expected):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {type_name(expected)}")
+        if not all(map(math.isfinite, numbers_in(value))):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected finite numbers (not inf or nan)")
         check, what = next((check, what) for pattern, check, what in checks if fnmatch(key, pattern))
         if not isinstance(value, bool) and not check(value):  # a flag's type is all there is to check
             raise ConfigError(f"{source}: {key} = {value!r}: expected {what}")
@@ -119,6 +132,17 @@ def validate(config: dict, reference: dict | None = None) -> None:
         section = unknown[0].rpartition(".")[0]
         siblings = sorted(key.rpartition(".")[2] for key in known if key.rpartition(".")[0] == section)
         raise ConfigError(f"{source}: {unknown[0]}: unknown key (known here: {', '.join(siblings)})")
+    for check in CHECKS:
+        try:
+            check(config)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+
+def numbers_in(value) -> list[float]:
+    """The number a value is, or the numbers a list of them holds (flags and strings hold none)."""
+    values = value if isinstance(value, list) else [value]
+    return [item for item in values if isinstance(item, (int, float)) and not isinstance(item, bool)]
 
 
 def flatten(section: dict, prefix: str = "") -> dict[str, object]:

@@ -1,0 +1,36 @@
+"""What `rcnn status` shows of a planned stage, and what `rcnn verify` checks and repairs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.engine.runner import StagePlan
+
+
+def status_row(plan: StagePlan, memo: Path) -> dict:
+    """The stage's state (cached | partial | running | stale | missing), key, size, shards and, when cached,
+    its metrics. A cached output whose files or records differ from what was recorded (sha256 remembered in
+    `memo` by size and mtime) is partial, with its problems: what `rcnn run` would recompute."""
+    state = plan.state()
+    problems = plan.problems(memo) if state == "cached" else {}
+    state = "partial" if problems else state
+    return {"stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
+            "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
+            "stale_keys": plan.cache.other_keys(),
+            "running_pid": plan.cache.holder_pid() if state != "cached" else None,
+            "metrics": plan.cache.manifest().get("metrics", {}) if state == "cached" else {},
+            "problems": list(problems.values())}
+
+
+def verify(plan: StagePlan) -> tuple[int, dict[str, str], str | None]:
+    """Hash every recorded shard afresh and compare it with its record; forget the shards that differ or
+    whose record has the wrong shape, and a manifest of the wrong shape (the next run recomputes them).
+    Returns how many shards are recorded as done, the forgotten shards' problems and the manifest's problem.
+    Refuses (CacheBusy) while another run computes the stage."""
+    done = [shard.id for shard in plan.shards if plan.cache.shard_done(shard.id)]
+    with plan.cache.lock(wait=False):
+        forgotten = plan.cache.problems(done, deep=True)
+        plan.cache.invalidate(forgotten)
+        manifest_problem = plan.cache.manifest_problem()
+        if manifest_problem:
+            plan.cache.manifest_path.unlink()
+    return len(done), forgotten, manifest_problem
