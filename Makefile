@@ -3,7 +3,7 @@
 #   make timing  the same data, then `rcnn timing-table`: R-CNN, SPP-net, Fast and Faster R-CNN compared
 #   make segmentation  a 2 000-image shapes set, then `rcnn run --methods fcn`: FCN and the sliding-window segmentation baseline
 #   make localize      a single-object shapes set, then `rcnn localize`: classification + localization
-#   make test    run the test suite (the slow end-to-end tests included)
+#   make test    the linter (ruff), then the test suite (the slow end-to-end tests included)
 #   make bench   print the benchmark tables
 # Override TORCH to install another torch build, e.g. make demo TORCH="torch torchvision".
 PYTHON ?= python3
@@ -37,6 +37,7 @@ localize: $(VENV)/.installed
 	$(BIN)/rcnn localize --config demo --data data/shapes-single
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "difficult objects, per-pixel masks and train/val/trainval/test splits. The same seed "
                     "gives the same bytes; an identical set already at --out is left as it is.")
     shapes.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default: data/shapes)")
-    shapes.add_argument("--images", type=int, default=400, help="number of images (default: 400, what the demo preset is tuned for)")
+    shapes.add_argument("--images", type=int, default=400,
+                        help="number of images (default: 400, what the demo preset is tuned for)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     shapes.add_argument("--single-object", action="store_true",
                         help="exactly one object per image, never difficult: the data of `rcnn localize` "
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(run, force_help="recompute these stages even if cached (no names: every stage run)")
     run.add_argument("--methods", nargs="+", choices=[*METHODS, *TASKS, "all"], default=["rcnn"], metavar="METHOD",
                      help=f"the detection methods to run: {', '.join(METHODS)}; the other tasks on the same data: "
-                          f"fcn (semantic segmentation), localize (single-object data only); or all (every one but localize; "
-                          f"default: rcnn)")
+                          f"fcn (semantic segmentation), localize (single-object data only); or all (every one but "
+                          f"localize; default: rcnn)")
     run.set_defaults(handler=command_run, targets=None)
 
     status = commands.add_parser("status", help="what is cached, stale, partial or missing",
@@ -242,7 +243,8 @@ def command_run(args) -> int:
     ctx = make_context(args)
     ends = {**{name: method.evaluate_stage for name, method in METHODS.items()}, **TASKS}
     everything = [name for name in ends if name != "localize"]  # localize needs single-object data
-    if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(ctx.config["data"]["train_split"]):
+    train_split = ctx.config["data"]["train_split"]
+    if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(train_split):
         print(f"fcn left out: this data set has no segmentation masks "
               f"({ctx.dataset.segmentation_split_file(ctx.config['data']['train_split'])} is missing)")
         everything.remove("fcn")
@@ -351,7 +353,8 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
         stage = registry[summary["stage"]]
         headline = " ".join(f"{name}={_short(summary['metrics'][name])}"
                             for name in stage.headline_metrics if name in summary["metrics"])
-        print(f"{summary['stage']:<24} {'computed' if summary['computed'] else 'cached':<9} {summary['key']}  {headline}")
+        state = "computed" if summary["computed"] else "cached"
+        print(f"{summary['stage']:<24} {state:<9} {summary['key']}  {headline}")
 
 
 def command_status(args) -> int:

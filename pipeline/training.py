@@ -2,7 +2,8 @@
 
 The checkpoint holds everything the rest of the run depends on: model, optimizer and LR-schedule
 state, the torch RNG (dropout) and the numpy generator that samples the mini-batches, the CPU thread
-count, the iteration and the loss history. It is written under a temporary name and renamed, so a kill never leaves a half file.
+count, the iteration and the loss history. It is written under a temporary name and renamed, so a kill never
+leaves a half file.
 (Resuming that silently changes results is a known complaint about the originals; fast-rcnn issue 35.)
 """
 from __future__ import annotations
@@ -133,7 +134,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, settings: SGDSettings) -> torc
 
 def make_optimizer(settings: SGDSettings, parameters: list) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
     if settings.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     raise ConfigError(f"optimizer {settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
@@ -151,7 +153,8 @@ def _save(path: Path, model, optimizer, schedule, rng: np.random.Generator, iter
     commit_file(temporary, path)
 
 
-def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator, device: str) -> tuple[int, list, dict, int]:
+def _restore(path: Path, model, optimizer, schedule, rng: np.random.Generator,
+             device: str) -> tuple[int, list, dict, int]:
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -102,8 +102,9 @@ def imagenet_weights_file(name: str, weights: str) -> Path:
                           f"use backbone.weights: pretrain or none, or an ImageNet backbone "
                           f"({', '.join(imagenet_backbones())})")
     if weights in (HUB_WEIGHTS, PACKAGE_WEIGHTS) and weights != backbone.imagenet_weights:
-        raise ConfigError(f"backbone.weights {weights}: {name}'s ImageNet weights come from {backbone.imagenet_weights}; "
-                          f"use backbone.weights: {backbone.imagenet_weights} or a file's path")
+        raise ConfigError(f"backbone.weights {weights}: {name}'s ImageNet weights come from "
+                          f"{backbone.imagenet_weights}; use backbone.weights: {backbone.imagenet_weights} or a file's "
+                          f"path")
     if weights == PACKAGE_WEIGHTS:
         return _package_weights_file(backbone)
     if weights == HUB_WEIGHTS:

@@ -69,7 +69,8 @@ class Finetune(TrainingStage):
 
         losses = train(net, next_batch, settings, out.checkpoint, ctx.device, amp=params["amp"],
                        threads=ctx.threads, desc="finetune").losses
-        sample = np.sort(np.random.default_rng(settings.seed).choice(len(labels), min(len(labels), 4096), replace=False))
+        sample = np.sort(np.random.default_rng(settings.seed).choice(len(labels), min(len(labels), 4096),
+                                                                     replace=False))
         predicted = predict_classes(net, training.bank, windows.image_index[sample], windows.boxes[sample],
                                     backbone["input_size"], backbone["context_pad"])
         save_torch({"model": net.state_dict(), "backbone": backbone_shape(backbone),

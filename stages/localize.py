@@ -249,7 +249,8 @@ def draw_boxes(ctx: StageContext, results: dict, folder) -> None:
         truth = ctx.dataset.ground_truth(image_id)[0][0]
         predicted = predictions[image_id]
         box = np.array(predicted["box"]) * scale
-        cv2.rectangle(canvas, (int(truth[0]), int(truth[1])), (int(truth[2]) - 1, int(truth[3]) - 1), (255, 255, 255), 1)
+        cv2.rectangle(canvas, (int(truth[0]), int(truth[1])), (int(truth[2]) - 1, int(truth[3]) - 1),
+                      (255, 255, 255), 1)
         cv2.rectangle(canvas, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1), (0, 200, 255), 2)
         cv2.putText(canvas, f"{ctx.classes[predicted['class']]} IoU {predicted['iou']:.2f}",
                     (int(box[0]), max(int(box[1]) - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1,

@@ -84,8 +84,10 @@ class PredictProposals(Stage):
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         images = sum(record["metrics"]["images"] for record in records.values())
-        return {"images": images, "proposals_per_image": sum(r["metrics"]["boxes"] for r in records.values()) / max(images, 1),
-                "skipped": {path: problem for r in records.values() for path, problem in r["metrics"]["skipped"].items()}}
+        return {"images": images,
+                "proposals_per_image": sum(r["metrics"]["boxes"] for r in records.values()) / max(images, 1),
+                "skipped": {path: problem for r in records.values()
+                            for path, problem in r["metrics"]["skipped"].items()}}
 
 
 class Predict(Stage):
@@ -130,7 +132,8 @@ class Predict(Stage):
         return {"images": images, "classes": next(iter(records.values()))["metrics"]["classes"],
                 "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1),
                 "seconds_per_image": sum(r["metrics"]["seconds"] for r in records.values()) / max(images, 1),
-                "skipped": {path: problem for r in records.values() for path, problem in r["metrics"]["skipped"].items()}}
+                "skipped": {path: problem for r in records.values()
+                            for path, problem in r["metrics"]["skipped"].items()}}
 
 
 def read_predictions(cache: StageCache) -> dict[str, tuple[np.ndarray, dict]]:

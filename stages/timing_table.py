@@ -140,7 +140,8 @@ def markdown_report(table: dict, measured: dict, ctx: StageContext, manifests: d
     for name, m in methods.items():
         rows.append([name, m["train_s"], f"{rcnn['train_s'] / m['train_s']:.1f}x", m["test_s_per_image"],
                      f"{rcnn['test_s_per_image'] / m['test_s_per_image']:.1f}x", m["test_s_per_image_with_proposals"],
-                     m["map"], _published(published[name].train_h), _ratio(published_rcnn.train_h, published[name].train_h),
+                     m["map"], _published(published[name].train_h),
+                     _ratio(published_rcnn.train_h, published[name].train_h),
                      _published(published[name].test_s), _ratio(published_rcnn.test_s, published[name].test_s),
                      _published(published[name].map)])
     measured_table = markdown_table(
@@ -176,7 +177,8 @@ def markdown_report(table: dict, measured: dict, ctx: StageContext, manifests: d
         ["train time (s)", fast["train_s"], rcnn["train_s"], methods["SPP-net"]["train_s"]],
         ["train speedup", f"{rcnn['train_s'] / fast['train_s']:.1f}x", "1x",
          f"{rcnn['train_s'] / methods['SPP-net']['train_s']:.1f}x"],
-        ["test rate (s/im)", fast["test_s_per_image"], rcnn["test_s_per_image"], methods["SPP-net"]["test_s_per_image"]],
+        ["test rate (s/im)", fast["test_s_per_image"], rcnn["test_s_per_image"],
+         methods["SPP-net"]["test_s_per_image"]],
         ["with SVD", svd["test_s_per_image"], "-", "-"],
         ["test speedup", f"{rcnn['test_s_per_image'] / fast['test_s_per_image']:.1f}x", "1x",
          f"{rcnn['test_s_per_image'] / methods['SPP-net']['test_s_per_image']:.1f}x"],
@@ -214,7 +216,8 @@ def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardwa
         f"shorter sides {list(tests['sppnet']['scales'])}, pyramid {list(tests['sppnet']['levels'])}; Fast / Faster "
         f"R-CNN: shorter side {trained['fast-rcnn']['min_size']} / {trained['faster-rcnn']['min_size']}, one image "
         f"per forward",
-        f"- sliding window: windows of sides {list(window['sizes'])} px, aspect ratios {list(window['aspect_ratios'])}, "
+        f"- sliding window: windows of sides {list(window['sizes'])} px, aspect ratios "
+        f"{list(window['aspect_ratios'])}, "
         f"every {window['step']} of a window's side, through R-CNN's fine-tuned classifier (so its training time "
         f"is fine-tuning's); no proposals",
         f"- proposals: {method_title(params['proposals'])}, {measured['proposals_per_image']:.0f} per image on "

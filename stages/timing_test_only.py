@@ -157,5 +157,6 @@ def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardwar
         f"Settings: R-CNN {params['methods']['rcnn']['crops_per_batch']} crops per forward; SPP-net scales "
         f"{list(params['methods']['sppnet']['scales'])}, levels {list(params['methods']['sppnet']['levels'])}; "
         f"Fast R-CNN {params['sections']['fast_rcnn']['min_size']} / {params['sections']['fast_rcnn']['max_size']} px; "
-        f"Faster R-CNN {params['sections']['faster_rcnn']['min_size']} / {params['sections']['faster_rcnn']['max_size']} "
+        f"Faster R-CNN {params['sections']['faster_rcnn']['min_size']} / "
+        f"{params['sections']['faster_rcnn']['max_size']} "
         f"px, {params['methods']['faster-rcnn']['rpn_post_nms_test']} RPN proposals; one image per forward, float32."])

@@ -95,8 +95,8 @@ def test_the_packages_weights_classify_a_real_photo(name):
 
 
 def test_package_weights_are_only_for_lite_and_torchvision_has_no_lite():
-    with pytest.raises(ConfigError, match="mobilenet_v2's ImageNet weights come from torchvision; use backbone.weights: "
-                                          "torchvision or a file's path"):
+    with pytest.raises(ConfigError, match="mobilenet_v2's ImageNet weights come from torchvision; use "
+                                          "backbone.weights: torchvision or a file's path"):
         imagenet_weights_file("mobilenet_v2", "package")
     with pytest.raises(ConfigError, match="efficientnet_lite1's ImageNet weights come from package; use "
                                           "backbone.weights: package"):

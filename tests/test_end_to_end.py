@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from distributed import Client
+from kill_at import run_killed_at
 
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
@@ -42,15 +43,8 @@ def test_sigkilled_run_resumes_and_equals_an_uninterrupted_run(shapes_root, tmp_
     options = ["--data", str(shapes_root), "--reports", str(tmp_path / "reports"),
                "--set", "proposals.images_per_shard=1"]
     killed_cache = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "proposals", "--cache", str(killed_cache),
-                                "--scheduler", "threads:1", *options], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list(killed_cache.glob("proposals/*/*.done.json"))) < 4:
-        assert process.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    run_killed_at("record", "proposals", 4, ["proposals", "--cache", str(killed_cache), "--scheduler", "threads:1",
+                                             *options])
 
     key_dir = only_key_dir(killed_cache)
     done_before = {path.name: path.stat().st_mtime_ns for path in key_dir.glob("*.done.json")}
@@ -104,11 +98,13 @@ def test_a_cluster_that_loses_a_worker_mid_run_finishes_with_the_threads_result(
     proposals stage has finished some shards; the run still ends well, with the threads run's proposals."""
     dask = str(Path(sys.executable).parent / "dask")
     address = f"tcp://127.0.0.1:{free_port()}"
-    options = ["--data", str(shapes_root), "--reports", str(tmp_path / "reports"), "--set", "proposals.images_per_shard=1"]
+    options = ["--data", str(shapes_root), "--reports", str(tmp_path / "reports"),
+               "--set", "proposals.images_per_shard=1"]
     processes = []
     try:
-        processes.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                                           "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        processes.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                           address.rsplit(":", 1)[1], "--no-dashboard"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         workers = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{i}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
         processes += workers

@@ -103,7 +103,8 @@ def test_force_recomputes_a_cached_stage_only(shapes_root, tmp_path):
 def test_failing_shard_stops_the_run_and_leaves_only_finished_shards(shapes_root, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run(make_ctx(shapes_root, tmp_path, fail_on=2))
-    plans = {plan.stage.name: plan for plan in plan_stages(["total"], REGISTRY, make_ctx(shapes_root, tmp_path, fail_on=2))}
+    plans = {plan.stage.name: plan
+             for plan in plan_stages(["total"], REGISTRY, make_ctx(shapes_root, tmp_path, fail_on=2))}
     cache = plans["count"].cache
     assert not cache.is_complete() and not any(plans["total"].cache.dir.iterdir())
     assert not cache.shard_path("00002").exists() and not list(cache.dir.glob(".*tmp-*"))
@@ -122,7 +123,8 @@ def test_changed_data_changes_every_key_and_moved_data_keeps_them(shapes_copy, t
 
 def test_states_missing_cached_stale_partial(shapes_root, tmp_path):
     def states(**kwargs):
-        return {plan.stage.name: plan.state() for plan in plan_stages(["total"], REGISTRY, make_ctx(shapes_root, tmp_path, **kwargs))}
+        return {plan.stage.name: plan.state()
+                for plan in plan_stages(["total"], REGISTRY, make_ctx(shapes_root, tmp_path, **kwargs))}
     assert states() == {"count": "missing", "total": "missing"}
     run(make_ctx(shapes_root, tmp_path))
     assert states() == {"count": "cached", "total": "cached"}

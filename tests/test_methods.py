@@ -33,8 +33,8 @@ def test_each_new_training_stage_lowers_its_loss(timing_run, capsys, stage):
 
 def test_faster_rcnn_trains_the_four_losses_jointly(timing_run, capsys):
     _, cache, _ = timing_run
-    saved = torch.load(cache / "faster-rcnn-train" / rows_of(timing_run, capsys)["faster-rcnn-train"]["key"] / "00000.pt",
-                       weights_only=True)
+    key = rows_of(timing_run, capsys)["faster-rcnn-train"]["key"]
+    saved = torch.load(cache / "faster-rcnn-train" / key / "00000.pt", weights_only=True)
     assert set(saved["loss_parts"]) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     assert np.allclose(saved["losses"], np.sum([saved["loss_parts"][name] for name in saved["loss_parts"]], axis=0),
                        atol=1e-4)
@@ -100,7 +100,8 @@ def test_timing_table_writes_markdown_json_and_plot(timing_run, capsys):
         assert methods[name]["test_s_per_image_with_proposals"] == methods[name]["test_s_per_image"]
     assert methods["Sliding window"]["train_s"] < methods["R-CNN"]["train_s"]  # fine-tuning only
     markdown = (report / "timing.md").read_text()
-    for published in ("| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |", "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 |"):
+    for published in ("| train time (h) | 1.2 | 2.0 | 9.5 | 22 | 28 | 84 | 25 |",
+                      "| VGG | RPN + Fast R-CNN | 141 | 10 | 47 | 198 |"):
         assert published in markdown
     assert "## Protocol" in markdown and "warm-up" in markdown and table["hardware"] in markdown
     assert cv2.imread(str(report / "timing.png")).shape[2] == 3

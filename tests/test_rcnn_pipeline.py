@@ -1,16 +1,12 @@
 """The whole R-CNN graph on the tiny generated set, as a user runs it: files, reports, reuse and resume."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from kill_at import run_killed_at
 from tiny import STAGES, options
 
 from pipeline.classifiers import load_svms
@@ -41,8 +37,10 @@ def test_run_computes_every_stage_and_writes_the_reports(tiny_run, capsys):
     assert metrics["ap_voc07_11pt"]["circle"] is None  # the tiny test split has no circle
     assert {"svm_bbox", "svm", "softmax_bbox", "softmax"} == set(metrics["variants"])
     bbox_effect = metrics["differences"]["svm"]["0.5"]  # the result against the ablation without regression
-    assert bbox_effect["difference"] == pytest.approx(metrics["map_all_point"] - metrics["variants"]["svm"]["map_all_point@0.5"])
-    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in (reports / "demo" / "rcnn-evaluate").iterdir()}
+    without_bbox = metrics["variants"]["svm"]["map_all_point@0.5"]
+    assert bbox_effect["difference"] == pytest.approx(metrics["map_all_point"] - without_bbox)
+    report = reports / "demo" / "rcnn-evaluate"
+    assert {"map.md", "map.json", "pr_curves.png", "detections"} <= {p.name for p in report.iterdir()}
     assert "IoU" in (reports / "demo" / "rcnn-evaluate" / "map.md").read_text()
     assert rows["features"]["metrics"]["bytes_per_region"] > 0
 
@@ -58,7 +56,8 @@ def test_devkit_results_files_use_one_based_corners_inside_the_image(tiny_run):
     for image_id, score, xmin, ymin, xmax, ymax in lines:
         annotation = dataset.annotation(image_id)
         assert image_id in dataset.image_ids("test")
-        assert 1 <= float(xmin) <= float(xmax) <= annotation.width and 1 <= float(ymin) <= float(ymax) <= annotation.height
+        assert 1 <= float(xmin) <= float(xmax) <= annotation.width
+        assert 1 <= float(ymin) <= float(ymax) <= annotation.height
 
 
 def test_features_are_quantised_chunked_and_compressed_per_training_image(tiny_run, capsys):
@@ -105,26 +104,14 @@ def test_changing_an_svm_param_reuses_proposals_finetuning_and_features(tiny_run
         assert after[stage]["key"] != before[stage]["key"] and f"{stage:<24} computed" in printed
 
 
-def run_until_killed(argv, stop_when, timeout=180):
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while not stop_when():
-        assert process.poll() is None, f"ended before it could be killed: {process.stderr.read().decode()[-500:]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 def test_killed_features_run_resumes_at_the_first_missing_shard_with_an_identical_result(tiny_run, tmp_path, capsys):
     data, original_cache, reports = tiny_run
     key = status(data, original_cache, reports, capsys)["features"]["key"]
     cache = shutil.copytree(original_cache, tmp_path / "cache")
     shutil.rmtree(cache / "features" / key)
     key_dir = cache / "features" / key
-    run_until_killed(["features", "--scheduler", "threads:1", *options(data, cache, tmp_path / "reports")],
-                     lambda: len(list(key_dir.glob("*.done.json"))) >= 2)
+    run_killed_at("record", "features", 2, ["features", "--scheduler", "threads:1",
+                                            *options(data, cache, tmp_path / "reports")])
     done_before = {path.name: path.stat().st_mtime_ns for path in key_dir.glob("*.done.json")}
     assert not (key_dir / "manifest.json").exists() and len(done_before) < 8
     assert main(["features", *options(data, cache, tmp_path / "reports")]) == 0
@@ -142,7 +129,7 @@ def assert_killed_training_resumes_identically(stage: str, key: str, original_ca
     cache = shutil.copytree(original_cache, tmp_path / "cache")
     shutil.rmtree(cache / stage / key)
     checkpoint = cache / stage / key / "00000.checkpoint"
-    run_until_killed([stage, *argv_of(cache)], checkpoint.exists)
+    run_killed_at("checkpoint", stage, 1, [stage, *argv_of(cache)])
     assert not (cache / stage / key / "00000.pt").exists()
     assert main([stage, *argv_of(cache)]) == 0
     assert not checkpoint.exists()

@@ -172,3 +172,137 @@ def test_status_names_no_running_process_for_a_finished_stage_whose_lock_is_held
         assert rcnn("status", "--json") == 0
         held = next(r for r in json.loads(capsys.readouterr().out)["stages"] if r["stage"] == "proposals")
     assert held["state"] == "cached" and held["running_pid"] is None
+
+
+# ---- records of another shape (whoever wrote them) count as missing --------------------------------------
+def proposals_key_dir(cache):
+    (key_dir,) = [path for path in (cache / "proposals").iterdir() if path.is_dir()]
+    return key_dir
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"file": "00000.h5"}', "{not json"])
+def test_a_shard_record_of_the_wrong_shape_is_partial_repaired_by_verify_and_recomputed(rcnn, tmp_path, capsys,
+                                                                                        content):
+    assert rcnn("proposals") == 0
+    record = proposals_key_dir(tmp_path / "cache") / "00000.done.json"
+    record.write_text(content)
+    capsys.readouterr()
+    assert rcnn("status", "--json") == 0
+    row = next(r for r in json.loads(capsys.readouterr().out)["stages"] if r["stage"] == "proposals")
+    assert row["state"] == "partial" and str(record) in row["problems"][0]
+    assert rcnn("verify", "proposals") == 0
+    assert f"{record}: " in capsys.readouterr().out and not record.exists()
+    record.write_text(content)
+    assert rcnn("proposals") == 0  # without verify, the run itself recomputes it
+    assert "proposals                computed" in capsys.readouterr().out and json.loads(record.read_text())["sha256"]
+
+
+def test_a_manifest_of_the_wrong_shape_is_written_again_and_verify_forgets_it(rcnn, tmp_path, capsys, caplog):
+    assert rcnn("proposals") == 0
+    manifest = proposals_key_dir(tmp_path / "cache") / "manifest.json"
+    manifest.write_text("[]")
+    capsys.readouterr()
+    assert rcnn("status") == 0 and "proposals                partial" in capsys.readouterr().out
+    assert rcnn("verify", "proposals") == 0
+    assert f"{manifest}: holds a JSON list, not an object: forgotten" in capsys.readouterr().out
+    manifest.write_text("[]")
+    assert rcnn("proposals") == 0 and isinstance(json.loads(manifest.read_text()), dict)
+    assert f"{manifest}: holds a JSON list, not an object; written again" in caplog.text
+
+
+def test_a_digest_memo_of_the_wrong_shape_is_ignored_with_a_warning(rcnn, tmp_path, capsys, caplog):
+    assert rcnn("proposals") == 0
+    memo = tmp_path / "cache" / ".data-identity.json"
+    memo.write_text("[1]")
+    capsys.readouterr()
+    assert rcnn("status") == 0 and "proposals                cached" in capsys.readouterr().out
+    assert f"{memo}: not a memo of file digests (damaged?); ignored" in caplog.text
+    assert isinstance(json.loads(memo.read_text()), dict)  # written again
+
+
+def test_a_shard_flipped_in_place_is_recomputed_by_the_next_run_not_reused(rcnn, tmp_path, capsys):
+    assert rcnn("proposals") == 0
+    shard = sorted(proposals_key_dir(tmp_path / "cache").glob("*.h5"))[0]
+    flipped = bytearray(shard.read_bytes())
+    flipped[-100] ^= 0xFF  # same size: only its sha256 tells
+    shard.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert rcnn("proposals") == 0 and "proposals                computed" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_stage_another_run_is_computing_in_one_line(rcnn, tmp_path, capsys):
+    assert rcnn("proposals") == 0
+    with StageCache(tmp_path / "cache", "proposals", proposals_key_dir(tmp_path / "cache").name).lock():
+        capsys.readouterr()
+        assert rcnn("verify", "proposals") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("rcnn: error: ") and "being computed by another run (pid" in error
+    assert len(error.splitlines()) == 1
+
+
+# ---- the config is checked whole before anything runs ---------------------------------------------------------
+@pytest.mark.parametrize("setting, message", [
+    ("svm.C=.inf", "svm.C = inf: expected finite numbers (not inf or nan)"),
+    ("finetune.lr=.nan", "finetune.lr = nan: expected finite numbers (not inf or nan)"),
+    ("finetune.lr=3", "finetune.lr = 3.0: expected a number in (0, 1]"),
+    ("backbone.input_size=1", "backbone.input_size 1: backbone small needs a multiple of 16, at least 16"),
+    ("data.classes=[star, circle, star]", "data.classes: 'star' is listed more than once"),
+    ("data.classes=[st/ar]", "data.classes: 'st/ar' holds a path separator (/ or \\)")])
+def test_a_value_out_of_its_real_range_stops_the_command_before_anything_runs(rcnn, tmp_path, capsys, setting,
+                                                                              message):
+    assert rcnn("svm", "--set", setting) == 2
+    assert capsys.readouterr().err == f"rcnn: error: config demo: {message}\n"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_class_name_with_a_path_separator_in_an_annotation_is_one_line_naming_the_file(rcnn, shapes_copy,
+                                                                                          capsys):
+    annotation = next(path for path in sorted((shapes_copy / "Annotations").iterdir())
+                      if "<name>star</name>" in path.read_text())
+    annotation.write_text(annotation.read_text().replace("<name>star</name>", "<name>st/ar</name>", 1))
+    assert rcnn("proposals", data=shapes_copy) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"rcnn: error: {annotation}: object ") and "class name 'st/ar' holds a path separator" \
+        in error and len(error.splitlines()) == 1
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_line_and_column(rcnn, tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("data:\n  root: x\n   classes: []\n")
+    assert rcnn("status", "--config", str(config)) == 2
+    assert capsys.readouterr().err == (f"rcnn: error: {config}: not valid YAML (line 3, column 11: mapping values "
+                                       f"are not allowed here)\n")
+
+
+def test_a_split_id_with_a_space_is_an_error_naming_the_line_not_a_missing_annotation(rcnn, shapes_copy, capsys):
+    split = shapes_copy / "ImageSets" / "Main" / "trainval.txt"
+    split.write_text(split.read_text() + "my img\n")
+    assert rcnn("proposals", data=shapes_copy) == 2
+    lines = len(split.read_text().splitlines())
+    assert capsys.readouterr().err == (f"rcnn: error: {split}: line {lines}: 'my img' is not an image id (ids hold "
+                                       f"no spaces; a second column may only be 1, 0 or -1)\n")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_data_shapes_or_while_reports_are_copied_is_one_line_naming_a_file(shapes_root, tmp_path):
+    shapes = f"{sys.executable} -m pipeline.cli data shapes --images 400 --out {tmp_path}/small/shapes"
+    proposals = (f"{sys.executable} -m pipeline.cli proposals --data {shapes_root} --cache {tmp_path}/cache "
+                 f"--reports {tmp_path}/small/reports")
+    fill = f"head -c 3137536 /dev/zero > {tmp_path}/small/filler"  # leaves 8 kB: less than the report
+    for command, written in ((shapes, f"{tmp_path}/small/.shapes"), (f"{fill} && {proposals}", f"{tmp_path}/small/")):
+        finished = run_in_a_small_filesystem(tmp_path, command)
+        assert finished.returncode == 2, finished.stderr[-2000:]
+        (error,) = [line for line in finished.stderr.splitlines() if line.startswith("rcnn:")]
+        assert error.startswith(f"rcnn: error: {written}") and "No space left on device" in error, error
+        assert "Traceback" not in finished.stderr and "[(" not in error
+        shutil.rmtree(tmp_path / "small")
+
+
+@pytest.mark.slow
+def test_status_reads_a_read_only_cache(shapes_root, tmp_path):
+    rcnn = f"{sys.executable} -m pipeline.cli"
+    where = f"--data {shapes_root} --reports {tmp_path}/reports --cache {tmp_path}/small/cache"
+    finished = run_in_a_small_filesystem(
+        tmp_path, f"{rcnn} proposals {where} && mount -o remount,ro {tmp_path}/small && {rcnn} status {where}")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "proposals                cached" in finished.stdout

@@ -49,8 +49,8 @@ def test_frozen_batchnorm_keeps_the_trained_statistics_in_training_mode():
 
 @pytest.mark.slow
 def test_test_only_timing_counts_each_methods_multiply_adds_without_training_anything(shapes_root, tmp_path, capsys):
-    argv = ["timing-table", "--test-only", "--images", "2", *options(shapes_root, tmp_path / "cache", tmp_path / "reports",
-                                                                    "backbone.weights=none")]
+    argv = ["timing-table", "--test-only", "--images", "2",
+            *options(shapes_root, tmp_path / "cache", tmp_path / "reports", "backbone.weights=none")]
     assert main(argv) == 0
     assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()) == ["timing-test-only"]
     report = json.loads((tmp_path / "reports" / "demo" / "timing-test-only" / "timing.json").read_text())

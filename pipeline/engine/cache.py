@@ -242,7 +242,8 @@ class StageCache:
             except OSError:
                 found[shard_id] = f"{self.record_path(shard_id)}: the record is missing or unreadable"
         if deep:
-            paths = {shard_id: self.dir / record["file"] for shard_id, record in records.items() if shard_id not in found}
+            paths = {shard_id: self.dir / record["file"] for shard_id, record in records.items()
+                     if shard_id not in found}
             digests = (file_digests(list(paths.values()), memo, "sha256") if memo else
                        {path: sha256_of(path) for path in paths.values()})
             found.update({shard_id: f"{path}: its contents differ from its record (sha256)"

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.engine import graph
-from pipeline.engine.cache import StageCache, cache_key, naming_the_file, temporary_path
+from pipeline.engine.cache import StageCache, cache_key, temporary_path
 from pipeline.engine.config import without_neutral_options
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device, thaw
@@ -207,16 +207,18 @@ def publish_report(plan: StagePlan, reports_root: Path) -> None:
 
 
 def copy_tree(source: Path, destination: Path) -> None:
-    """Copy a folder's files; the first failure is an OSError naming the file (shutil.copytree would gather
-    every failure into one shutil.Error, a list)."""
+    """Copy a folder's files; the first failure is an OSError naming the file written (shutil.copytree would
+    gather every failure into one shutil.Error, a list, and shutil names the source of a copy on a full disk)."""
     destination.mkdir()
     for path in sorted(source.rglob("*")):
         target = destination / path.relative_to(source)
         if path.is_dir():
             target.mkdir()
-        else:
-            with naming_the_file(target):
-                shutil.copyfile(path, target)
+            continue
+        try:
+            shutil.copyfile(path, target)
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(target)) from None
 
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:

@@ -8,11 +8,12 @@ from pipeline.engine.runner import StagePlan
 
 def status_row(plan: StagePlan, memo: Path) -> dict:
     """The stage's state (cached | partial | running | stale | missing), key, size, shards and, when cached,
-    its metrics. A cached output whose files or records differ from what was recorded (sha256 remembered in
-    `memo` by size and mtime) is partial, with its problems: what `rcnn run` would recompute."""
+    its metrics. A recorded shard whose file or record differs from what was recorded (sha256 remembered in `memo`
+    by size and mtime) is listed in its problems, and makes a cached output partial: what `rcnn run` would recompute
+    and `rcnn verify` forgets."""
     state = plan.state()
-    problems = plan.problems(memo) if state == "cached" else {}
-    state = "partial" if problems else state
+    problems = plan.problems(memo) if state in ("cached", "partial") else {}
+    state = "partial" if problems and state == "cached" else state
     return {"stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
             "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
             "stale_keys": plan.cache.other_keys(),
