@@ -31,7 +31,7 @@ from pipeline.engine.config import load_config
 from pipeline.engine.errors import UserError
 from pipeline.engine.runner import RunContext, plan_stages
 from pipeline.methods import RCNN
-from pipeline.proposals import propose
+from pipeline.proposals import proposal_params, propose
 from pipeline.reports import markdown_table
 from pipeline.timing import Clock
 from stages import REGISTRY
@@ -70,7 +70,7 @@ def time_test_pass(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple
         clock = Clock(device)
         rgb = ctx.dataset.read_image(image_id)
         clock.lap("read")
-        boxes = propose(rgb, ctx.config["proposals"])
+        boxes = propose(rgb, proposal_params(ctx.config))
         clock.lap("proposals")
         detector(rgb, boxes, (RCNN.result,), clock)
         alone = time_network(net, len(boxes), size, batch_size, device)

@@ -34,7 +34,6 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline.engine.config import with_neutral_options
 from pipeline.engine.errors import ConfigError
 from pipeline.models import RegionNet, build_region_net, freeze_batchnorm, on_device
 from pipeline.roi import RoIPooler, compress_fc
@@ -130,11 +129,14 @@ def roi_pooler(net: RegionNet, params: dict) -> nn.Module:
 # what only detection reads: a model built for training (whose params leave them out, as they do not change
 # its weights) gets these placeholders; load_detection_model gives it the config's test-time settings
 TEST_TIME_PLACEHOLDERS = {"nms_iou": 0.3, "max_per_image": 100, "rpn_pre_nms_test": 1000, "rpn_post_nms_test": 1000}
+# options added after the first models were trained, at the value that builds those models: a model saved before
+# them is built with it, and every cache key leaves them out at it (pipeline.methods registers them per section)
+LATER_OPTIONS = {"train_sizes": [], "feature_pyramid": False}
 
 
 def build_detection_model(architecture: str, net: RegionNet, num_classes: int, params) -> nn.Module:
     """"fast-rcnn" (FastRCNN, given proposals) or "faster-rcnn" (its RPN proposes) on the backbone `net`."""
-    params = with_neutral_options({**TEST_TIME_PLACEHOLDERS, **params})
+    params = {**TEST_TIME_PLACEHOLDERS, **LATER_OPTIONS, **params}
     if architecture == "fast-rcnn":
         return FastRCNN(net, num_classes, params)
     if architecture == "faster-rcnn":

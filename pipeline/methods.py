@@ -20,9 +20,10 @@ import torch
 
 from pipeline.classifiers import load_regressors, load_svms, score_regions
 from pipeline.detections import NO_DETECTIONS, detection_rows
-from pipeline.detectors import build_detection_model, load_detection_model, with_truncated_svd
+from pipeline.detectors import LATER_OPTIONS, build_detection_model, load_detection_model, with_truncated_svd
 from pipeline.detectors import detect as detect_with
 from pipeline.engine.cache import StageCache
+from pipeline.engine.config import register_neutral_option
 from pipeline.features import as_stored, pool5_features
 from pipeline.models import on_device
 from pipeline.regions import image_tensor, normalised
@@ -291,6 +292,9 @@ FASTER_RCNN = Method(
     fresh=fresh_network("faster-rcnn", "faster_rcnn"), assemble=network_detector)
 
 METHODS = {method.name: method for method in (SLIDING_WINDOW, RCNN, SPPNET, FAST_RCNN, FASTER_RCNN)}
+for _section in ("fast_rcnn", "faster_rcnn"):
+    for _name, _neutral in LATER_OPTIONS.items():
+        register_neutral_option(f"{_section}.{_name}", _neutral)
 # the other tasks on the same data, and the stage that ends each: `rcnn run --methods fcn` (semantic
 # segmentation); localize needs single-object data (`rcnn data shapes --single-object`)
 TASKS = {"fcn": "fcn-evaluate", "localize": "localize"}

@@ -1,11 +1,12 @@
 """Region proposals: the class-agnostic boxes R-CNN, SPP-net and Fast R-CNN score (R-CNN §2.1).
 
-`proposals.method` picks the proposal method from PROPOSAL_METHODS; each takes an RGB image and the
-proposals params and returns rectangles (x, y, w, h) in rank order, best first. `propose` wraps any of
-them the same way: a larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped,
-small and duplicate boxes dropped, near-duplicates moved back (`near_duplicate_iou`, below), and the first
-`max_proposals` kept. To add a method, write its function here and name it in PROPOSAL_METHODS (docs/development.md:
-"Add a stage").
+`proposals.method` picks a ProposalMethod, registered where it is defined (`register_proposal_method`):
+its function takes an RGB image and the proposals params and returns rectangles (x, y, w, h) in rank order,
+best first, and it names the proposals.* options it reads besides the common ones (COMMON_OPTIONS), so that
+a key covers exactly what its method reads (`proposal_params`). `propose` wraps any of them the same way: a
+larger image is searched at `search_side`, the boxes are scaled back, rounded, clipped, small and duplicate
+boxes dropped, near-duplicates moved back (`near_duplicate_iou`, below), and the first `max_proposals` kept.
+To add a method: docs/development.md.
 
 selective-search, `proposals.mode`:
   rcnn-fast       R-CNN's "fast" selective search: HSV and Lab images, graph segmentations with
@@ -31,7 +32,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import cv2
 import h5py
@@ -41,12 +43,47 @@ from torchvision.ops import nms
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
 from pipeline.engine.cache import StageCache
+from pipeline.engine.config import register_neutral_option
 from pipeline.engine.schema import register_choices
 
 SELECTIVE_SEARCH_MODES = ("rcnn-fast", "opencv-fast", "opencv-quality")
 RCNN_FAST_COLOUR_SPACES = (cv2.COLOR_RGB2HSV, cv2.COLOR_RGB2Lab)
 RCNN_FAST_KS = (50, 100)
 RCNN_FAST_SIGMA = 0.8
+
+
+@dataclass(frozen=True)
+class ProposalMethod:
+    name: str                                                          # proposals.method
+    rectangles: Callable[[np.ndarray, Mapping], list]                  # (rgb, params) -> ranked (x, y, w, h)
+    options: tuple[str, ...] = ()                                      # the proposals.* keys it reads of its own
+    title: Callable[[Mapping], str] = lambda params: params["method"]  # for reports: what ran, with what
+
+
+# what `propose` reads of every method's params, and the proposals stage's own settings
+COMMON_OPTIONS = ("method", "search_side", "min_size", "max_proposals", "near_duplicate_iou", "recall_at",
+                  "images_per_shard")
+PROPOSAL_METHODS: dict[str, ProposalMethod] = {}
+register_choices("proposals.method", PROPOSAL_METHODS)
+register_neutral_option("proposals.near_duplicate_iou", 1.0)  # added later: 1 moves no box
+
+
+def register_proposal_method(method: ProposalMethod) -> ProposalMethod:
+    PROPOSAL_METHODS[method.name] = method
+    return method
+
+
+def proposal_params(config: Mapping) -> dict:
+    """The proposals section as the chosen method reads it: the common options and its own, no other
+    method's (they would change its key without changing its boxes)."""
+    method = PROPOSAL_METHODS[config["proposals"]["method"]]
+    return {name: value for name, value in config["proposals"].items()
+            if name in COMMON_OPTIONS or name in method.options}
+
+
+def proposal_title(params: Mapping) -> str:
+    """e.g. 'selective search (rcnn-fast)'."""
+    return PROPOSAL_METHODS[params["method"]].title(params)
 
 
 def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
@@ -62,7 +99,7 @@ def propose(rgb: np.ndarray, params: Mapping) -> np.ndarray:
     if scale != 1.0:
         rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    rects = PROPOSAL_METHODS[params["method"]](rgb, params)
+    rects = PROPOSAL_METHODS[params["method"]].rectangles(rgb, params)
     boxes = np.array([(x, y, x + w, y + h) for x, y, w, h in rects], np.float32).reshape(-1, 4) / scale
     boxes = clip_boxes(np.round(boxes), width, height)
     boxes = drop_small_and_duplicates(boxes, params["min_size"])
@@ -133,9 +170,8 @@ def rank_rects(votes: Counter) -> list[tuple[int, int, int, int]]:
     return sorted(votes, key=key)
 
 
-# proposals.method -> function(rgb, params) returning ranked (x, y, w, h) rectangles
-PROPOSAL_METHODS = {"selective-search": selective_search}
-register_choices("proposals.method", PROPOSAL_METHODS)
+register_proposal_method(ProposalMethod("selective-search", selective_search, options=("mode",),
+                                        title=lambda params: f"selective search ({params['mode']})"))
 register_choices("proposals.mode", SELECTIVE_SEARCH_MODES)
 
 

@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 
 from pipeline.engine.cache import StageCache, hdf5_file
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
-from pipeline.proposals import propose, read_proposals, search_scale
+from pipeline.proposals import proposal_params, proposal_title, propose, read_proposals, search_scale
 from pipeline.reports import markdown_table, new_figure, save_figure
 
 RECALL_IOUS = (0.5, 0.7)
@@ -34,7 +34,7 @@ class Proposals(Stage):
     headline_metrics = ("recall@0.5", "recall@0.7", "proposals_per_image", "failed_images")
 
     def params(self, config: dict) -> dict:
-        return config["proposals"]
+        return proposal_params(config)
 
     def key_extras(self, ctx: StageContext) -> dict:
         return {"opencv": cv2.__version__}
@@ -92,6 +92,29 @@ class Proposals(Stage):
         return metrics
 
 
+    def report_beside(self, report_dir: Path, manifests: list[dict]) -> None:
+        """recall-by-method.md and .png: the recall curve of every proposals output computed on this data
+        set (each method, and each setting tried), this one first."""
+        runs = [(proposal_title(manifest["description"]["params"]), manifest["description"]["params"],
+                 manifest["metrics"]["recall_curve"]) for manifest in manifests]
+        rows = [[title, params["max_proposals"], curve[-1]["recall@0.5"], curve[-1]["recall@0.7"],
+                 curve[-1]["mean_best_iou"]] for title, params, curve in runs]
+        (report_dir / "recall-by-method.md").write_text(
+            "# Proposal recall of every proposal method computed on this data set\n\n"
+            + markdown_table(["method", "max proposals", "recall@0.5", "recall@0.7", "mean best IoU"], rows))
+        figure = new_figure(11, 4.5)
+        for index, iou in enumerate(RECALL_IOUS):
+            axes = figure.add_subplot(1, len(RECALL_IOUS), index + 1)
+            for title, params, curve in runs:
+                axes.plot([row["mean_kept"] for row in curve], [row[f"recall@{iou}"] for row in curve], marker="o",
+                          label=f"{title}, at most {params['max_proposals']}")
+            axes.set(xscale="log", xlabel="proposals per image (mean kept)", ylabel=f"recall at IoU {iou}",
+                     ylim=(0, 1.02))
+            axes.grid(True, alpha=0.3)
+            axes.legend(fontsize=7)
+        save_figure(figure, report_dir / "recall-by-method.png")
+
+
 def recall_curve(dataset, proposals: dict[str, np.ndarray], caps: list[int]) -> list[dict]:
     """Recall of the non-difficult ground truth at IoU 0.5 and 0.7 when keeping the top `cap` boxes."""
     caps = sorted(set(caps))  # max_proposals may also be one of recall_at: count each cap once
@@ -122,7 +145,7 @@ def write_report(report_dir: Path, params, metrics: dict) -> None:
     curve = metrics["recall_curve"]
     rows = [[row["cap"], f"{row['mean_kept']:.1f}", row["recall@0.5"], row["recall@0.7"], row["mean_best_iou"]]
             for row in curve]
-    lines = [f"# Proposal recall ({method_title(params)}, {metrics['images']} images, {curve[-1]['gt_boxes']} "
+    lines = [f"# Proposal recall ({proposal_title(params)}, {metrics['images']} images, {curve[-1]['gt_boxes']} "
              f"non-difficult ground-truth boxes)\n",
              markdown_table(["max proposals", "mean kept", "recall@0.5", "recall@0.7", "mean best IoU"], rows)]
     if metrics["images_searched_smaller"]:
@@ -140,12 +163,8 @@ def write_report(report_dir: Path, params, metrics: dict) -> None:
         axes.plot([row["mean_kept"] for row in curve], [row[f"recall@{iou}"] for row in curve], marker="o",
                   label=f"IoU >= {iou}")
     axes.set(xscale="log", xlabel="proposals per image (mean kept)", ylabel="recall", ylim=(0, 1.02),
-             title=f"Proposal recall: {method_title(params)}")
+             title=f"Proposal recall: {proposal_title(params)}")
     axes.grid(True, alpha=0.3)
     axes.legend()
     save_figure(figure, report_dir / "recall.png")
 
-
-def method_title(params) -> str:
-    """e.g. 'selective-search, rcnn-fast'."""
-    return f"{params['method']}, {params['mode']}" if params["method"] == "selective-search" else params["method"]

@@ -25,6 +25,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.runner import union_seconds
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, describe_hardware
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
+from pipeline.proposals import proposal_params, proposal_title
 from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.timing import time_detector, time_proposals, timing_key_extras
 from pipeline.weights import initial_backbone
@@ -40,7 +41,8 @@ class TimingTable(Stage):
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {**config["timing"], "proposals": config["proposals"], "backbone": initial_backbone(config["backbone"]),
+        return {**config["timing"], "proposals": proposal_params(config),
+                "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method in METHODS.values()}}
 
     def input_stages(self, params) -> tuple[str, ...]:
@@ -220,7 +222,7 @@ def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardwa
         f"{list(window['aspect_ratios'])}, "
         f"every {window['step']} of a window's side, through R-CNN's fine-tuned classifier (so its training time "
         f"is fine-tuning's); no proposals",
-        f"- proposals: {method_title(params['proposals'])}, {measured['proposals_per_image']:.0f} per image on "
+        f"- proposals: {proposal_title(params['proposals'])}, {measured['proposals_per_image']:.0f} per image on "
         f"average, {measured['proposals_s_per_image']:.3f} s per image measured on the same images in this run; "
         f"Faster R-CNN: its RPN's {tests['faster-rcnn']['rpn_post_nms_test']} per image",
         f"- test: {measured['images']} test images after {measured['warmup']} warm-up images (not counted), every "
@@ -234,10 +236,6 @@ def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardwa
         f"- published figures: Fast R-CNN Table 4 (VGG16, K40; SPP-net with five scales), Faster R-CNN Table 5; "
         f"their 'with proposals' add selective search at {PUBLISHED_PROPOSALS_S} s per image (Table 5)"]
 
-
-def method_title(proposals) -> str:
-    return (f"selective search ({proposals['mode']})" if proposals["method"] == "selective-search"
-            else proposals["method"])
 
 
 def plot_timing(path, methods: list[dict]) -> None:

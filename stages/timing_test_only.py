@@ -23,6 +23,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
 from pipeline.models import BACKBONES
+from pipeline.proposals import proposal_params
 from pipeline.reports import markdown_table
 from pipeline.timing import (
     Clock,
@@ -56,7 +57,7 @@ class TestOnlyTiming(Stage):
     exclusive = True  # one clock at a time
 
     def params(self, config: dict) -> dict:
-        return {"images": config["timing"]["images"], "proposals": config["proposals"],
+        return {"images": config["timing"]["images"], "proposals": proposal_params(config),
                 "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method, _ in timed_methods()},
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}

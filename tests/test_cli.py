@@ -99,7 +99,8 @@ def test_opencv_failure_on_one_image_is_reported_by_name(rcnn, shapes_root, monk
             raise cv2.error("OpenCV(5.0.0) graphsegmentation.cpp:1: error: (-215:Assertion failed) in function")
         return real_search(rgb, params)
 
-    monkeypatch.setitem(proposals_module.PROPOSAL_METHODS, "selective-search", search_that_asserts)
+    monkeypatch.setitem(proposals_module.PROPOSAL_METHODS, "selective-search",
+                        proposals_module.ProposalMethod("selective-search", search_that_asserts, ("mode",)))
     assert rcnn("proposals", scheduler="threads") == 0  # the patch reaches this process's threads only
     metrics = status_json(rcnn, capsys)["proposals"]["metrics"]
     assert failing_id in metrics["failed"] and "Assertion failed" in metrics["failed"][failing_id]

@@ -75,15 +75,19 @@ def test_a_value_of_the_wrong_type_or_range_is_one_line_naming_key_value_and_wha
 def test_an_unknown_key_in_a_config_file_is_an_error_naming_the_known_ones(tmp_path):
     config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
     config["svm"]["CC"] = 0.1
-    del config["bbox"]["lambda"]
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match=r"config mine: bbox.lambda is missing"):
-        load_config(str(path))
-    config["bbox"]["lambda"] = 1000.0
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"config mine: svm.CC: unknown key \(known here: .*C, "):
         load_config(str(path))
+
+
+def test_a_config_file_may_leave_keys_out_which_take_the_demo_presets_values(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("backbone:\n  name: vgg16\n  input_size: 224\nsvm:\n  C: 0.01\n")
+    config, demo = load_config(str(path)), load_config("demo")
+    assert config["backbone"] == {**demo["backbone"], "name": "vgg16", "input_size": 224}
+    assert config["svm"] == {**demo["svm"], "C": 0.01} and config["finetune"] == demo["finetune"]
+    assert config["config_name"] == "mine"
 
 
 def test_a_choice_is_checked_against_the_choices_its_module_registered():

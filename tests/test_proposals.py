@@ -100,7 +100,8 @@ def test_a_large_photo_is_searched_at_search_side_and_its_boxes_come_back_in_its
         searched.append(rgb.shape)
         return [(0, 0, rgb.shape[1], rgb.shape[0])]
 
-    monkeypatch.setitem(proposals.PROPOSAL_METHODS, "selective-search", whole_image)
+    monkeypatch.setitem(proposals.PROPOSAL_METHODS, "selective-search",
+                        proposals.ProposalMethod("selective-search", whole_image, ("mode",)))
     photo = np.zeros((4000, 6000, 3), np.uint8)
     boxes = propose(photo, search(search_side=500))
     assert searched == [(333, 500, 3)] and boxes.tolist() == [[0.0, 0.0, 6000.0, 3996.0]]  # 333 px x 12

@@ -1,37 +1,45 @@
 """Config presets (YAML) with `--set key=value` overrides.
 
 A config is a plain nested dict. Presets live in `configs/<name>.yaml`; `--config` takes a preset
-name or a path. Overrides may only set keys the preset already has, so a typo is an error rather
-than a silently ignored setting.
+name or a path. The demo preset holds every key (pipeline.engine.schema.REFERENCE); any other preset or
+file may leave keys out, which then take the demo preset's values. Overrides may only set keys that exist,
+so a typo is an error rather than a silently ignored setting.
+
+Options added after results were cached are registered with the value that computes what those results
+did (`register_neutral_option`): at that value they are left out of every key (pipeline.engine.runner), so
+the cached results stay valid.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
 
 from pipeline.engine.errors import ConfigError
-from pipeline.engine.schema import validate
+from pipeline.engine.schema import REFERENCE, validate
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PRESET = "demo"
-# settings added after the first cached runs, at the value that computes what those did: every stage's cache key
-# leaves them out at that value (pipeline.engine.runner.plan_stages: cached results stay valid), and what reads a
-# result saved before them reads a missing one as that value (with_neutral_options)
-NEUTRAL_OPTIONS = {"train_sizes": [], "feature_pyramid": False, "near_duplicate_iou": 1.0}
+# dotted config key -> its neutral value (module docstring), registered where the option is defined
+NEUTRAL_OPTIONS: dict[str, object] = {}
 
 
-def without_neutral_options(params):
-    """Params (nested mappings) less the NEUTRAL_OPTIONS that hold their neutral value, at any depth."""
-    if not isinstance(params, dict):
-        return params
-    return {name: without_neutral_options(value) for name, value in params.items()
-            if not (name in NEUTRAL_OPTIONS and value == NEUTRAL_OPTIONS[name])}
+def register_neutral_option(key: str, neutral_value) -> None:
+    NEUTRAL_OPTIONS[key] = neutral_value
 
 
-def with_neutral_options(params) -> dict:
-    """Params with every neutral option they leave out at its neutral value."""
-    return {**NEUTRAL_OPTIONS, **params}
+def without_neutral_options(config: dict) -> dict:
+    """The config less the registered options that hold their neutral value: what cache keys are made from."""
+    kept = copy.deepcopy(config)
+    for key, neutral_value in NEUTRAL_OPTIONS.items():
+        *sections, name = key.split(".")
+        section = kept
+        for part in sections:
+            section = section.get(part, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict) and name in section and section[name] == neutral_value:
+            del section[name]
+    return kept
 
 
 def resolve_config_path(name_or_path: str | None) -> Path:
@@ -55,11 +63,23 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> d
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    config = with_defaults(config, yaml.safe_load(REFERENCE.read_text()))
     config["config_name"] = path.stem
     for override in overrides:
         apply_override(config, override)
     validate(config)
     return config
+
+
+def with_defaults(config: dict, reference: dict) -> dict:
+    """The config with every key it leaves out taken from the reference (at any depth)."""
+    merged = dict(config)
+    for name, default in reference.items():
+        if name not in merged:
+            merged[name] = copy.deepcopy(default)
+        elif isinstance(default, dict) and isinstance(merged[name], dict):
+            merged[name] = with_defaults(merged[name], default)
+    return merged
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:

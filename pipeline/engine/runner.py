@@ -19,7 +19,7 @@ from pipeline.engine import graph
 from pipeline.engine.cache import StageCache, cache_key, temporary_path
 from pipeline.engine.config import without_neutral_options
 from pipeline.engine.errors import ConfigError
-from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device, thaw
+from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device
 
 log = logging.getLogger(__name__)
 VERIFIED = ".verified.json"  # the sha256 of shard files, by path, size and mtime (pipeline.engine.cache.file_digests)
@@ -106,14 +106,16 @@ def upstream_order(targets: list[str], registry: dict[str, Stage], config: dict)
 
 
 def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext) -> list[StagePlan]:
+    """Each target's plan after those of the stages it reads: key, cache, shards, inputs and context."""
     plans: dict[str, StagePlan] = {}
+    key_config = without_neutral_options(run.config)  # options at their neutral value are in no key
     for name in upstream_order(targets, registry, run.config):
         stage = registry[name]
         ctx = run.stage_context(stage)
         inputs = stage.input_stages(ctx.params)
         shards = stage.shards(ctx)
         description = {
-            "stage": name, "version": stage.version, "params": without_neutral_options(thaw(ctx.params)),
+            "stage": name, "version": stage.version, "params": stage.params(key_config),
             "extras": stage.key_extras(ctx), "data": run.data_identity if stage.reads_data_set else None,
             "inputs": {upstream: plans[upstream].key for upstream in inputs},
             "shards": cache_key({shard.id: list(shard.items) for shard in shards}),
@@ -200,10 +202,24 @@ def publish_report(plan: StagePlan, reports_root: Path) -> None:
     staging = temporary_path(destination)
     try:
         copy_tree(plan.cache.report_dir, staging)
+        plan.stage.report_beside(staging, outputs_on_the_same_data(plan))
         shutil.rmtree(destination, ignore_errors=True)
         staging.rename(destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def outputs_on_the_same_data(plan: StagePlan) -> list[dict]:
+    """The manifests of this stage's complete outputs computed on the same data (this one first)."""
+    manifests = [plan.cache.manifest()]
+    for key in plan.cache.other_keys():
+        try:
+            manifest = StageCache(plan.cache.root, plan.stage.name, key).manifest()
+        except (OSError, ValueError):
+            continue
+        if manifest["description"].get("data") == plan.description["data"]:
+            manifests.append(manifest)
+    return manifests
 
 
 def copy_tree(source: Path, destination: Path) -> None:

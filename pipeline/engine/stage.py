@@ -174,6 +174,11 @@ class Stage:
         """Combine the shard records into the stage's metrics; write tables and plots to cache.report_dir."""
         return {}
 
+    def report_beside(self, report_dir: Path, manifests: list[dict]) -> None:
+        """Write to the published report (`<reports>/<stage>/`, not the cache) what compares this output with
+        the stage's other complete outputs on the same data: `manifests`, this output's first. Reads nothing
+        else, so that no cached result depends on it (e.g. the recall of every proposal method side by side)."""
+
 
 class PrefixedStage(Stage):
     """A stage R-CNN and SPP-net share: R-CNN's SVMs and box regressors serve SPP-net too. `prefix`
