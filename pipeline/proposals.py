@@ -42,7 +42,7 @@ import torch
 from torchvision.ops import nms
 
 from pipeline.boxes import clip_boxes, drop_small_and_duplicates
-from pipeline.engine.cache import StageCache
+from pipeline.engine.cache import StageCache, content_digest
 from pipeline.engine.config import register_neutral_option
 from pipeline.engine.schema import register_choices
 
@@ -58,6 +58,7 @@ class ProposalMethod:
     rectangles: Callable[[np.ndarray, Mapping], list]                  # (rgb, params) -> ranked (x, y, w, h)
     options: tuple[str, ...] = ()                                      # the proposals.* keys it reads of its own
     title: Callable[[Mapping], str] = lambda params: params["method"]  # for reports: what ran, with what
+    files: Callable[[Mapping], list[str]] = lambda params: []          # files it reads (a model): their bytes
 
 
 # what `propose` reads of every method's params, and the proposals stage's own settings
@@ -79,6 +80,13 @@ def proposal_params(config: Mapping) -> dict:
     method = PROPOSAL_METHODS[config["proposals"]["method"]]
     return {name: value for name, value in config["proposals"].items()
             if name in COMMON_OPTIONS or name in method.options}
+
+
+def proposal_files_digests(params: Mapping) -> dict:
+    """What the key of a stage that runs `propose` holds beyond its params: the digest of every file its
+    method reads (none for selective search)."""
+    files = PROPOSAL_METHODS[params["method"]].files(params)
+    return {"proposal_files_sha256": {name: content_digest(name) for name in files}} if files else {}
 
 
 def proposal_title(params: Mapping) -> str:

@@ -9,7 +9,6 @@ starts from it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from pipeline.engine.cache import StageCache
+from pipeline.engine.cache import StageCache, content_digest
 from pipeline.engine.errors import ConfigError, UserError
 from pipeline.models import BACKBONES, Backbone, build_region_net, imagenet_backbones, on_device
 
@@ -59,7 +58,7 @@ def weights_key_extras(backbone: Mapping) -> dict:
     if backbone["weights"] == "none":
         return {"batchnorm": "trained"}
     path = imagenet_weights_file(backbone["name"], backbone["weights"])
-    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"weights_sha256": content_digest(path)}
 
 
 def initial_net(backbone: Mapping, num_classes: int, inputs: dict[str, StageCache]):

@@ -22,7 +22,7 @@ from pipeline.engine.cache import StageCache, hdf5_file, sha256_of
 from pipeline.engine.errors import BadInputError
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.methods import Method
-from pipeline.proposals import proposal_params, propose, read_proposals
+from pipeline.proposals import proposal_files_digests, proposal_params, propose, read_proposals
 from pipeline.timing import Clock
 
 IMAGES_PER_SHARD = 10
@@ -66,6 +66,9 @@ class PredictProposals(Stage):
         proposals = {name: value for name, value in proposal_params(config).items()
                      if name not in ("recall_at", "images_per_shard")}
         return {**proposals, "on_bad_input": self.images.on_bad_input}
+
+    def key_extras(self, ctx: StageContext) -> dict:
+        return proposal_files_digests(ctx.params)
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return self.images.shards()

@@ -19,7 +19,14 @@ from torchvision.ops import box_iou
 
 from pipeline.engine.cache import StageCache, hdf5_file
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
-from pipeline.proposals import proposal_params, proposal_title, propose, read_proposals, search_scale
+from pipeline.proposals import (
+    proposal_files_digests,
+    proposal_params,
+    proposal_title,
+    propose,
+    read_proposals,
+    search_scale,
+)
 from pipeline.reports import markdown_table, new_figure, save_figure
 
 RECALL_IOUS = (0.5, 0.7)
@@ -37,7 +44,7 @@ class Proposals(Stage):
         return proposal_params(config)
 
     def key_extras(self, ctx: StageContext) -> dict:
-        return {"opencv": cv2.__version__}
+        return {"opencv": cv2.__version__, **proposal_files_digests(ctx.params)}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return image_shards(ctx.image_ids(), ctx.params["images_per_shard"])

@@ -25,7 +25,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.runner import union_seconds
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, describe_hardware
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S
-from pipeline.proposals import proposal_params, proposal_title
+from pipeline.proposals import proposal_files_digests, proposal_params, proposal_title
 from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.timing import time_detector, time_proposals, timing_key_extras
 from pipeline.weights import initial_backbone
@@ -52,7 +52,7 @@ class TimingTable(Stage):
         return tuple(dict.fromkeys(stages))
 
     def key_extras(self, ctx: StageContext) -> dict:
-        return timing_key_extras(ctx.device, ctx.threads)
+        return {**timing_key_extras(ctx.device, ctx.threads), **proposal_files_digests(ctx.params["proposals"])}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         image_ids = ctx.dataset.image_ids(ctx.test_split)

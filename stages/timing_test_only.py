@@ -23,7 +23,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
 from pipeline.models import BACKBONES
-from pipeline.proposals import proposal_params
+from pipeline.proposals import proposal_files_digests, proposal_params
 from pipeline.reports import markdown_table
 from pipeline.timing import (
     Clock,
@@ -63,7 +63,8 @@ class TestOnlyTiming(Stage):
                 "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}
 
     def key_extras(self, ctx: StageContext) -> dict:
-        return {**timing_key_extras(ctx.device, ctx.threads), **weights_key_extras(ctx.params["backbone"])}
+        return {**timing_key_extras(ctx.device, ctx.threads), **weights_key_extras(ctx.params["backbone"]),
+                **proposal_files_digests(ctx.params["proposals"])}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", tuple(ctx.dataset.image_ids(ctx.test_split)[:ctx.params["images"]]))]

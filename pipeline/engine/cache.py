@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -136,6 +137,18 @@ def hash_file(path: Path, algorithm: str = "sha256") -> str:
 
 def sha256_of(path: Path) -> str:
     return hash_file(path, "sha256")
+
+
+def content_digest(path: Path | str) -> str:
+    """The sha256 of a file a key depends on (weights, a model), computed once per process for each size and
+    mtime: every stage that starts from the same file asks for it."""
+    stat = Path(path).stat()
+    return _content_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_of(Path(path))
 
 
 def file_digests(paths: list[Path], stat_cache: Path, algorithm: str = "blake2b") -> dict[Path, str]:

@@ -108,7 +108,7 @@ def rules() -> list[tuple[str, Check, str]]:
         ("*.baseline_images", non_negative, "a whole number >= 0"),
         ("svm.check_every", non_negative, "a whole number >= 0 (0: no check)"),
         ("svm.center", lambda value: len(value) > 0, "a list of one or two of false, true"),
-        ("*", lambda value: each(positive)(value) if isinstance(value, list) else positive(value),
+        ("*", lambda value: all(map(positive, numbers_in(value))),  # strings: their type is all there is to check
          "a positive number (or a list of them)"),
     ]
 
