@@ -9,7 +9,9 @@ from torchvision.ops import box_iou
 
 from pipeline import proposals
 from pipeline.data.voc import VOCDataset
-from pipeline.proposals import SELECTIVE_SEARCH_MODES, defer_near_duplicates, propose, rank_rects
+from pipeline.engine.config import load_config
+from pipeline.engine.errors import ConfigError
+from pipeline.proposals import SELECTIVE_SEARCH_MODES, defer_near_duplicates, proposal_params, propose, rank_rects
 from stages.proposals import recall_curve
 
 
@@ -27,14 +29,28 @@ def test_ranking_puts_more_votes_first_and_ignores_arrival_order():
     assert rank_rects(votes) == rank_rects(reversed_votes)
 
 
+def params_of(method: str, **settings) -> dict:
+    """The demo preset's proposal params for `method` (what its key covers), with `settings` changed."""
+    overrides = [f"proposals.method={method}", *(f"proposals.{name}={value}" for name, value in settings.items())]
+    return proposal_params(load_config("demo", overrides))
+
+
 def search(mode="rcnn-fast", search_side=0, min_size=20, max_proposals=2000, near_duplicate_iou=1.0) -> dict:
-    return {"method": "selective-search", "mode": mode, "search_side": search_side, "min_size": min_size,
-            "max_proposals": max_proposals, "near_duplicate_iou": near_duplicate_iou}
+    return params_of("selective-search", mode=mode, search_side=search_side, min_size=min_size,
+                     max_proposals=max_proposals, near_duplicate_iou=near_duplicate_iou)
 
 
-@pytest.mark.parametrize("mode", SELECTIVE_SEARCH_MODES)
-def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, mode):
-    boxes = propose(image, search(mode, max_proposals=100))
+# every registered proposal method, in each of its settings: a new method is tested by registering it
+EVERY_METHOD = [("selective-search", {"mode": mode}) for mode in SELECTIVE_SEARCH_MODES] + [("edge-boxes", {})]
+
+
+def test_every_registered_method_is_tested():
+    assert {method for method, _ in EVERY_METHOD} == set(proposals.PROPOSAL_METHODS)
+
+
+@pytest.mark.parametrize("method, settings", EVERY_METHOD)
+def test_proposals_lie_in_the_image_are_large_enough_and_unique(image, method, settings):
+    boxes = propose(image, params_of(method, **settings, search_side=0, max_proposals=100))
     height, width = image.shape[:2]
     assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and 0 < len(boxes) <= 100
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
@@ -62,10 +78,39 @@ def test_deferring_near_duplicates_keeps_the_set_and_spreads_the_first_boxes(ima
     assert overlaps.max() <= 0.7 < box_iou(torch.from_numpy(plain), torch.from_numpy(plain)).fill_diagonal_(0).max()
 
 
-def test_same_image_gives_same_boxes_on_concurrent_threads(image):
+@pytest.mark.parametrize("method, settings", EVERY_METHOD[:1] + EVERY_METHOD[-1:])
+def test_same_image_gives_same_boxes_on_concurrent_threads(image, method, settings):
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda _: propose(image, search()), range(4)))
-    assert all(np.array_equal(runs[0], other) for other in runs[1:])
+        runs = list(pool.map(lambda _: propose(image, params_of(method, **settings)), range(4)))
+    assert len(runs[0]) and all(np.array_equal(runs[0], other) for other in runs[1:])
+
+
+def test_edge_boxes_find_the_shapes_that_have_edges(shapes_root):
+    """On the shapes (flat colours on texture), gradient edges outline every object: recall at IoU 0.5."""
+    dataset = VOCDataset(shapes_root)
+    boxes = {image_id: propose(dataset.read_image(image_id), params_of("edge-boxes"))
+             for image_id in dataset.image_ids("test")}
+    assert recall_curve(dataset, boxes, [500])[-1]["recall@0.5"] >= 0.8
+
+
+def test_the_key_of_one_method_leaves_the_other_methods_options_out():
+    assert "edge_model" not in search() and "mode" not in params_of("edge-boxes")
+    assert "edge_model" in params_of("edge-boxes") and "mode" in search()
+
+
+def test_a_missing_structured_edge_model_stops_the_config_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=f"proposals.edge_model {tmp_path}/model.yml.gz: no such structured-edge "
+                                          f"model file"):
+        load_config("demo", ["proposals.method=edge-boxes", f"proposals.edge_model={tmp_path}/model.yml.gz"])
+
+
+def test_the_proposals_report_shows_every_method_computed_on_the_data_side_by_side(rcnn, tmp_path):
+    assert rcnn("proposals") == 0 and rcnn("proposals", "--set", "proposals.method=edge-boxes") == 0
+    table = (tmp_path / "reports" / "demo" / "proposals" / "recall-by-method.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "recall" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| EdgeBoxes (gradient edges, no model file)",
+                                                    "| selective search (rcnn-fast)"]  # this run's first
+    assert (tmp_path / "reports" / "demo" / "proposals" / "recall-by-method.png").stat().st_size > 0
 
 
 def test_search_on_a_smaller_copy_returns_boxes_in_original_pixels(image):
