@@ -50,7 +50,7 @@ def main() -> None:
     dataset = VOCDataset(args.data or data["root"], classes=data["classes"], class_split=data["train_split"])
     ctx = RunContext(config, dataset, Path(args.cache or config["cache_dir"]), Path(config["reports_dir"]))
     caches = {plan.stage.name: plan.cache for plan in plan_stages([RCNN.detect_stage], REGISTRY, ctx)}
-    missing = [name for name in RCNN.trained.values() if not caches[name].is_complete()]
+    missing = [name for name in RCNN.model_stages.values() if not caches[name].is_complete()]
     if missing:
         raise SystemExit(f"bench: {', '.join(missing)} not cached for this config and data; run `rcnn run` first")
     parts, network_alone, crops = time_test_pass(ctx, caches, dataset.image_ids(data["test_split"])[:args.images + 1])
@@ -61,7 +61,7 @@ def time_test_pass(ctx: RunContext, caches: dict, image_ids: list[str]) -> tuple
     """Seconds per part and of the network alone, summed over the images after the first, and the crop
     count of each image."""
     device, params = ctx.device, RCNN.test_params(ctx.config)
-    models = RCNN.load({role: caches[stage] for role, stage in RCNN.trained.items()}, params, device)
+    models = RCNN.load({role: caches[stage] for role, stage in RCNN.model_stages.items()}, params, device)
     # what RCNN.detector(caches, ...) builds; the net is timed alone too
     detector = RCNN.assemble(models, params, device)
     net, size, batch_size = models.net, models.backbone["input_size"], params["crops_per_batch"]

@@ -2,13 +2,15 @@
 
 A Method names the stages that train it (their time is its training time in the timing table), the
 trained outputs its detector loads, whether it reads region proposals, its variants (the first is
-its result; the others are the ablations its evaluation compares with it) and the config values its
-detector reads. `assemble` turns what it detects with (`load`ed from the trained outputs, or `fresh`,
-untrained, for `rcnn timing-table --test-only`) into a Detector: one function from an image (and its
-proposals) to detections per variant, with the time of each part on a Clock. The detect stage runs it
-on the test split, the timing tables on their timed images, `rcnn predict` on new ones: one test path
-per method, timed where it is evaluated. Each method's stages are named after it:
-`<name>-detect` and `<name>-evaluate`, and `rcnn run --methods <name>` runs them with what they need.
+its result; the others are the ablations its evaluation compares with it; those with a timing row are
+timed), the config values its detector reads and how its settings read in a report. `assemble` turns
+what it detects with (`load`ed from the trained outputs, or `fresh`, untrained, for `rcnn timing-table
+--test-only`) into a Detector: one function from an image (and its proposals) to detections per
+variant, with the time of each part on a Clock. The detect stage runs it on the test split, the timing
+tables on their timed images, `rcnn predict` on new ones: one test path per method, timed where it is
+evaluated. Each method's stages are named after it: `<name>-detect` and `<name>-evaluate` (and
+`<name>-train` for a network trained end to end, `network_method`); the stage registry (stages/) is
+built from these records, and `rcnn run --methods <name>` runs them with what they need.
 """
 from __future__ import annotations
 
@@ -68,17 +70,22 @@ class Detector:
 class Method:
     name: str                                  # the CLI's name and its stages' prefix
     title: str
-    training: tuple[str, ...]                  # the stages whose time is its training time
-    trained: Mapping[str, str]                 # role -> the stage whose output its detector loads
+    training_stages: tuple[str, ...]           # the stages whose time is its training time
+    model_stages: Mapping[str, str]            # role -> the stage whose output its detector loads
     uses_proposals: bool
     variants: tuple[Variant, ...]              # the first is the method's result
     test_params: Callable[[dict], dict]        # config -> what its detector reads (and images_per_shard)
     load: Callable[[dict[str, StageCache], Mapping, str], object]  # (role -> trained output, params, device) -> models
     fresh: Callable[[Mapping, list[str], str], object]  # (settings, classes, device) -> untrained models
     assemble: Callable[[object, Mapping, str], Detector]  # (models, params, device) -> its test-time detector
+    # (test params, the params its model was trained with) -> its settings in words, for the timing reports
+    describe: Callable[[Mapping, Mapping], str]
     # the score from which `rcnn predict` keeps a detection by default: 0 is an SVM's decision boundary,
     # 0.5 a softmax probability's even odds
     score_threshold: float = 0.5
+    section: str | None = None                 # its own config section, when it has one
+    end_to_end: bool = False                   # trained by `<name>-train` from its section (network_method)
+    reference: bool = False                    # the 1x of the speedups (R-CNN, as in the papers)
 
     @property
     def detect_stage(self) -> str:
@@ -92,9 +99,13 @@ class Method:
     def result(self) -> str:
         return self.variants[0].name
 
+    @property
+    def timed_variants(self) -> tuple[Variant, ...]:
+        return tuple(variant for variant in self.variants if variant.timed)
+
     def detector(self, inputs: dict[str, StageCache], params: Mapping, device: str) -> Detector:
         """The detector, from the outputs of its trained stages (inputs: stage name -> output)."""
-        trained = {role: inputs[stage] for role, stage in self.trained.items()}
+        trained = {role: inputs[stage] for role, stage in self.model_stages.items()}
         return self.assemble(self.load(trained, params, device), params, device)
 
     def fresh_detector(self, settings: Mapping, classes: list[str], params: Mapping, device: str) -> Detector:
@@ -203,7 +214,8 @@ def load_network(trained: dict[str, StageCache], params: Mapping, device: str) -
 
 
 def fresh_network(architecture: str, section: str) -> Callable[[Mapping, list[str], str], NetworkModel]:
-    """The detection model on the backbone from backbone.weights, its other layers random."""
+    """The detection model on the backbone from backbone.weights, its other layers random; settings["sections"]
+    holds its config section."""
     def fresh(settings: Mapping, classes: list[str], device: str) -> NetworkModel:
         params = {**settings["sections"][section], **settings["methods"][architecture]}
         model = build_detection_model(architecture, initial_net(settings["backbone"], len(classes), {}), len(classes),
@@ -246,6 +258,40 @@ def sliding_window_detector(models: RegionModels, params: Mapping, device: str) 
     return Detector(models.classes, detect)
 
 
+# ---- how each method's settings read in a report --------------------------------------------------------
+def describe_sliding_window(test: Mapping, trained: Mapping) -> str:
+    return (f"windows of sides {list(test['sizes'])} px, aspect ratios {list(test['aspect_ratios'])}, every "
+            f"{test['step']} of a window's side, through R-CNN's fine-tuned classifier (so its training time is "
+            f"fine-tuning's); no proposals")
+
+
+def describe_rcnn(test: Mapping, trained: Mapping) -> str:
+    return f"each proposal warped to the backbone's input size, {test['crops_per_batch']} crops per forward"
+
+
+def describe_sppnet(test: Mapping, trained: Mapping) -> str:
+    return f"conv5 at shorter sides {list(test['scales'])}, pyramid levels {list(test['levels'])}"
+
+
+def describe_network(test: Mapping, trained: Mapping) -> str:
+    own_proposals = (f"; its RPN's {test['rpn_post_nms_test']} proposals per image" if "rpn_post_nms_test" in test
+                     else "")
+    return f"shorter side {trained['min_size']} (longer at most {trained['max_size']}), one image per forward" \
+        + own_proposals
+
+
+def network_method(name: str, title: str, uses_proposals: bool, variants: tuple[Variant, ...]) -> Method:
+    """A network trained end to end by its stage `<name>-train` (stages/detector_train.py) from its config
+    section (`name` with underscores), built by pipeline.detectors.build_detection_model(name, ...)."""
+    section = name.replace("-", "_")
+    for option, neutral_value in LATER_OPTIONS.items():  # added after the first models were cached
+        register_neutral_option(f"{section}.{option}", neutral_value)
+    return Method(name, title, training_stages=(f"{name}-train",), model_stages={"model": f"{name}-train"},
+                  uses_proposals=uses_proposals, variants=variants, test_params=network_test_params(section),
+                  load=load_network, fresh=fresh_network(name, section), assemble=network_detector,
+                  describe=describe_network, section=section, end_to_end=True)
+
+
 # ---- the methods ---------------------------------------------------------------------------------------
 # Girshick, "Fast R-CNN" (ICCV 2015), Table 4 (VGG16 = model L, VOC07, K40, proposal time excluded);
 # Ren et al., "Faster R-CNN" (NIPS 2015), Table 5: 198 ms per image with its own proposals, mAP 69.9.
@@ -256,45 +302,40 @@ RCNN_VARIANTS = (
     Variant("softmax_bbox", "fine-tuned softmax + bbox regression", metric="softmax"),
     Variant("softmax", "fine-tuned softmax, no bbox regression"))
 SLIDING_WINDOW = Method(
-    "sliding-window", "Sliding window", training=("finetune",), trained={"finetune": "finetune"},
+    "sliding-window", "Sliding window", training_stages=("finetune",), model_stages={"finetune": "finetune"},
     uses_proposals=False,
     variants=(Variant("sliding_window", "sliding window: R-CNN's fine-tuned classifier on a grid of windows",
                       timed="Sliding window", published=Published(None, None, None)),),
     test_params=lambda config: dict(config["sliding_window"]), load=load_classifier, fresh=fresh_classifier,
-    assemble=sliding_window_detector)
+    assemble=sliding_window_detector, describe=describe_sliding_window, section="sliding_window")
 RCNN = Method(
-    "rcnn", "R-CNN", training=("finetune", "features", "svm", "bbox"),
-    trained={"finetune": "finetune", "svm": "svm", "bbox": "bbox"}, uses_proposals=True, variants=RCNN_VARIANTS,
-    test_params=rcnn_test_params, load=load_region_models, fresh=fresh_region_models(spp=False),
-    assemble=svm_detector(spp=False), score_threshold=0.0)
+    "rcnn", "R-CNN", training_stages=("finetune", "features", "svm", "bbox"),
+    model_stages={"finetune": "finetune", "svm": "svm", "bbox": "bbox"}, uses_proposals=True,
+    variants=RCNN_VARIANTS, test_params=rcnn_test_params, load=load_region_models,
+    fresh=fresh_region_models(spp=False), assemble=svm_detector(spp=False), describe=describe_rcnn,
+    score_threshold=0.0, reference=True)
 SPPNET = Method(
-    "sppnet", "SPP-net", training=("sppnet-conv5", "sppnet-features", "sppnet-finetune", "sppnet-svm", "sppnet-bbox"),
-    trained={"finetune": "sppnet-finetune", "svm": "sppnet-svm", "bbox": "sppnet-bbox"}, uses_proposals=True,
+    "sppnet", "SPP-net",
+    training_stages=("sppnet-conv5", "sppnet-features", "sppnet-finetune", "sppnet-svm", "sppnet-bbox"),
+    model_stages={"finetune": "sppnet-finetune", "svm": "sppnet-svm", "bbox": "sppnet-bbox"}, uses_proposals=True,
     variants=(Variant("svm_bbox", "SPP-net: SVM + bbox regression", timed="SPP-net",
                       published=Published(25.0, 2.3, 63.1)), *RCNN_VARIANTS[1:]),
     test_params=sppnet_test_params, load=load_region_models, fresh=fresh_region_models(spp=True),
-    assemble=svm_detector(spp=True), score_threshold=0.0)
-FAST_RCNN = Method(
-    "fast-rcnn", "Fast R-CNN", training=("fast-rcnn-train",), trained={"model": "fast-rcnn-train"},
-    uses_proposals=True,
+    assemble=svm_detector(spp=True), describe=describe_sppnet, score_threshold=0.0, section="sppnet")
+FAST_RCNN = network_method(
+    "fast-rcnn", "Fast R-CNN", uses_proposals=True,
     variants=(Variant("fast_rcnn", "Fast R-CNN", timed="Fast R-CNN", published=Published(9.5, 0.32, 66.9),
                       published_small=Published(1.2, 0.10, 57.1)),
               Variant("svd", "Fast R-CNN, truncated SVD of fc6 and fc7", metric="svd", timed="Fast R-CNN (SVD)",
-                      published=Published(9.5, 0.22, 66.6), published_small=Published(1.2, 0.06, 56.5))),
-    test_params=network_test_params("fast_rcnn"), load=load_network, fresh=fresh_network("fast-rcnn", "fast_rcnn"),
-    assemble=network_detector)
-FASTER_RCNN = Method(
-    "faster-rcnn", "Faster R-CNN", training=("faster-rcnn-train",), trained={"model": "faster-rcnn-train"},
-    uses_proposals=False,
+                      published=Published(9.5, 0.22, 66.6), published_small=Published(1.2, 0.06, 56.5))))
+FASTER_RCNN = network_method(
+    "faster-rcnn", "Faster R-CNN", uses_proposals=False,
     variants=(Variant("faster_rcnn", "Faster R-CNN (RPN + Fast R-CNN, shared conv5)", timed="Faster R-CNN",
-                      published=Published(None, 0.198, 69.9), published_small=Published(None, 0.059, None)),),
-    test_params=network_test_params("faster_rcnn"), load=load_network,
-    fresh=fresh_network("faster-rcnn", "faster_rcnn"), assemble=network_detector)
+                      published=Published(None, 0.198, 69.9), published_small=Published(None, 0.059, None)),))
 
+# in the lecture's order: each method answers the cost of the one before
 METHODS = {method.name: method for method in (SLIDING_WINDOW, RCNN, SPPNET, FAST_RCNN, FASTER_RCNN)}
-for _section in ("fast_rcnn", "faster_rcnn"):
-    for _name, _neutral in LATER_OPTIONS.items():
-        register_neutral_option(f"{_section}.{_name}", _neutral)
+REFERENCE = next(method for method in METHODS.values() if method.reference)
 # the other tasks on the same data, and the stage that ends each: `rcnn run --methods fcn` (semantic
 # segmentation); localize needs single-object data (`rcnn data shapes --single-object`)
 TASKS = {"fcn": "fcn-evaluate", "localize": "localize"}

@@ -177,6 +177,13 @@ class TrainingStage(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return [Shard("00000", ())]
 
+    @staticmethod
+    def start(params) -> SGDSettings:
+        """The SGD settings its params hold, with torch's generator seeded by them: how every training begins."""
+        settings = SGDSettings.from_config(params)
+        torch.manual_seed(settings.seed)
+        return settings
+
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict[str, dict],
                inputs: dict[str, StageCache]) -> dict:
         saved = torch.load(cache.shard_path("00000"), weights_only=True)

@@ -49,6 +49,23 @@ def pretrain_input(backbone: Mapping) -> tuple[str, ...]:
     return ("pretrain",) if backbone["weights"] == "pretrain" else ()
 
 
+class StartsFromBackbone:
+    """For a stage whose network starts from backbone.weights (a Stage subclass's first base): its params hold
+    the backbone it starts from and, with `reads_amp`, the amp flag (`backbone_params`); it reads the pretrain
+    stage's output when the weights come from there; its key holds the weights file's digest. A stage whose
+    params leave the backbone out (an FCN trained from scratch) reads and hashes none of it."""
+    reads_amp = True
+
+    def backbone_params(self, config: Mapping) -> dict:
+        return {"backbone": initial_backbone(config["backbone"]), **({"amp": config["amp"]} if self.reads_amp else {})}
+
+    def input_stages(self, params: Mapping) -> tuple[str, ...]:
+        return tuple(self.inputs) + (pretrain_input(params["backbone"]) if "backbone" in params else ())
+
+    def key_extras(self, ctx) -> dict:
+        return weights_key_extras(ctx.params["backbone"]) if "backbone" in ctx.params else {}
+
+
 def weights_key_extras(backbone: Mapping) -> dict:
     """What a key needs beyond backbone.weights itself: the hash of a weights file (its bytes change a
     result), and for a random start that it trains its BatchNorm (initial_net), so that runs cached while

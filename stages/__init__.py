@@ -7,8 +7,8 @@ named with the prefix "sppnet-" (pipeline.engine.stage.PrefixedStage). No module
 from pipeline.methods import METHODS
 from stages.bbox import BBox
 from stages.detect import Detect
+from stages.detector_train import DetectorTrain
 from stages.evaluate import Evaluate
-from stages.fast_rcnn import DetectorTrain
 from stages.fcn import FCNEvaluate, FCNTrain
 from stages.features import Features
 from stages.finetune import Finetune
@@ -21,13 +21,12 @@ from stages.svm import SVM
 from stages.timing_table import TimingTable
 from stages.timing_test_only import TestOnlyTiming
 
-SPPNET = "sppnet-"
+SPPNET_PREFIX = "sppnet-"
 
 REGISTRY = {stage.name: stage for stage in (
     Proposals(), Pretrain(), Finetune(), Features(), SVM(), BBox(),
-    SPPConv5(), SPPFeatures(), SPPFinetune(), SVM(SPPNET), BBox(SPPNET),
-    DetectorTrain("fast-rcnn", "fast_rcnn", uses_proposals=True),
-    DetectorTrain("faster-rcnn", "faster_rcnn", uses_proposals=False),
+    SPPConv5(), SPPFeatures(), SPPFinetune(), SVM(SPPNET_PREFIX), BBox(SPPNET_PREFIX),
+    *(DetectorTrain(method) for method in METHODS.values() if method.end_to_end),
     *(stage for method in METHODS.values() for stage in (Detect(method), Evaluate(method))),
     TimingTable(), TestOnlyTiming(),
     FCNTrain(), PixelClassifier(), FCNEvaluate(), Localize(),

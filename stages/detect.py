@@ -26,7 +26,7 @@ class Detect(Stage):
     def __init__(self, method: Method):
         self.method = method
         self.name = method.detect_stage
-        self.inputs = ("proposals",) * method.uses_proposals + tuple(dict.fromkeys(method.trained.values()))
+        self.inputs = ("proposals",) * method.uses_proposals + tuple(dict.fromkeys(method.model_stages.values()))
 
     def params(self, config: dict) -> dict:
         return self.method.test_params(config)

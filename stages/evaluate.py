@@ -39,7 +39,7 @@ class Evaluate(Stage):
         self.method = method
         self.name = method.evaluate_stage
         # R-CNN and SPP-net: their SVMs' check, for a warning when one ranks no better than chance
-        self.inputs = (method.detect_stage, *(stage for role, stage in method.trained.items() if role == "svm"))
+        self.inputs = (method.detect_stage, *(stage for role, stage in method.model_stages.items() if role == "svm"))
         self.variants = {variant.name: variant.title for variant in method.variants}
         self.primary = method.result
         # the mAP of the variants that name a metric: map_voc07_11pt_<metric>, printed after a run
@@ -82,7 +82,8 @@ class Evaluate(Stage):
                          cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
         draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
-        warnings = chance_level_svms(inputs[self.method.trained["svm"]]) if "svm" in self.method.trained else []
+        svm_stage = self.method.model_stages.get("svm")
+        warnings = chance_level_svms(inputs[svm_stage]) if svm_stage else []
         if warnings:
             with open(cache.report_dir / "map.md", "a") as report:
                 report.write("\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in warnings))

@@ -36,8 +36,8 @@ from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.segmentation import build_fcn, confusion_matrix, load_fcn, predict_mask, segmentation_metrics
 from pipeline.segmentation_data import load_segmentation_set, load_training_masks, random_crops, segment_by_windows
 from pipeline.timing import Clock
-from pipeline.training import SGDSettings, TrainingStage, train
-from pipeline.weights import initial_backbone, initial_net, load_finetuned, pretrain_input, weights_key_extras
+from pipeline.training import TrainingStage, train
+from pipeline.weights import StartsFromBackbone, initial_net, load_finetuned
 
 # test-time settings of fcn-evaluate, not part of what fcn-train learns
 TEST_PARAMS = ("images_per_shard", "baseline_images", "baseline_stride", "pictures")
@@ -45,7 +45,7 @@ TEST_PARAMS = ("images_per_shard", "baseline_images", "baseline_stride", "pictur
 TALLIES = ("fcn", "fcn_on_baseline_images", "sliding_window")
 
 
-class FCNTrain(TrainingStage):
+class FCNTrain(StartsFromBackbone, TrainingStage):
     """Train a fully convolutional network for semantic segmentation on the training masks."""
 
     name = "fcn-train"
@@ -55,20 +55,14 @@ class FCNTrain(TrainingStage):
 
     def params(self, config: dict) -> dict:
         params = {name: value for name, value in config["fcn"].items() if name not in TEST_PARAMS}
-        if params["encoder"] == "pretrain":
-            params = {**params, "backbone": initial_backbone(config["backbone"])}
-        return {**params, "amp": config["amp"]}
+        # a scratch encoder starts from nothing: no backbone in its params, so none in its inputs or key
+        backbone = self.backbone_params(config) if params["encoder"] == "pretrain" else {"amp": config["amp"]}
+        return {**params, **backbone}
 
-    def input_stages(self, params) -> tuple[str, ...]:
-        return pretrain_input(params["backbone"]) if params["encoder"] == "pretrain" else ()
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"]) if ctx.params["encoder"] == "pretrain" else {}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         params = ctx.params
-        settings = SGDSettings.from_config(params)
-        torch.manual_seed(settings.seed)
+        settings = self.start(params)
         pretrained = params["encoder"] == "pretrain"
         model = build_fcn(params, len(ctx.classes), params.get("backbone"),
                           initial_net(params["backbone"], len(ctx.classes), inputs) if pretrained else None)

@@ -22,11 +22,11 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Shard, ShardOutput, StageContext
 from pipeline.proposals import read_proposals
 from pipeline.regions import augment_crops, draw, label_regions, load_training_images, predict_classes
-from pipeline.training import SGDSettings, TrainingStage, train
-from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
+from pipeline.training import TrainingStage, train
+from pipeline.weights import StartsFromBackbone, backbone_shape, initial_net
 
 
-class Finetune(TrainingStage):
+class Finetune(StartsFromBackbone, TrainingStage):
     """Fine-tune the CNN on warped proposals as an (N + 1)-way classifier."""
 
     name = "finetune"
@@ -36,19 +36,12 @@ class Finetune(TrainingStage):
     loss_title = "finetune: (N + 1)-way loss on warped proposals"
 
     def params(self, config: dict) -> dict:
-        return {**config["finetune"], "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return self.inputs + pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+        return {**config["finetune"], **self.backbone_params(config)}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
 
         params, backbone = ctx.params, ctx.params["backbone"]
-        settings = SGDSettings.from_config(params)
-        torch.manual_seed(settings.seed)
+        settings = self.start(params)
         net = initial_net(backbone, len(ctx.classes), inputs)
         training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
         windows = training_windows(training, read_proposals(inputs["proposals"]), params["fg_iou"])

@@ -34,7 +34,7 @@ from pipeline.engine.stage import Shard, ShardOutput, StageContext
 from pipeline.regions import image_tensor, normalised, recolour
 from pipeline.reports import markdown_table, plot_loss
 from pipeline.training import History, SGDSettings, TrainingStage, train
-from pipeline.weights import initial_backbone, initial_net, pretrain_input, weights_key_extras
+from pipeline.weights import StartsFromBackbone, initial_net
 
 PHASES = ("classify", "head", "end_to_end")
 EVALUATED = ("head", "end_to_end")  # the phases after which the box head exists
@@ -87,7 +87,7 @@ def localize(net, images):
     return net.head(fc7), net.box_head(fc7)
 
 
-class Localize(TrainingStage):
+class Localize(StartsFromBackbone, TrainingStage):
     """Classification + localization of single-object images: a class head and an L2 box-regression head."""
 
     name = "localize"
@@ -96,13 +96,7 @@ class Localize(TrainingStage):
     loss_title = "localize: loss per phase"
 
     def params(self, config: dict) -> dict:
-        return {**config["localize"], "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+        return {**config["localize"], **self.backbone_params(config)}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         params = ctx.params

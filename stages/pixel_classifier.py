@@ -15,11 +15,11 @@ from pipeline.engine.cache import save_torch
 from pipeline.engine.stage import Shard, ShardOutput, StageContext
 from pipeline.regions import augment_crops
 from pipeline.segmentation_data import labelled_pixels, load_training_masks, patches
-from pipeline.training import SGDSettings, TrainingStage, train
-from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
+from pipeline.training import TrainingStage, train
+from pipeline.weights import StartsFromBackbone, backbone_shape, initial_net
 
 
-class PixelClassifier(TrainingStage):
+class PixelClassifier(StartsFromBackbone, TrainingStage):
     """Train the sliding-window baseline's network: the label of a patch's centre pixel."""
 
     name = "pixel-classifier"
@@ -28,19 +28,11 @@ class PixelClassifier(TrainingStage):
     loss_title = "pixel-classifier: centre-pixel cross-entropy"
 
     def params(self, config: dict) -> dict:
-        return {**config["pixel_classifier"], "backbone": initial_backbone(config["backbone"]),
-                "scale": config["fcn"]["scale"], "amp": config["amp"]}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+        return {**config["pixel_classifier"], **self.backbone_params(config), "scale": config["fcn"]["scale"]}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         params, patch_size = ctx.params, ctx.params["backbone"]["input_size"]
-        settings = SGDSettings.from_config(params)
-        torch.manual_seed(settings.seed)
+        settings = self.start(params)
         net = initial_net(params["backbone"], len(ctx.classes), inputs)
         # objects at the size the FCN sees them
         training = load_training_masks(ctx.dataset, ctx.train_split, ctx.device, params["scale"])

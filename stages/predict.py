@@ -104,7 +104,8 @@ class Predict(Stage):
     def __init__(self, method: Method, images: PredictImages):
         self.method, self.images = method, images
         self.name = f"{method.name}-predict"
-        self.inputs = (PredictProposals.name,) * method.uses_proposals + tuple(dict.fromkeys(method.trained.values()))
+        self.inputs = ((PredictProposals.name,) * method.uses_proposals
+                       + tuple(dict.fromkeys(method.model_stages.values())))
 
     def params(self, config: dict) -> dict:
         return {**self.method.test_params(config), "on_bad_input": self.images.on_bad_input}

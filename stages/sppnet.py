@@ -31,15 +31,15 @@ from pipeline.models import BACKBONES, on_device
 from pipeline.proposals import read_proposals
 from pipeline.regions import label_regions, sample_windows
 from pipeline.roi import conv5_at_scales, pyramid_features
-from pipeline.training import SGDSettings, TrainingStage, train
-from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
+from pipeline.training import TrainingStage, train
+from pipeline.weights import StartsFromBackbone, backbone_shape, initial_net
 
 
 def training_shards(ctx: StageContext) -> list[Shard]:
     return image_shards(ctx.dataset.image_ids(ctx.train_split), ctx.params["images_per_shard"])
 
 
-class SPPConv5(Stage):
+class SPPConv5(StartsFromBackbone, Stage):
     """conv5 of every training image at each SPP-net scale, computed once by the pretrained trunk."""
 
     name = "sppnet-conv5"
@@ -49,13 +49,7 @@ class SPPConv5(Stage):
 
     def params(self, config: dict) -> dict:
         return {"scales": config["sppnet"]["scales"], "images_per_shard": config["sppnet"]["images_per_shard"],
-                "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+                **self.backbone_params(config)}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return training_shards(ctx)
@@ -126,28 +120,23 @@ class SPPFeatures(Stage):
         return features_summary(records, ctx.device, ctx.params["dtype"])
 
 
-class SPPFinetune(TrainingStage):
+class SPPFinetune(StartsFromBackbone, TrainingStage):
     """Fine-tune SPP-net's fc layers on the cached pyramid features of the training windows."""
 
     name = "sppnet-finetune"
     version = "1"
+    inputs = ("sppnet-features",)
+    reads_amp = False  # it trains the fc layers on cached features, in float32
     headline_metrics = ("final_loss", "foreground_windows")
     loss_title = "sppnet-finetune: (N + 1)-way loss, fc layers only"
 
     def params(self, config: dict) -> dict:
-        return {**config["sppnet_finetune"], "backbone": initial_backbone(config["backbone"])}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return ("sppnet-features",) + pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+        return {**config["sppnet_finetune"], **self.backbone_params(config)}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
 
         params = ctx.params
-        settings = SGDSettings.from_config(params)
-        torch.manual_seed(settings.seed)
+        settings = self.start(params)
         reader = FeatureReader(inputs["sppnet-features"])
         image_ids = training_image_ids(ctx.dataset, ctx.train_split, reader)
         labels = [window_labels(reader, image_id, params["fg_iou"]) for image_id in image_ids]

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.engine.cache import StageCache
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
-from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS
+from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, REFERENCE
 from pipeline.models import BACKBONES
 from pipeline.proposals import proposal_files_digests, proposal_params
 from pipeline.reports import markdown_table
@@ -52,7 +52,7 @@ class TestOnlyTiming(Stage):
     name = "timing-test-only"
     version = "1"
     shard_suffix = ".json"
-    headline_metrics = ("fast_rcnn_test_speedup", "fast_rcnn_multiply_add_ratio")
+    headline_metrics = ("fastest_test",)
     runs_on_device = True
     exclusive = True  # one clock at a time
 
@@ -60,7 +60,8 @@ class TestOnlyTiming(Stage):
         return {"images": config["timing"]["images"], "proposals": proposal_params(config),
                 "backbone": initial_backbone(config["backbone"]),
                 "methods": {method.name: method.test_params(config) for method, _ in timed_methods()},
-                "sections": {section: config[section] for section in ("fast_rcnn", "faster_rcnn")}}
+                "sections": {method.section: config[method.section] for method, _ in timed_methods()
+                             if method.end_to_end}}
 
     def key_extras(self, ctx: StageContext) -> dict:
         return {**timing_key_extras(ctx.device, ctx.threads), **weights_key_extras(ctx.params["backbone"]),
@@ -96,21 +97,20 @@ class TestOnlyTiming(Stage):
         (cache.report_dir / "timing.json").write_text(json.dumps({"hardware": describe_hardware(ctx.device),
                                                                   "rows": rows, "measured": measured}, indent=2))
         (cache.report_dir / "timing.md").write_text(markdown_report(ctx, measured, rows, describe_hardware(ctx.device)))
-        rcnn, fast = (next(row for row in rows if row["method"] == name) for name in ("R-CNN", "Fast R-CNN"))
-        return {"rows": rows, "fast_rcnn_test_speedup": rcnn["test_s_per_image"] / fast["test_s_per_image"],
-                "fast_rcnn_multiply_add_ratio": rcnn["multiply_adds"] / fast["multiply_adds"]}
+        return {"rows": rows, "fastest_test": min(rows, key=lambda row: row["test_s_per_image"])["method"]}
 
 
 def table_rows(measured: dict, backbone: str) -> list[dict]:
-    """Per timed row: seconds, multiply-adds and achieved GFLOP/s per image, and the ratios to R-CNN's,
-    measured, counted and published (model S for AlexNet-class networks, L for VGG16, else none)."""
+    """Per timed row: seconds, multiply-adds and achieved GFLOP/s per image, and the ratios to the reference
+    method's (R-CNN's), measured, counted and published (model S for AlexNet-class networks, L for VGG16, else
+    none)."""
     def published(variant):
         model = BACKBONES[backbone].paper_model  # S: CaffeNet (ZF for Faster R-CNN); L: VGG16
         return variant.published_small if model == "S" else variant.published if model == "L" else None
 
-    rcnn = measured["methods"]["R-CNN"]
+    rcnn = measured["methods"][REFERENCE.timed_variants[0].timed]
     rcnn_macs = sum(rcnn["multiply_adds"].values())
-    published_rcnn = published(METHODS["rcnn"].variants[0])
+    published_rcnn = published(REFERENCE.timed_variants[0])
     rows = []
     for _, variant in timed_methods():
         result, paper = measured["methods"][variant.timed], published(variant)
@@ -130,7 +130,8 @@ def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardwar
     def cell(value, form="{:.1f}x"):
         return "-" if value is None else form.format(value)
     table = markdown_table(
-        ["method", "test (s/image)", "multiply-adds (G/image)", "achieved GFLOP/s", "measured speedup over R-CNN",
+        ["method", "test (s/image)", "multiply-adds (G/image)", "achieved GFLOP/s",
+         f"measured speedup over {REFERENCE.title}",
          "multiply-add ratio", "speedup / ratio", "paper: test (s/image)", "paper: speedup"],
         [[row["method"], row["test_s_per_image"], row["multiply_adds"] / 1e9, row["gflops_per_s"],
           f"{row['speedup']:.1f}x", f"{row['multiply_add_ratio']:.1f}x", row["speedup"] / row["multiply_add_ratio"],
@@ -156,9 +157,6 @@ def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardwar
         "## Time and multiply-adds by part\n", parts,
         "## Fast R-CNN, Table 4 (published; VOC07 test, Nvidia K40)\n", FAST_RCNN_TABLE4,
         "## Faster R-CNN, Table 5 (published; K40, ms per image)\n", FASTER_RCNN_TABLE5,
-        f"Settings: R-CNN {params['methods']['rcnn']['crops_per_batch']} crops per forward; SPP-net scales "
-        f"{list(params['methods']['sppnet']['scales'])}, levels {list(params['methods']['sppnet']['levels'])}; "
-        f"Fast R-CNN {params['sections']['fast_rcnn']['min_size']} / {params['sections']['fast_rcnn']['max_size']} px; "
-        f"Faster R-CNN {params['sections']['faster_rcnn']['min_size']} / "
-        f"{params['sections']['faster_rcnn']['max_size']} "
-        f"px, {params['methods']['faster-rcnn']['rpn_post_nms_test']} RPN proposals; one image per forward, float32."])
+        "Settings (float32):\n",
+        *(f"- {method.title}: {method.describe(params['methods'][method.name], params['sections'].get(method.section))}"
+          for method in dict.fromkeys(method for method, _ in timed_methods()))])

@@ -118,7 +118,8 @@ def test_the_shard_layout_is_part_of_the_key(shapes_root, tmp_path, monkeypatch)
 
 def test_every_method_record_names_stages_that_exist_and_its_own_detect_and_evaluate():
     for method in METHODS.values():
-        for stage in (*method.training, *method.trained.values(), method.detect_stage, method.evaluate_stage):
+        for stage in (*method.training_stages, *method.model_stages.values(), method.detect_stage,
+                      method.evaluate_stage):
             assert stage in REGISTRY, (method.name, stage)
         assert REGISTRY[method.detect_stage].method is method and REGISTRY[method.evaluate_stage].method is method
         assert list(REGISTRY[method.evaluate_stage].variants) == [variant.name for variant in method.variants]

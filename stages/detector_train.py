@@ -23,42 +23,37 @@ import torch
 from pipeline.detectors import build_detection_model, jitter_training_scale
 from pipeline.engine.cache import save_torch
 from pipeline.engine.stage import Shard, ShardOutput, StageContext, thaw
-from pipeline.methods import NETWORK_TEST_PARAMS
+from pipeline.methods import NETWORK_TEST_PARAMS, Method
 from pipeline.proposals import read_proposals
 from pipeline.regions import flip_boxes, load_training_images, normalised, recolour
-from pipeline.training import SGDSettings, TrainingStage, train
-from pipeline.weights import backbone_shape, initial_backbone, initial_net, pretrain_input, weights_key_extras
+from pipeline.training import TrainingStage, train
+from pipeline.weights import StartsFromBackbone, backbone_shape, initial_net
 
 
-class DetectorTrain(TrainingStage):
-    """Train Fast R-CNN on the cached proposals, or Faster R-CNN with its RPN, end to end."""
+class DetectorTrain(StartsFromBackbone, TrainingStage):
+    """Train a network method end to end (pipeline.methods.network_method): Fast R-CNN on the cached proposals,
+    Faster R-CNN with its RPN."""
 
     version = "2"
     headline_metrics = ("final_loss",)
 
-    def __init__(self, architecture: str, section: str, uses_proposals: bool):
-        """architecture: fast-rcnn | faster-rcnn (pipeline.detectors); section: its config section."""
-        self.architecture, self.section, self.uses_proposals = architecture, section, uses_proposals
-        self.name = f"{architecture}-train"
+    def __init__(self, method: Method):
+        self.method, self.architecture, self.uses_proposals = method, method.name, method.uses_proposals
+        self.name = method.training_stages[0]
+        self.inputs = ("proposals",) * method.uses_proposals
         self.loss_title = f"{self.name}: multitask loss"
-        self.__doc__ = ("Train Fast R-CNN (RoI pooling, two sibling heads, multitask loss) on the cached proposals."
-                        if uses_proposals else "Train Faster R-CNN (RPN + Fast R-CNN head, four losses) jointly.")
+        self.__doc__ = (f"Train {method.title} end to end "
+                        f"{'on the cached proposals' if method.uses_proposals else 'with its own proposals'}.")
 
     def params(self, config: dict) -> dict:
-        training = {name: value for name, value in config[self.section].items() if name not in NETWORK_TEST_PARAMS}
-        return {**training, "backbone": initial_backbone(config["backbone"]), "amp": config["amp"]}
-
-    def input_stages(self, params) -> tuple[str, ...]:
-        return ("proposals",) * self.uses_proposals + pretrain_input(params["backbone"])
-
-    def key_extras(self, ctx: StageContext) -> dict:
-        return weights_key_extras(ctx.params["backbone"])
+        training = {name: value for name, value in config[self.method.section].items()
+                    if name not in NETWORK_TEST_PARAMS}
+        return {**training, **self.backbone_params(config)}
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
 
         params = ctx.params
-        settings = SGDSettings.from_config(params)
-        torch.manual_seed(settings.seed)
+        settings = self.start(params)
         model = build_detection_model(self.architecture, initial_net(params["backbone"], len(ctx.classes), inputs),
                                       len(ctx.classes), params)
         if params.get("train_sizes"):
