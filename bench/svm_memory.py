@@ -69,7 +69,7 @@ import sklearn.svm, torchvision.ops  # imported before the baseline: libraries a
 from pipeline.engine.cache import StageCache
 from pipeline.engine.config import load_config
 from pipeline.features import FeatureReader
-from stages.svm import ClassCache, collect_positives, mine_hard_negatives
+from stages.svm import ClassSVM, collect_positives, mine_hard_negatives
 directory, image_ids, max_cached = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 params = {**load_config("demo")["svm"], "max_cached_negatives": max_cached, "C": 0.01}
 reader = FeatureReader(StageCache(directory.parent.parent, directory.parent.name, directory.name))
@@ -78,7 +78,7 @@ tracemalloc.start()
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 transform = lambda pool5: pool5.astype("float32") * 0.5
 positives = collect_positives(reader, image_ids, range(3), transform, ["a", "b", "c"])
-caches = {c: ClassCache(positives[c]) for c in range(3)}
+caches = {c: ClassSVM(positives[c]) for c in range(3)}
 mine_hard_negatives(reader, image_ids, caches, transform, params)
 print(json.dumps({"baseline_kib": baseline, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "traced_peak_bytes": tracemalloc.get_traced_memory()[1],

@@ -14,16 +14,17 @@ from pathlib import Path
 from pipeline.data.shapes import write_shapes
 from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT, VOCDataset
 from pipeline.engine.config import DEFAULT_PRESET, load_config
-from pipeline.engine.errors import BadInputError, ConfigError, DataSetError, UserError
+from pipeline.engine.errors import BadInputError, ConfigError, UserError
 from pipeline.engine.graph import parse_scheduler
 from pipeline.engine.interrupt import Interrupted, stopping_on_signals
 from pipeline.engine.memory import use_tensor_friendly_malloc
-from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_stages
-from pipeline.engine.status import status_row, verify
+from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_in_turn, run_stages
+from pipeline.engine.status import plan_each, status_row, verify
 from pipeline.methods import METHODS, TASKS
 from pipeline.predictions import FORMATS, write_predictions
-from stages import REGISTRY
-from stages.predict import Predict, PredictImages, PredictProposals, read_predictions
+from stages import ALL_TARGETS, ENDS, REGISTRY
+from stages.predict import PredictImages, prediction_plans, read_predictions
+from stages.timing_table import NOT_RETIMED, TimingTable, timing_targets
 
 log = logging.getLogger("rcnn")
 
@@ -241,14 +242,13 @@ def command_data_shapes(args) -> int:
 
 def command_run(args) -> int:
     ctx = make_context(args)
-    ends = {**{name: method.evaluate_stage for name, method in METHODS.items()}, **TASKS}
-    everything = [name for name in ends if name != "localize"]  # localize needs single-object data
+    everything = [name for name in ENDS if name != "localize"]  # localize needs single-object data
     train_split = ctx.config["data"]["train_split"]
     if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(train_split):
         print(f"fcn left out: this data set has no segmentation masks "
               f"({ctx.dataset.segmentation_split_file(ctx.config['data']['train_split'])} is missing)")
         everything.remove("fcn")
-    targets = args.targets or [ends[name] for name in (everything if "all" in args.methods else args.methods)]
+    targets = args.targets or [ENDS[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)
     force = set()
     if args.force is not None:
@@ -275,17 +275,15 @@ def command_timing_table(args) -> int:
         print(f"\n{(report / 'timing.md').read_text().split('## Time and multiply-adds')[0]}")
         return 0
     ctx = make_context(args)
-    shared = {"proposals", "pretrain"}
-    forced = set() if args.force is None else set(args.force) or {"timing-table"}  # no names: this stage
+    forced = set() if args.force is None else set(args.force) or {TimingTable.name}  # no names: this stage
     if forced - set(REGISTRY):
         raise ConfigError(f"--force {' '.join(sorted(forced - set(REGISTRY)))}: no such stage "
                           f"(stages: {', '.join(REGISTRY)})")
-    for target in [*(method.evaluate_stage for method in METHODS.values()), "timing-table"]:
-        plans = plan_stages([target], REGISTRY, ctx)
-        names = {plan.stage.name for plan in plans}
-        force = names - shared if args.fresh else forced & names
-        print_summaries([summary for summary in run_stages(plans, ctx, ctx.config["scheduler"], force)
-                         if summary["computed"] or summary["stage"] == target])
+
+    def force_of(names: set[str]) -> set[str]:
+        return names - set(NOT_RETIMED) if args.fresh else forced & names
+    for target, summaries in run_in_turn(timing_targets(), REGISTRY, ctx, ctx.config["scheduler"], force_of):
+        print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] == target])
     report = ctx.reports_root / "timing-table"
     print(f"\n{(report / 'timing.md').read_text().split('## Protocol')[0]}")
     print(f"report: {report.resolve()}")
@@ -297,15 +295,13 @@ def command_predict(args) -> int:
     ctx = make_context(args)
     method = METHODS[args.method]
     images = PredictImages(image_paths(args.paths), on_bad_input or ctx.config["data"]["on_bad_input"])
-    stages = {stage.name: stage for stage in (PredictProposals(images), Predict(method, images))}
-    registry = {**REGISTRY, **stages}
-    plans = plan_stages([f"{method.name}-predict"], registry, ctx)
-    untrained = [plan.stage.name for plan in plans if plan.stage.name in REGISTRY and not plan.cache.is_complete()]
+    plans, untrained = prediction_plans(method, images, REGISTRY, ctx)
     if untrained and not args.train:
         raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
                         f"train it with `{rerun_command(args, method.name)}`, or pass --train")
     summaries = run_stages(plans, ctx, ctx.config["scheduler"])
-    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] in stages], registry)
+    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
+                    {plan.stage.name: plan.stage for plan in plans})
     predict = plans[-1]
     metrics = predict.cache.manifest()["metrics"]
     about = {"method": method.name, "config": ctx.config["config_name"], "key": predict.key}
@@ -359,9 +355,8 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
 
 def command_status(args) -> int:
     ctx = make_context(args)
-    unavailable: list[dict] = []
-    rows = [status_row(plan, ctx.cache_root / VERIFIED) for plan in plan_what_the_data_allows(ctx, unavailable)]
-    rows += unavailable
+    plans, unavailable = plan_each(ALL_TARGETS, REGISTRY, ctx)
+    rows = [status_row(plan, ctx.cache_root / VERIFIED) for plan in plans] + unavailable
     if args.json:
         print(json.dumps({"config": ctx.config["config_name"], "data": str(ctx.dataset.root),
                           "cache": str(ctx.cache_root), "stages": rows}, indent=2))
@@ -381,7 +376,8 @@ def command_status(args) -> int:
 def command_verify(args) -> int:
     """Check every shard of the named stages (default: all) against its record, and forget the bad ones."""
     ctx = make_context(args)
-    plans = [plan for plan in plan_what_the_data_allows(ctx, []) if not args.stages or plan.stage.name in args.stages]
+    plans = [plan for plan in plan_each(ALL_TARGETS, REGISTRY, ctx)[0]
+             if not args.stages or plan.stage.name in args.stages]
     unknown = set(args.stages) - {plan.stage.name for plan in plans}
     if unknown:
         raise ConfigError(f"rcnn verify {' '.join(sorted(unknown))}: no such stage (stages: {', '.join(REGISTRY)})")
@@ -397,19 +393,6 @@ def command_verify(args) -> int:
             print(f"    {problem}: forgotten; the next run recomputes it")
     print(f"{forgotten} shards forgotten" if forgotten else "every shard matches its record")
     return 0
-
-
-def plan_what_the_data_allows(ctx: RunContext, unavailable: list[dict]) -> list:
-    """Every stage's plan, each method and task planned apart: one the data set cannot feed (the FCN
-    without segmentation masks) gets an "n/a" row in `unavailable` instead of stopping the rest."""
-    plans = {}
-    for target in [*(method.evaluate_stage for method in METHODS.values()), "timing-table", *TASKS.values()]:
-        try:
-            plans.update({plan.stage.name: plan for plan in plan_stages([target], REGISTRY, ctx)
-                          if plan.stage.name not in plans})
-        except DataSetError as error:
-            unavailable.append({"stage": target, "state": "n/a", "reason": str(error)})
-    return [plans[name] for name in REGISTRY if name in plans]
 
 
 def _short(value) -> str:

@@ -4,7 +4,7 @@ in pipeline order. A method's record (pipeline.methods) names its stages; every 
 own detector. SPP-net reuses R-CNN's SVM and box-regression stages on its own features, as copies
 named with the prefix "sppnet-" (pipeline.engine.stage.PrefixedStage). No module here imports another.
 """
-from pipeline.methods import METHODS
+from pipeline.methods import METHODS, TASKS
 from stages.bbox import BBox
 from stages.detect import Detect
 from stages.detector_train import DetectorTrain
@@ -22,6 +22,11 @@ from stages.timing_table import TimingTable
 from stages.timing_test_only import TestOnlyTiming
 
 SPPNET_PREFIX = "sppnet-"
+
+# what `rcnn run --methods NAME` ends with: each method's evaluation, and the other tasks' last stages
+ENDS = {**{name: method.evaluate_stage for name, method in METHODS.items()}, **TASKS}
+# every stage a config can run, planned target by target (`rcnn status`, `rcnn verify`)
+ALL_TARGETS = [*(method.evaluate_stage for method in METHODS.values()), TimingTable.name, *TASKS.values()]
 
 REGISTRY = {stage.name: stage for stage in (
     Proposals(), Pretrain(), Finetune(), Features(), SVM(), BBox(),

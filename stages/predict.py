@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.data.voc import read_rgb
 from pipeline.engine.cache import StageCache, hdf5_file, sha256_of
 from pipeline.engine.errors import BadInputError
+from pipeline.engine.runner import RunContext, StagePlan, plan_stages
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.methods import Method
 from pipeline.proposals import proposal_files_digests, proposal_params, propose, read_proposals
@@ -138,6 +139,16 @@ class Predict(Stage):
                 "seconds_per_image": sum(r["metrics"]["seconds"] for r in records.values()) / max(images, 1),
                 "skipped": {path: problem for r in records.values()
                             for path, problem in r["metrics"]["skipped"].items()}}
+
+
+def prediction_plans(method: Method, images: PredictImages, registry: dict[str, Stage],
+                     run: RunContext) -> tuple[list[StagePlan], list[str]]:
+    """The plans of `<method>-predict` on these images (its proposals, the method's trained stages, then the
+    prediction last), and the trained stages that are not cached yet."""
+    stages = {stage.name: stage for stage in (PredictProposals(images), Predict(method, images))}
+    plans = plan_stages([f"{method.name}-predict"], {**registry, **stages}, run)
+    untrained = [plan.stage.name for plan in plans if plan.stage.name in registry and not plan.cache.is_complete()]
+    return plans, untrained
 
 
 def read_predictions(cache: StageCache) -> dict[str, tuple[np.ndarray, dict]]:

@@ -120,8 +120,9 @@ class SVM(PrefixedStage):
 
 
 @dataclass
-class ClassCache:
-    """One class's training state during hard negative mining (R-CNN's per-class cache)."""
+class ClassSVM:
+    """One class's SVM while it is trained: its positives, its cache of hard negatives (R-CNN's per-class
+    cache), its weights and how mining went."""
     positives: np.ndarray
     negatives: list = field(default_factory=list)    # feature rows
     keys: list = field(default_factory=list)         # (image index, row) of each cached negative
@@ -162,10 +163,10 @@ class FeatureTreatment:
 
 
 def fit_svms(reader: FeatureReader, image_ids: list[str], class_indices, transform, classes: list[str],
-             params) -> dict[int, "ClassCache"]:
+             params) -> dict[int, "ClassSVM"]:
     """One SVM per class on these training images: their positives, then hard negative mining."""
     positives = collect_positives(reader, image_ids, class_indices, transform, classes)
-    caches = {class_index: ClassCache(positives[class_index]) for class_index in class_indices}
+    caches = {class_index: ClassSVM(positives[class_index]) for class_index in class_indices}
     mine_hard_negatives(reader, image_ids, caches, transform, params)
     return caches
 
@@ -247,7 +248,7 @@ def class_negatives(image, class_indices, negative_iou: float) -> dict[int, np.n
 LIBLINEAR = threading.Lock()
 
 
-def retrain(cache: ClassCache, params: dict) -> None:
+def retrain(cache: ClassSVM, params: dict) -> None:
     """Fit the SVM on positives + cached negatives, then evict the easy negatives."""
     negatives = np.stack(cache.negatives)
     features = np.concatenate([cache.positives, negatives])

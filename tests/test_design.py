@@ -1,5 +1,5 @@
-"""The three rules of the design (DESIGN.md): a stage reads only what its key covers; stages stand on
-pipeline/, never on each other; a method is one record."""
+"""The rules of the design (DESIGN.md): the engine stands apart from the detection code; a stage reads only
+what its key covers; stages stand on pipeline/, never on each other; a method is one record."""
 import ast
 import json
 from pathlib import Path
@@ -33,6 +33,12 @@ def test_no_stage_module_imports_another():
         if path.name != "__init__.py":
             imports = {name for name in imported_modules(path) if name == "stages" or name.startswith("stages.")}
             assert not imports, f"{path.name} imports {imports}"
+
+
+def test_the_engine_imports_nothing_of_the_detection_code():
+    for path in sorted((ROOT / "pipeline" / "engine").glob("*.py")):
+        ours = {name for name in imported_modules(path) if name.split(".")[0] in ("pipeline", "stages")}
+        assert all(name.startswith("pipeline.engine") for name in ours), (path.name, ours)
 
 
 def test_only_the_cli_reaches_the_stage_registry_from_pipeline():

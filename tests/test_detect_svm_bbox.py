@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.classifiers import apply_regressors, box_coder, per_class_nms
-from stages.svm import ClassCache, retrain
+from stages.svm import ClassSVM, retrain
 
 SVM_PARAMS = {"C": 1.0, "positive_weight": 2.0, "intercept_scaling": 10.0, "max_iter": 10000,
               "evict_threshold": -1.2, "max_cached_negatives": 1000}
@@ -33,7 +33,7 @@ def test_retrain_separates_the_classes_and_evicts_easy_negatives():
     positives = rng.normal(2.0, 0.3, (20, 5)).astype(np.float32)
     hard = rng.normal(0.5, 0.3, (10, 5)).astype(np.float32)
     easy = rng.normal(-4.0, 0.3, (30, 5)).astype(np.float32)
-    cache = ClassCache(positives=positives, negatives=list(hard) + list(easy),
+    cache = ClassSVM(positives=positives, negatives=list(hard) + list(easy),
                        keys=[(0, row) for row in range(40)], key_set={(0, row) for row in range(40)})
     retrain(cache, SVM_PARAMS)
     assert (cache.scores(positives) > 0).all() and (cache.scores(easy) < -1.2).all()
@@ -48,7 +48,7 @@ def test_retrain_caps_the_cache_at_the_hardest_negatives():
     rng = np.random.default_rng(1)
     positives = rng.normal(2.0, 0.3, (20, 5)).astype(np.float32)
     negatives = rng.normal(0.0, 1.0, (50, 5)).astype(np.float32)
-    cache = ClassCache(positives=positives, negatives=list(negatives), keys=[(0, r) for r in range(50)])
+    cache = ClassSVM(positives=positives, negatives=list(negatives), keys=[(0, r) for r in range(50)])
     retrain(cache, {**SVM_PARAMS, "evict_threshold": -100.0, "max_cached_negatives": 5})
     kept_scores = cache.scores(np.stack(cache.negatives))
     assert len(cache.negatives) == 5 and kept_scores.min() >= np.sort(cache.scores(negatives))[-5] - 1e-6

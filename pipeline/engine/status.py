@@ -3,7 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engine.runner import StagePlan
+from pipeline.engine.errors import DataSetError
+from pipeline.engine.runner import RunContext, StagePlan, plan_stages
+from pipeline.engine.stage import Stage
+
+
+def plan_each(targets: list[str], registry: dict[str, Stage], run: RunContext) -> tuple[list[StagePlan], list[dict]]:
+    """Every stage the targets need, each target planned apart, in registry order; a target the data set cannot
+    feed (the FCN without segmentation masks) gets an "n/a" row (second list) instead of stopping the rest."""
+    plans: dict[str, StagePlan] = {}
+    unavailable = []
+    for target in targets:
+        try:
+            plans.update({plan.stage.name: plan for plan in plan_stages([target], registry, run)
+                          if plan.stage.name not in plans})
+        except DataSetError as error:
+            unavailable.append({"stage": target, "state": "n/a", "reason": str(error)})
+    return [plans[name] for name in registry if name in plans], unavailable
 
 
 def status_row(plan: StagePlan, memo: Path) -> dict:
