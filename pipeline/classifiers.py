@@ -74,8 +74,8 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
         network's own (N + 1)-way softmax instead of the SVMs).
     Box regression uses the regressors' features (pool5); NMS per class at params["nms_iou"], then the
     params["max_per_image"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
-    layer) and "SVM + bbox + NMS". The work after fc7 is done in torch on the CPU: mixing numpy's BLAS
-    threads with torch's on the same cores made it 5x slower (bench/rcnn_test_time.py)."""
+    layer) and "SVM + bbox + NMS". The work after fc7 is done in torch on the CPU, so that numpy's BLAS
+    threads do not compete with torch's for the same cores (docs/speed.md, bench/rcnn_test_time.py)."""
     svm_features = torch.from_numpy(layer_features(net, features, svms["layer"], device))
     if clock is not None:
         clock.lap("fc6 + fc7")

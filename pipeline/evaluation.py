@@ -170,8 +170,7 @@ def paired_bootstrap(result: VOCEvaluator, other: VOCEvaluator, resamples: int, 
     of test images alone would give). Both must have seen the same images and classes.
 
     The all-point AP, not the VOC07 11-point one: the 11-point AP jumps whenever a class's recall
-    crosses a tenth, which biases its bootstrap distribution (on the demo, percentile and BCa intervals
-    of an 11-point difference barely overlapped, while for the all-point AP they agree to 0.002).
+    crosses a tenth, which biases its bootstrap distribution (docs/demo.md).
     Returns {"metric": "all_point", "resamples": n, "difference": d, "ci95": [low, high]}."""
     images = result.image_ids()
     if images != other.image_ids() or result.classes != other.classes:

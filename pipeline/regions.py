@@ -6,8 +6,8 @@ the mean colour. Here the warp is torchvision.ops.roi_align over the mean-subtra
 zeros it samples outside the image are the mean colour), batched on the device: no per-crop Python loop.
 One bilinear sample per output pixel (sampling_ratio 1), as R-CNN's own crop (rcnn_im_crop.m: imresize
 'bilinear' with 'antialiasing' false); roi_align's adaptive sampling averages up to ceil(side / S)^2
-samples per pixel, an anti-aliased warp that cost R-CNN's test pass 3 to 4x the time of this one on a CPU
-(bench/rcnn_test_time.py).
+samples per pixel, an anti-aliased warp that costs several times the work of this one on a CPU
+(docs/speed.md, bench/rcnn_test_time.py).
 Boxes are (x1, y1, x2, y2) in the pipeline's continuous pixel coordinates (pipeline.boxes), which is
 what roi_align(aligned=True) expects.
 """

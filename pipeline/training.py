@@ -124,7 +124,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, settings: SGDSettings) -> torc
     """Steps of gamma every step_every iterations, after a linear warm-up of `warmup` iterations if any (Goyal
     et al. 2017; detectron2 and torchvision's detection references warm up too): newly initialised fc layers
     on the unbounded features of a pretrained trunk can otherwise take steps early on that switch most of
-    their ReLUs off for good (photos preset, MobileNetV2: 70 % of fc6 and fc7 dead after 300 iterations)."""
+    their ReLUs off for good (what it did to the photos preset without warm-up: docs/real-photos.md)."""
     steps = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_every, settings.gamma)
     if not settings.warmup:
         return steps

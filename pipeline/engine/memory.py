@@ -3,11 +3,10 @@
 By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap, gives
 each thread its own arena of 64 MB heaps (a larger block is mmap-ed whatever the threshold) and hands
 freed memory back to the kernel. A CNN batch allocates activations of tens to hundreds of MB, frees
-them and allocates them again for the next batch, so every page is faulted in anew each time: on the
-photos preset (MobileNetV2, 128 crops of 96 px per batch, two dask threads) 3 300 page faults per crop,
-68 % of the CPU time in the kernel, 2.75x fewer crops per second (bench/allocator.py measures it). One
-arena and thresholds of 1 GiB keep those blocks in the process. The cost: a process's resident memory
-stays at its peak instead of shrinking between batches.
+them and allocates them again for the next batch, so every page is faulted in anew each time and the
+kernel's page-fault work can take most of the CPU time (bench/allocator.py measures it; the figures are in
+docs/speed.md). One arena and thresholds of 1 GiB keep those blocks in the process. The cost: a process's
+resident memory stays at its peak instead of shrinking between batches.
 
 `use_tensor_friendly_malloc()` sets this for the running process with mallopt (the CLI calls it first; a
 shard task calls it in a process that has not yet, since a dask worker may start with other settings,
