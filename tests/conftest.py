@@ -7,6 +7,7 @@ from tiny import SCHEDULER, STAGES, method_options, options
 import pipeline.cli
 from pipeline.cli import main
 from pipeline.data.shapes import write_shapes
+from pipeline.engine import runner
 
 TINY_IMAGES = 16
 
@@ -79,7 +80,7 @@ def config_sealed_while_stages_run():
     """Inside, every config the CLI loads is sealed while its planned stages run (pipeline.engine.runner.run_stages):
     a stage that reads the config instead of the params its key covers fails. Yields the count of sealed runs."""
     sealed_runs = []
-    load_config, run_stages = pipeline.cli.load_config, pipeline.cli.run_stages
+    load_config, run_stages = pipeline.cli.load_config, runner.run_stages
 
     def sealing_run_stages(plans, run, *args, **kwargs):
         SealableConfig.sealed = True
@@ -92,6 +93,7 @@ def config_sealed_while_stages_run():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline.cli, "load_config", lambda *args: SealableConfig(load_config(*args)))
         patch.setattr(pipeline.cli, "run_stages", sealing_run_stages)
+        patch.setattr(runner, "run_stages", sealing_run_stages)  # what runner.run_in_turn calls
         yield sealed_runs
 
 
