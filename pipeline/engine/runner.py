@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -162,15 +162,13 @@ def run_stages(plans: list[StagePlan], run: RunContext, scheduler: str, force: s
 
 
 def run_in_turn(targets: list[str], registry: dict[str, Stage], run: RunContext, scheduler: str,
-                force_of: Callable[[set[str]], set[str]]) -> list[tuple[str, list[dict]]]:
+                force_of: Callable[[set[str]], set[str]]) -> Iterator[tuple[str, list[dict]]]:
     """Plan and run each target with what it reads, one after another, so that no two targets' stages share
     the machine (the timing table's training times); `force_of(stage names of a target's plans)` names those
-    to recompute. Returns each target with its run's summaries."""
-    results = []
+    to recompute. Yields each target with its run's summaries as soon as it is done."""
     for target in targets:
         plans = plan_stages([target], registry, run)
-        results.append((target, run_stages(plans, run, scheduler, force_of({plan.stage.name for plan in plans}))))
-    return results
+        yield target, run_stages(plans, run, scheduler, force_of({plan.stage.name for plan in plans}))
 
 
 def forget(plan: StagePlan, problems: dict[str, str]) -> None:
