@@ -159,4 +159,4 @@ def markdown_report(ctx: StageContext, measured: dict, rows: list[dict], hardwar
         "## Faster R-CNN, Table 5 (published; K40, ms per image)\n", FASTER_RCNN_TABLE5,
         "Settings (float32):\n",
         *(f"- {method.title}: {method.describe(params['methods'][method.name], params['sections'].get(method.section))}"
-          for method in dict.fromkeys(method for method, _ in timed_methods()))])
+          for method in {method.name: method for method, _ in timed_methods()}.values())])

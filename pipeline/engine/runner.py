@@ -20,7 +20,7 @@ from pipeline.engine import graph
 from pipeline.engine.cache import StageCache, cache_key, temporary_path
 from pipeline.engine.config import without_neutral_options
 from pipeline.engine.errors import ConfigError
-from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device
+from pipeline.engine.stage import DataSet, Shard, Stage, StageContext, describe_hardware, freeze, resolve_device, thaw
 
 log = logging.getLogger(__name__)
 VERIFIED = ".verified.json"  # the sha256 of shard files, by path, size and mtime (pipeline.engine.cache.file_digests)
@@ -116,7 +116,7 @@ def plan_stages(targets: list[str], registry: dict[str, Stage], run: RunContext)
         inputs = stage.input_stages(ctx.params)
         shards = stage.shards(ctx)
         description = {
-            "stage": name, "version": stage.version, "params": stage.params(key_config),
+            "stage": name, "version": stage.version, "params": thaw(freeze(stage.params(key_config))),
             "extras": stage.key_extras(ctx), "data": run.data_identity if stage.reads_data_set else None,
             "inputs": {upstream: plans[upstream].key for upstream in inputs},
             "shards": cache_key({shard.id: list(shard.items) for shard in shards}),
