@@ -291,8 +291,9 @@ def command_run(args) -> int:
     everything = [name for name in ENDS if name != "localize"]  # localize needs single-object data
     train_split = ctx.config["data"]["train_split"]
     if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(train_split):
-        print(f"fcn left out: this data set has no segmentation masks "
-              f"({ctx.dataset.segmentation_split_file(ctx.config['data']['train_split'])} is missing)")
+        missing = (f"{ctx.dataset.segmentation_split_file(train_split)} is missing" if ctx.dataset.format == "voc"
+                   else f"{ctx.dataset.format.upper()} files hold none")
+        print(f"fcn left out: this data set has no segmentation masks ({missing})")
         everything.remove("fcn")
     targets = args.targets or [ENDS[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)

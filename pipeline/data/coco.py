@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from pipeline import coco
@@ -245,9 +246,19 @@ def is_number(value) -> bool:
 
 
 def read_json(path: Path) -> dict:
-    """A COCO file's content: images, annotations (default none) and categories; one line naming it otherwise."""
+    """A COCO file's content: images, annotations (default none) and categories; one line naming it otherwise.
+    Parsed once per process for each size and mtime (a worker handed the data set again reuses it)."""
     if not path.is_file():
         raise DataSetError(path, "annotation file is missing")
+    stat = path.stat()
+    try:
+        return _parsed_json(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    except DataSetError as error:
+        raise DataSetError(path, error.problem) from None  # named as given
+
+
+@lru_cache(maxsize=8)
+def _parsed_json(path: Path, size: int, mtime_ns: int) -> dict:
     try:
         content = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:

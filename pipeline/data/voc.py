@@ -77,6 +77,7 @@ class VOCAnnotation:
 
 class VOCDataset:
     """One VOC-layout root. Classes come from `classes`, or else from `class_split`'s annotations."""
+    format = "voc"
 
     def __init__(self, root, classes=None, class_split: str = "trainval", on_bad_input: str = "error"):
         if on_bad_input not in ON_BAD_INPUT:
