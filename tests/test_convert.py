@@ -178,15 +178,18 @@ def test_bccd_converted_to_coco_json_reads_as_the_voc_reader_reads_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_on_the_coco_form_gives_the_voc_forms_map(tiny_run, tmp_path):
-    """The tiny R-CNN run (conftest's tiny_run, on the VOC set) again on the same set as COCO json: the same
-    detections, so the same VOC and COCO APs, though COCO's are now scored against the converted file itself."""
-    shapes_root, _, voc_reports = tiny_run
-    convert(VOCDataset(shapes_root), tmp_path / "coco", "coco")
-    assert main(["run", *options(tmp_path / "coco", tmp_path / "cache", tmp_path / "reports")]) == 0
-    voc_map, coco_map = (json.loads((reports / "demo" / "rcnn-evaluate" / "map.json").read_text())
-                         for reports in (voc_reports, tmp_path / "reports"))
+def test_a_run_on_the_coco_form_gives_the_voc_forms_map(shapes_root, tmp_path):
+    """The tiny R-CNN run (tests/tiny.py) on the tiny set and on the same set as COCO json: the same detections,
+    so the same VOC and COCO APs, though COCO's are scored against the converted file itself (its own image ids,
+    not the conversion's 1, 2, ...)."""
+    convert(VOCDataset(shapes_root), tmp_path / "shapes-coco", "coco", ["trainval", "test"])  # test ids from 12
+    for form, data in (("voc", shapes_root), ("coco", tmp_path / "shapes-coco")):
+        assert main(["run", *options(data, tmp_path / form / "cache", tmp_path / form / "reports")]) == 0
+    voc_map, coco_map = (json.loads((tmp_path / form / "reports" / "demo" / "rcnn-evaluate" / "map.json").read_text())
+                         for form in ("voc", "coco"))
     assert coco_map == voc_map and voc_map["coco"]["svm_bbox"]["ap50"] > 0
-    truth = json.loads((tmp_path / "reports" / "demo" / "rcnn-evaluate" / "coco" / "ground_truth.json").read_text())
-    own = json.loads((tmp_path / "coco" / "annotations" / "instances_test.json").read_text())
+    truth = json.loads((tmp_path / "coco" / "reports" / "demo" / "rcnn-evaluate" / "coco" / "ground_truth.json")
+                       .read_text())
+    own = json.loads((tmp_path / "shapes-coco" / "annotations" / "instances_test.json").read_text())
     assert truth["images"] == own["images"] and truth["categories"] == own["categories"]
+    assert [image["id"] for image in truth["images"]] != list(range(1, len(truth["images"]) + 1))

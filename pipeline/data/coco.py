@@ -65,8 +65,10 @@ class CocoDataset(AnnotatedImages):
         return self._split_files[split]
 
     def splits(self) -> list[str]:
+        """Those of annotations/instances_*.json (COCO's own folder also holds captions_* and person_keypoints_*),
+        else of annotations/*.json, else the splits the reader was given."""
         folder = self.root / "annotations"
-        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        files = (sorted(folder.glob("instances_*.json")) or sorted(folder.glob("*.json"))) if folder.is_dir() else []
         return [split_name(path) for path in files] or list(self._split_files)
 
     def listed_ids(self, split: str) -> list[str]:
