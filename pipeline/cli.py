@@ -1,4 +1,4 @@
-"""`rcnn`: one subcommand per stage, plus `run`, `status` and `data shapes`.
+"""`rcnn`: one subcommand per stage, plus `run`, `status`, `data shapes` and `data convert`.
 
 Every stage command runs what it needs upstream, reuses what is cached and resumes what was cut off.
 """
@@ -11,8 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.data.convert import TARGETS, convert
+from pipeline.data.formats import open_dataset
+from pipeline.data.shapes import FORMATS as SHAPES_FORMATS
 from pipeline.data.shapes import write_shapes
-from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT, VOCDataset
+from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT
 from pipeline.engine.config import DEFAULT_PRESET, load_config
 from pipeline.engine.errors import BadInputError, ConfigError, UserError
 from pipeline.engine.graph import parse_scheduler
@@ -85,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the Python traceback instead of the one-line message")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    data = commands.add_parser("data", help="generate a data set in the VOC layout",
-                               description="Generate a data set in the PASCAL VOC layout.")
+    data = commands.add_parser("data", help="generate a data set, or convert one to another format",
+                               description="Generate the synthetic shapes set, or write a data set (VOC, COCO or "
+                                           "YOLO) in another of these formats.")
     data_kinds = data.add_subparsers(title="data sets", metavar="KIND", required=True)
     shapes = data_kinds.add_parser(
         "shapes", help="the synthetic shapes set (detection boxes and segmentation masks)",
@@ -101,7 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--single-object", action="store_true",
                         help="exactly one object per image, never difficult: the data of `rcnn localize` "
                              "(classification + localization); write it to its own --out, e.g. data/shapes-single")
+    shapes.add_argument("--format", choices=SHAPES_FORMATS, default="voc",
+                        help="voc (the default; with segmentation masks), coco (annotations/instances_<split>.json "
+                             "and images/) or yolo (data.yaml, images/, labels/ and a list per split); the same "
+                             "images, boxes and splits")
     shapes.set_defaults(handler=command_data_shapes)
+
+    converting = data_kinds.add_parser(
+        "convert", help="write the --data set (VOC, COCO or YOLO) in another format",
+        description="Read the data set --data names (detected as voc, coco or yolo, or as data.format says) with "
+                    "the pipeline's own reader and its checks, and write it to OUT: every split, or those of "
+                    "--splits, with the same images (copied), classes and boxes. VOC holds whole pixels, so boxes "
+                    "from COCO or YOLO are rounded to the nearest pixel edges; COCO has no truncated flag, YOLO "
+                    "no difficult or truncated flag.")
+    converting.add_argument("out", type=Path, metavar="OUT", help="a new folder for the converted data set")
+    converting.add_argument("--to", choices=TARGETS, required=True, help="the format to write")
+    converting.add_argument("--splits", nargs="+", metavar="SPLIT",
+                            help="the splits to write (default: every split the data set has)")
+    add_data_options(converting)
+    converting.set_defaults(handler=command_data_convert)
 
     for stage in REGISTRY.values():
         summary = (stage.__doc__ or sys.modules[type(stage).__module__].__doc__ or stage.name).strip().splitlines()[0]
@@ -190,18 +212,10 @@ def add_predict_parser(commands) -> None:
 
 
 def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
-    parser.add_argument("--config", default=None, metavar="NAME|PATH",
-                        help=f"a preset in configs/ (demo, photos, voc2007) or a YAML file (default: {DEFAULT_PRESET})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set proposals.max_proposals=300 (repeatable; "
-                             "the value is read as YAML)")
-    parser.add_argument("--data", type=Path, metavar="DIR", help="a VOC-layout data set root (default: data.root)")
+    add_data_options(parser)
     parser.add_argument("--cache", type=Path, metavar="DIR", help="the cache folder (default: cache_dir)")
     parser.add_argument("--reports", type=Path, metavar="DIR",
                         help="where reports go, as DIR/<config name>/<stage>/ (default: reports_dir)")
-    parser.add_argument("--on-bad-input", choices=ON_BAD_INPUT,
-                        help="on an unreadable image or bad annotation: stop with an error naming the file, "
-                             "or skip the item and list it in the stage report (default: data.on_bad_input)")
     parser.add_argument("--scheduler", metavar="SPEC", help=SCHEDULER_HELP)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where the networks run: cuda when one is visible (auto), or cpu/cuda explicitly "
@@ -210,7 +224,23 @@ def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) 
         parser.add_argument("--force", nargs="*", metavar="STAGE", default=None, help=force_help)
 
 
-def make_context(args) -> RunContext:
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say which config and which data set: every command that reads the data set has them."""
+    parser.add_argument("--config", default=None, metavar="NAME|PATH",
+                        help=f"a preset in configs/ (demo, photos, voc2007) or a YAML file (default: {DEFAULT_PRESET})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set proposals.max_proposals=300 (repeatable; "
+                             "the value is read as YAML)")
+    parser.add_argument("--data", type=Path, metavar="PATH",
+                        help="the data set: a VOC, COCO or YOLO folder, a COCO .json file (the training split) or a "
+                             "YOLO data.yaml; the format is detected unless data.format names it (default: data.root)")
+    parser.add_argument("--on-bad-input", choices=ON_BAD_INPUT,
+                        help="on an unreadable image or bad annotation: stop with an error naming the file, "
+                             "or skip the item and list it in the stage report (default: data.on_bad_input)")
+
+
+def load_data_config(args) -> dict:
+    """The config with --data and --on-bad-input applied to its data section."""
     config = load_config(args.config, args.set)
     for key in ("data", "cache_dir", "reports_dir", "scheduler"):
         if key not in config:
@@ -220,13 +250,17 @@ def make_context(args) -> RunContext:
         data["root"] = str(args.data)
     if args.on_bad_input:
         data["on_bad_input"] = args.on_bad_input
+    return config
+
+
+def make_context(args) -> RunContext:
+    config = load_data_config(args)
     config["cache_dir"] = str(args.cache or config["cache_dir"])
     config["reports_dir"] = str(args.reports or config["reports_dir"])
     config["scheduler"] = args.scheduler or config["scheduler"]
     config["device"] = args.device or config.get("device", "auto")
     parse_scheduler(config["scheduler"])  # a bad spec fails now, before any planning
-    dataset = VOCDataset(data["root"], classes=data["classes"], class_split=data["train_split"],
-                         on_bad_input=data["on_bad_input"])
+    dataset = open_dataset(config["data"])
     # reports/<config name>/<stage>/: runs of different configs keep their own reports side by side
     ctx = RunContext(config, dataset, Path(config["cache_dir"]), Path(config["reports_dir"]) / config["config_name"])
     if config["device"] != "auto":
@@ -235,8 +269,20 @@ def make_context(args) -> RunContext:
 
 
 def command_data_shapes(args) -> int:
-    written = write_shapes(args.out, args.images, args.seed, args.single_object)
-    print(f"{'wrote' if written else 'up to date:'} {args.images} images to {args.out}")
+    written = write_shapes(args.out, args.images, args.seed, args.single_object, args.format)
+    print(f"{'wrote' if written else 'up to date:'} {args.images} images to {args.out}"
+          f"{'' if args.format == 'voc' else f' ({args.format})'}")
+    return 0
+
+
+def command_data_convert(args) -> int:
+    dataset = open_dataset(load_data_config(args)["data"])
+    written = convert(dataset, args.out, args.to, args.splits)
+    for path, problem in dataset.skipped.items():
+        print(f"skipped {path}: {problem}")
+    splits = ", ".join(f"{split} {count}" for split, count in written["splits"].items())
+    print(f"wrote {written['images']} images, {written['objects']} objects, {len(dataset.classes)} classes to "
+          f"{args.out} ({args.to}; images per split: {splits})")
     return 0
 
 
@@ -245,8 +291,9 @@ def command_run(args) -> int:
     everything = [name for name in ENDS if name != "localize"]  # localize needs single-object data
     train_split = ctx.config["data"]["train_split"]
     if not args.targets and "all" in args.methods and not ctx.dataset.has_segmentation(train_split):
-        print(f"fcn left out: this data set has no segmentation masks "
-              f"({ctx.dataset.segmentation_split_file(ctx.config['data']['train_split'])} is missing)")
+        missing = (f"{ctx.dataset.segmentation_split_file(train_split)} is missing" if ctx.dataset.format == "voc"
+                   else f"{ctx.dataset.format.upper()} files hold none")
+        print(f"fcn left out: this data set has no segmentation masks ({missing})")
         everything.remove("fcn")
     targets = args.targets or [ENDS[name] for name in (everything if "all" in args.methods else args.methods)]
     plans = plan_stages(targets, REGISTRY, ctx)

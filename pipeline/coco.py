@@ -5,11 +5,16 @@ convention (pipeline.boxes: x2 = x1 + width), so no pixel is added or taken. Cat
 index + 1 (COCO reserves 0). A VOC `difficult` object becomes `iscrowd: 1`, the only way pycocotools
 ignores a ground-truth box: a detection on it is neither a true nor a false positive (as in VOC),
 though pycocotools measures its overlap with such a box as intersection over the detection's area.
+
+A data set read from COCO files is evaluated against its own file (its image and category ids,
+pipeline.data.coco); any other is converted here (`ground_truth`). Each reader says which:
+`dataset.coco_ground_truth(split, image_ids)` returns a GroundTruth.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -22,9 +27,33 @@ def categories(classes: list[str]) -> list[dict]:
     return [{"id": index + 1, "name": name, "supercategory": "object"} for index, name in enumerate(classes)]
 
 
-def results(detections_by_image: dict[int, np.ndarray]) -> list[dict]:
-    """COCO results: one entry per detection of float32[D, 6] rows (x1, y1, x2, y2, score, class index)."""
-    return [{"image_id": image_id, "category_id": int(class_index) + 1, "score": round(float(score), 6),
+@dataclass(frozen=True)
+class GroundTruth:
+    """COCO ground truth of some images, with the COCO id of each image (by the pipeline's image id) and of
+    each class (by class index), which the detections' results must use."""
+    truth: dict
+    image_numbers: dict[str, int]
+    category_ids: tuple[int, ...]
+
+    def results(self, detections_by_image: dict[str, np.ndarray]) -> list[dict]:
+        """COCO results of float32[D, 6] rows (x1, y1, x2, y2, score, class index) by pipeline image id."""
+        return results({self.image_numbers[image_id]: rows for image_id, rows in detections_by_image.items()},
+                       self.category_ids)
+
+
+def converted(dataset, image_ids: list[str]) -> GroundTruth:
+    """The COCO ground truth of these images made from the reader's boxes (`ground_truth`)."""
+    return GroundTruth(ground_truth(dataset, image_ids),
+                       {image_id: number for number, image_id in enumerate(image_ids, start=1)},
+                       tuple(range(1, len(dataset.classes) + 1)))
+
+
+def results(detections_by_image: dict[int, np.ndarray], category_ids: tuple[int, ...] | None = None) -> list[dict]:
+    """COCO results: one entry per detection of float32[D, 6] rows (x1, y1, x2, y2, score, class index);
+    a class's category id is category_ids[class index], by default class index + 1."""
+    def category(class_index) -> int:
+        return int(class_index) + 1 if category_ids is None else category_ids[int(class_index)]
+    return [{"image_id": image_id, "category_id": category(class_index), "score": round(float(score), 6),
              "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)]}
             for image_id, rows in detections_by_image.items() for x1, y1, x2, y2, score, class_index in rows]
 

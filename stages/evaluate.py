@@ -56,9 +56,8 @@ class Evaluate(Stage):
         params, results, evaluators, coco_results = ctx.params, {}, {}, {}
         for variant in shard.items:
             detections = read_detections(inputs[self.method.detect_stage], variant)  # every detected image
-            numbered = coco_numbers(ctx, detections)
-            coco_results[variant] = coco.evaluate(coco.ground_truth(ctx.dataset, list(numbered)),
-                                                  coco.results({numbered[i]: rows for i, rows in detections.items()}))
+            truth = coco_ground_truth(ctx, detections)
+            coco_results[variant] = coco.evaluate(truth.truth, truth.results(detections))
             for iou in params["ious"]:
                 evaluator = evaluators[variant, iou] = VOCEvaluator(ctx.classes, iou)
                 for image_id in detections:
@@ -114,19 +113,20 @@ def chance_level_svms(svm: StageCache) -> list[str]:
             for name, stats in per_class.items() if stats.get("held_back_auc", 1.0) <= CHANCE_AUC]
 
 
-def coco_numbers(ctx: StageContext, detections: dict) -> dict[str, int]:
-    """The COCO image id of each detected test image: its position in the test split, from 1."""
+def coco_ground_truth(ctx: StageContext, detections: dict) -> coco.GroundTruth:
+    """The COCO ground truth of the detected test images, in test-split order: for a data set read from COCO
+    files, its own test file's images, annotations and ids; for any other, a conversion numbering the images
+    by their position from 1 (pipeline.coco)."""
     detected = [image_id for image_id in ctx.dataset.image_ids(ctx.test_split) if image_id in detections]
-    return {image_id: number for number, image_id in enumerate(detected, start=1)}
+    return ctx.dataset.coco_ground_truth(ctx.test_split, detected)
 
 
 def write_coco_files(ctx: StageContext, detections: dict, folder) -> None:
     """The result's test detections in the COCO results format, and the test split as COCO ground truth."""
     folder.mkdir()
-    numbered = coco_numbers(ctx, detections)
-    (folder / "ground_truth.json").write_text(json.dumps(coco.ground_truth(ctx.dataset, list(numbered))))
-    (folder / "detections.json").write_text(
-        json.dumps(coco.results({numbered[i]: rows for i, rows in detections.items()})))
+    truth = coco_ground_truth(ctx, detections)
+    (folder / "ground_truth.json").write_text(json.dumps(truth.truth))
+    (folder / "detections.json").write_text(json.dumps(truth.results(detections)))
 
 
 def _jsonable(result: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Data sets in the PASCAL VOC layout. Knows nothing of stages or models."""
+"""Data sets: the PASCAL VOC layout, COCO json and the YOLO layout (formats.open_dataset picks the reader),
+the shapes generator and conversion between formats. Knows nothing of stages or models."""
 from pipeline.data.voc import VOCAnnotation, VOCDataset, VOCObject
 
 __all__ = ["VOCAnnotation", "VOCDataset", "VOCObject"]

@@ -7,7 +7,9 @@ truncated; tiny ones are flagged difficult. Boxes are the extent of the visible 
 `SegmentationClass/` holds palette PNGs: 0 background, class index + 1, 255 void (object boundaries
 and difficult objects, as in VOC). The same seed gives the same bytes; image i depends only on
 (seed, i), so a larger set extends a smaller one. With `single_object`, every image holds exactly one
-object, never difficult (for classification + localization, stages/localize.py).
+object, never difficult (for classification + localization, stages/localize.py). With `data_format` coco or
+yolo, the same set is written as COCO json files or in the YOLO layout instead (pipeline.data.convert: the
+same images, boxes and splits; no masks, and YOLO has no difficult flag).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.convert import write_format
 from pipeline.engine.cache import naming_the_file, temporary_path, write_bytes
-from pipeline.data.voc import VOCAnnotation, VOCObject, voc_palette, write_annotation
+from pipeline.data.voc import VOCAnnotation, VOCDataset, VOCObject, voc_palette, write_annotation
 from pipeline.engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,16 +39,21 @@ MIN_VISIBLE_FRACTION = 0.5     # occlusion never hides more than half of an obje
 DIFFICULT_PROBABILITY = 0.05   # share of tiny objects, flagged difficult
 BORDER_PROBABILITY = 0.15      # share of objects placed across the image border
 SUBPIXEL_BITS = 4              # cv2.fillPoly fixed-point precision
+FORMATS = ("voc", "coco", "yolo")
 
 
-def write_shapes(out: Path, images: int, seed: int, single_object: bool = False) -> bool:
-    """Write the set to `out`; returns False when an identical set is already there."""
+def write_shapes(out: Path, images: int, seed: int, single_object: bool = False, data_format: str = "voc") -> bool:
+    """Write the set to `out` in `data_format`; returns False when an identical set is already there."""
     if images < 1:
         raise UserError(f"--images must be at least 1, not {images}")
+    if data_format not in FORMATS:
+        raise UserError(f"--format {data_format}: not a format to write ({', '.join(FORMATS)})")
     out = Path(out)
     marker = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed, "classes": list(CLASSES)}
     if single_object:
         marker["single_object"] = True
+    if data_format != "voc":
+        marker["format"] = data_format
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists():
@@ -55,13 +63,17 @@ def write_shapes(out: Path, images: int, seed: int, single_object: bool = False)
         if not existing.is_file() and any(out.iterdir()):
             raise UserError(f"{out}: exists and is not a shapes data set (no {MARKER}); "
                             f"remove it or choose another --out")
-    staging = temporary_path(out)
+    staging, voc = temporary_path(out), temporary_path(out)
     try:
-        _write_all(staging, images, seed, single_object)
+        _write_all(voc if data_format != "voc" else staging, images, seed, single_object)
+        if data_format != "voc":
+            splits = [name for name, _ in SPLITS] + ["trainval"]
+            write_format(VOCDataset(voc, classes=list(CLASSES)), splits, staging, data_format)
         write_bytes(staging / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(voc, ignore_errors=True)
     return True
 
 

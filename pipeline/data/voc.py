@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import coco
 from pipeline.boxes import box_to_voc, voc_to_box
 from pipeline.data.identity import files_digest
 from pipeline.engine.errors import BadInputError, ConfigError, DataSetError
@@ -76,6 +77,7 @@ class VOCAnnotation:
 
 class VOCDataset:
     """One VOC-layout root. Classes come from `classes`, or else from `class_split`'s annotations."""
+    format = "voc"
 
     def __init__(self, root, classes=None, class_split: str = "trainval", on_bad_input: str = "error"):
         if on_bad_input not in ON_BAD_INPUT:
@@ -97,6 +99,12 @@ class VOCDataset:
     # ---- splits and classes -------------------------------------------------------------------
     def split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Main" / f"{split}.txt"
+
+    def splits(self) -> list[str]:
+        """The splits of ImageSets/Main/ (its lists of one id per line; a class's <class>_<split>.txt has two)."""
+        folder = self.root / "ImageSets" / "Main"
+        return [path.stem for path in sorted(folder.glob("*.txt"))
+                if len((path.read_text().split("\n", 1)[0]).split()) == 1] if folder.is_dir() else []
 
     def image_ids(self, split: str) -> list[str]:
         """The split's image ids, in file order, without those skipped for bad input."""
@@ -196,6 +204,10 @@ class VOCDataset:
         labels = np.array([class_index[obj.name] for obj in objects], dtype=np.int64)
         difficult = np.array([obj.difficult for obj in objects], dtype=bool)
         return boxes, labels, difficult
+
+    def coco_ground_truth(self, split: str, image_ids: list[str]) -> coco.GroundTruth:
+        """These images' boxes as COCO ground truth (pipeline.coco.converted; VOC has no COCO ids)."""
+        return coco.converted(self, image_ids)
 
     # ---- images -------------------------------------------------------------------------------
     def image_path(self, image_id: str) -> Path:
