@@ -67,8 +67,10 @@ def test_test_only_timing_counts_each_methods_multiply_adds_without_training_any
     reference = REFERENCE.timed_variants[0].timed
     measured = report["measured"]["methods"][reference]["multiply_adds"]["CNN on every crop"]
     assert measured == pytest.approx(crops * counter.get_total_flops() / 2, rel=1e-6)
-    # every method after R-CNN shares the conv work among the proposals: fewer multiply-adds at the same scale
-    assert all(row["multiply_add_ratio"] > 1 for name, row in rows.items() if name != reference)
+    # a network trained end to end runs its conv layers once per image: 80 crops of 48 px (184 k pixels) cost
+    # R-CNN more than one 216 px image (about 58 k) costs it, even with its RPN or RoI heads on top
+    networks = [variant.timed for method in METHODS.values() if method.end_to_end for variant in method.timed_variants]
+    assert networks and all(rows[name]["multiply_add_ratio"] > 1 for name in networks)
     assert "No mAP" in capsys.readouterr().out
 
 
