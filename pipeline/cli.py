@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pipeline.data.convert import TARGETS, convert
 from pipeline.data.formats import open_dataset
+from pipeline.data.reader import IMAGE_SUFFIXES, ON_BAD_INPUT
 from pipeline.data.shapes import FORMATS as SHAPES_FORMATS
 from pipeline.data.shapes import write_shapes
-from pipeline.data.voc import IMAGE_SUFFIXES, ON_BAD_INPUT
 from pipeline.engine.config import DEFAULT_PRESET, load_config
 from pipeline.engine.errors import BadInputError, ConfigError, UserError
 from pipeline.engine.graph import parse_scheduler

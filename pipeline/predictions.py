@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.boxes import clip_boxes
 from pipeline.coco import categories, results
-from pipeline.data.voc import VOCAnnotation, VOCObject, read_rgb, write_annotation
+from pipeline.data.reader import VOCAnnotation, VOCObject, read_rgb
+from pipeline.data.voc import write_annotation
 from pipeline.engine.cache import write_json_atomic
 from pipeline.reports import draw_detections
 

@@ -17,7 +17,7 @@ import cv2
 import h5py
 import numpy as np
 
-from pipeline.data.voc import read_rgb
+from pipeline.data.reader import read_rgb
 from pipeline.engine.cache import StageCache, hdf5_file, sha256_of
 from pipeline.engine.errors import BadInputError
 from pipeline.engine.runner import RunContext, StagePlan, plan_stages

@@ -13,7 +13,8 @@ from pipeline.cli import main
 from pipeline.data.coco import CocoDataset
 from pipeline.data.convert import convert, whole_pixels
 from pipeline.data.formats import open_dataset
-from pipeline.data.voc import VOCAnnotation, VOCDataset, VOCObject
+from pipeline.data.reader import VOCAnnotation, VOCObject
+from pipeline.data.voc import VOCDataset
 from pipeline.data.yolo import YoloDataset
 from pipeline.engine.errors import DataSetError, UserError
 

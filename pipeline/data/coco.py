@@ -25,8 +25,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from pipeline import coco
-from pipeline.data.reader import AnnotatedImages, category_problem, check_image_id
-from pipeline.data.voc import VOCAnnotation, VOCObject
+from pipeline.data.reader import AnnotatedImages, VOCAnnotation, VOCObject, category_problem, check_image_id
 from pipeline.engine.cache import write_bytes
 from pipeline.engine.errors import BadInputError, DataSetError
 

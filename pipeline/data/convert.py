@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.data.coco import write_coco
-from pipeline.data.voc import IMAGE_SUFFIXES, VOCAnnotation, write_annotation
+from pipeline.data.voc import write_annotation
+from pipeline.data.reader import IMAGE_SUFFIXES, VOCAnnotation
 from pipeline.data.yolo import write_yolo
 from pipeline.engine.cache import temporary_path, write_bytes
 from pipeline.engine.errors import BadInputError, DataSetError, UserError

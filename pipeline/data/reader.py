@@ -1,32 +1,80 @@
-"""What the COCO and YOLO readers share: the interface the stages use of a data set (that of
-pipeline.data.voc.VOCDataset), on annotations each reader parses in its own way.
+"""What every reader shares (VOC, COCO, YOLO): the interface the stages use of a data set, on annotations each
+reader parses in its own way, and the records they parse into.
 
 A reader lists the image ids of a split (`listed_ids`), parses one image's annotation into a VOCAnnotation
-(`_parsed`, boxes in the pipeline's 0-based continuous convention, pipeline.boxes), and names the files its
-identity covers (`identity_files`). Everything else is here: classes (data.classes, or the sorted names the
-training split's objects use), the class check, skipping bad items (`on_bad_input`), images, the arrays of
-`ground_truth`, and the identity (content digests of the files, pipeline.data.identity). Neither format has
-per-pixel class masks, so `has_segmentation` is False.
+(`_parsed`, boxes in the pipeline's 0-based continuous convention, pipeline.boxes), says where each object
+comes from (`_object_source`, for errors) and names the files its identity covers (`identity_files`).
+Everything else is here: classes (data.classes, or the sorted names the training split's objects use), the
+class check, skipping bad items (`on_bad_input`), images, the arrays of `ground_truth`, and the identity
+(content digests of the files, pipeline.data.identity). COCO and YOLO have no per-pixel class masks
+(`has_segmentation` False here); VOC's reader adds them.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.identity import files_digest
-from pipeline.data.voc import ON_BAD_INPUT, VOCAnnotation, class_name_problem, read_rgb
 from pipeline.engine.errors import BadInputError, ConfigError, DataSetError
 from pipeline.engine.interrupt import check_stop
+from pipeline.engine.schema import register_check, register_choices
 
 log = logging.getLogger(__name__)
+ON_BAD_INPUT = ("error", "skip")
+register_choices("data.on_bad_input", ON_BAD_INPUT)
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name, or None: class names name files (the devkit's results files,
+    comp4_det_<split>_<class>.txt) and folders, so no path separators, control characters, . or .."""
+    if "/" in name or "\\" in name:
+        return "holds a path separator (/ or \\)"
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "holds a control character"
+    if name in (".", ".."):
+        return "is . or .."
+    return None
+
+
+def check_class_names(config: dict) -> None:
+    """data.classes (the schema runs this at config load): valid names, each once."""
+    classes = config["data"]["classes"]
+    for name in classes:
+        if not isinstance(name, str) or class_name_problem(name):
+            raise ConfigError(f"data.classes: {name!r} {class_name_problem(str(name)) or 'is not a string'}")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"data.classes: {repeated[0]!r} is listed more than once")
+
+
+register_check(check_class_names)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class VOCObject:
+    name: str
+    box: tuple[float, float, float, float]  # (x1, y1, x2, y2), pipeline convention (pipeline.boxes)
+    difficult: bool
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class VOCAnnotation:
+    image_id: str
+    width: int
+    height: int
+    objects: tuple[VOCObject, ...]
 
 
 class AnnotatedImages:
-    """The common part of the COCO and YOLO readers (subclasses: pipeline.data.coco, pipeline.data.yolo)."""
+    """The common part of the readers (subclasses: pipeline.data.voc, pipeline.data.coco, pipeline.data.yolo)."""
     format = ""
 
     def __init__(self, root, classes=None, class_split: str = "train", on_bad_input: str = "error"):
@@ -195,7 +243,26 @@ def check_unique_ids(source: Path, paths: dict[str, list[Path]]) -> None:
 
 
 def category_problem(name) -> str | None:
-    """Why a category or class name from a file cannot be a class (pipeline.data.voc.class_name_problem)."""
+    """Why a category or class name from a file cannot be a class (class_name_problem, above)."""
     if not isinstance(name, str) or not name.strip():
         return "is not a name"
     return class_name_problem(name)
+
+
+def read_rgb(path: Path, expected_width: int | None = None, expected_height: int | None = None) -> np.ndarray:
+    """Decode an image fully (so a truncated file is caught here) into RGB uint8[H, W, 3]."""
+    if not path.is_file():
+        raise BadInputError(path, "image file is missing")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise BadInputError(path, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInputError(path, f"image is truncated or corrupt ({exc})") from None
+    height, width = rgb.shape[:2]
+    if expected_width is not None and (width, height) != (expected_width, expected_height):
+        raise BadInputError(path, f"image is {width}x{height} but its annotation says "
+                                  f"{expected_width}x{expected_height}")
+    return rgb

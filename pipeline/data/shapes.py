@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from pipeline.data.convert import write_format
 from pipeline.engine.cache import naming_the_file, temporary_path, write_bytes
-from pipeline.data.voc import VOCAnnotation, VOCDataset, VOCObject, voc_palette, write_annotation
+from pipeline.data.voc import VOCDataset, voc_palette, write_annotation
+from pipeline.data.reader import VOCAnnotation, VOCObject
 from pipeline.engine.errors import UserError
 
 log = logging.getLogger(__name__)

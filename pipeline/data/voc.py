@@ -23,80 +23,22 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import coco
 from pipeline.boxes import box_to_voc, voc_to_box
 from pipeline.data.identity import files_digest
+from pipeline.data.reader import IMAGE_SUFFIXES, AnnotatedImages, VOCAnnotation, VOCObject, class_name_problem
 from pipeline.engine.errors import BadInputError, ConfigError, DataSetError
 from pipeline.engine.interrupt import check_stop
 from pipeline.engine.schema import register_check, register_choices
 
-ON_BAD_INPUT = ("error", "skip")
-register_choices("data.on_bad_input", ON_BAD_INPUT)
-
-
-def class_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a class name, or None: class names name files (the devkit's results files,
-    comp4_det_<split>_<class>.txt) and folders, so no path separators, control characters, . or .."""
-    if "/" in name or "\\" in name:
-        return "holds a path separator (/ or \\)"
-    if any(ord(character) < 32 or ord(character) == 127 for character in name):
-        return "holds a control character"
-    if name in (".", ".."):
-        return "is . or .."
-    return None
-
-
-def check_class_names(config: dict) -> None:
-    """data.classes (the schema runs this at config load): valid names, each once."""
-    classes = config["data"]["classes"]
-    for name in classes:
-        if not isinstance(name, str) or class_name_problem(name):
-            raise ConfigError(f"data.classes: {name!r} {class_name_problem(str(name)) or 'is not a string'}")
-    repeated = sorted({name for name in classes if classes.count(name) > 1})
-    if repeated:
-        raise ConfigError(f"data.classes: {repeated[0]!r} is listed more than once")
-
-
-register_check(check_class_names)
-log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-@dataclass(frozen=True)
-class VOCObject:
-    name: str
-    box: tuple[float, float, float, float]  # (x1, y1, x2, y2), pipeline convention (pipeline.boxes)
-    difficult: bool
-    truncated: bool
-
-
-@dataclass(frozen=True)
-class VOCAnnotation:
-    image_id: str
-    width: int
-    height: int
-    objects: tuple[VOCObject, ...]
-
-
-class VOCDataset:
+class VOCDataset(AnnotatedImages):
     """One VOC-layout root. Classes come from `classes`, or else from `class_split`'s annotations."""
     format = "voc"
 
     def __init__(self, root, classes=None, class_split: str = "trainval", on_bad_input: str = "error"):
-        if on_bad_input not in ON_BAD_INPUT:
-            raise ConfigError(f"on_bad_input must be one of {ON_BAD_INPUT}, not {on_bad_input!r}")
-        self.root = Path(root)
+        super().__init__(root, classes, class_split, on_bad_input)
         if not (self.root / "Annotations").is_dir():
             raise DataSetError(self.root, "not a VOC-layout data set (no Annotations/ folder); "
                                 "generate one with `rcnn data shapes --out DIR` or pass --data VOCdevkit/VOC2007")
-        self.class_split = class_split
-        self.on_bad_input = on_bad_input
-        self.skipped: dict[str, str] = {}  # file -> problem, for the stage report
-        self._given_classes = list(classes) if classes else None
-        self._classes: list[str] | None = None
-        self._annotations: dict[str, VOCAnnotation | None] = {}
 
-    def __getstate__(self):  # workers re-read what they need rather than receive every annotation
-        return {**self.__dict__, "_annotations": {}}
-
-    # ---- splits and classes -------------------------------------------------------------------
+    # ---- splits ---------------------------------------------------------------------------------
     def split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Main" / f"{split}.txt"
 
@@ -105,30 +47,6 @@ class VOCDataset:
         folder = self.root / "ImageSets" / "Main"
         return [path.stem for path in sorted(folder.glob("*.txt"))
                 if len((path.read_text().split("\n", 1)[0]).split()) == 1] if folder.is_dir() else []
-
-    def image_ids(self, split: str) -> list[str]:
-        """The split's image ids, in file order, without those skipped for bad input."""
-        return [image_id for image_id in self.listed_ids(split) if self.annotation(image_id) is not None]
-
-    @property
-    def classes(self) -> list[str]:
-        if self._classes is None:
-            self._classes = self._given_classes or self._classes_in_split(self.class_split)
-        return self._classes
-
-    def _classes_in_split(self, split: str) -> list[str]:
-        """The class names of the split's objects, sorted; said in the log with their counts, so that a typo
-        (a class of one object) is seen."""
-        counts = Counter()
-        for image_id in self.listed_ids(split):
-            annotation = self._guard(lambda: parse_annotation(self.annotation_path(image_id), image_id))
-            if annotation is not None:
-                counts.update(obj.name for obj in annotation.objects)
-        if not counts:
-            raise DataSetError(self.split_file(split), "no annotated objects to take the class list from")
-        log.info("classes (data.classes is empty: those of %s): %s", self.split_file(split),
-                 ", ".join(f"{name} ({counts[name]})" for name in sorted(counts)))
-        return sorted(counts)
 
     def segmentation_split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -174,57 +92,26 @@ class VOCDataset:
         return {"files": count, "digest": digest, "classes": self.classes, "on_bad_input": self.on_bad_input}
 
     # ---- annotations --------------------------------------------------------------------------
-    def annotation(self, image_id: str) -> VOCAnnotation | None:
-        """The parsed, checked annotation, or None when it is bad and on_bad_input is 'skip'."""
-        if image_id not in self._annotations:
-            self._annotations[image_id] = self._guard(lambda: self._checked_annotation(image_id))
-        return self._annotations[image_id]
+    def _parsed(self, image_id: str) -> VOCAnnotation:
+        return parse_annotation(self.annotation_path(image_id), image_id)
 
-    def _checked_annotation(self, image_id: str) -> VOCAnnotation:
-        path = self.annotation_path(image_id)
-        annotation = parse_annotation(path, image_id)
-        known = set(self.classes)
-        for index, obj in enumerate(annotation.objects, start=1):
-            if obj.name not in known:
-                origin = ("data.classes" if self._given_classes else
-                          f"the classes found in the training split {self.class_split!r}; list every class in "
-                          f"data.classes to use others")
-                raise BadInputError(path, f"object {index}: class {obj.name!r} is not one of {origin} "
-                                          f"({', '.join(self.classes)})")
-        return annotation
+    def _object_source(self, image_id: str, index: int) -> tuple[Path, str]:
+        return self.annotation_path(image_id), f"object {index + 1}"
 
     def annotation_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
-
-    def ground_truth(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """boxes float32[N, 4] (x1, y1, x2, y2), class indices int64[N], difficult bool[N]."""
-        objects = self.annotation(image_id).objects
-        class_index = {name: index for index, name in enumerate(self.classes)}
-        boxes = np.array([obj.box for obj in objects], dtype=np.float32).reshape(-1, 4)
-        labels = np.array([class_index[obj.name] for obj in objects], dtype=np.int64)
-        difficult = np.array([obj.difficult for obj in objects], dtype=bool)
-        return boxes, labels, difficult
 
     def coco_ground_truth(self, split: str, image_ids: list[str]) -> coco.GroundTruth:
         """These images' boxes as COCO ground truth (pipeline.coco.converted; VOC has no COCO ids)."""
         return coco.converted(self, image_ids)
 
-    # ---- images -------------------------------------------------------------------------------
+    # ---- images and masks ---------------------------------------------------------------------
     def image_path(self, image_id: str) -> Path:
         stem = self.root / "JPEGImages" / image_id
         for suffix in IMAGE_SUFFIXES:
             if stem.with_suffix(suffix).is_file():
                 return stem.with_suffix(suffix)
         return stem.with_suffix(IMAGE_SUFFIXES[0])
-
-    def read_image(self, image_id: str) -> np.ndarray | None:
-        """The image as RGB uint8[H, W, 3], or None when it is bad and on_bad_input is 'skip'. Per-image work
-        reads each image here, so a run asked to stop (pipeline.engine.interrupt) stops here too."""
-        check_stop()
-        annotation = self.annotation(image_id)
-        if annotation is None:
-            return None
-        return self._guard(lambda: read_rgb(self.image_path(image_id), annotation.width, annotation.height))
 
     def segmentation_path(self, image_id: str) -> Path:
         return self.root / "SegmentationClass" / f"{image_id}.png"
@@ -236,15 +123,6 @@ class VOCDataset:
             return None
         return self._guard(lambda: read_mask(self.segmentation_path(image_id), annotation.width, annotation.height,
                                              len(self.classes)))
-
-    def _guard(self, read):
-        try:
-            return read()
-        except BadInputError as error:
-            if self.on_bad_input == "error":
-                raise
-            self.skipped[error.path] = error.problem
-            return None
 
 
 def parse_annotation(path: Path, image_id: str) -> VOCAnnotation:
@@ -296,25 +174,6 @@ def _number(path: Path, element, tag: str, what: str) -> float:
 
 def _flag(element, tag: str) -> bool:
     return (element.findtext(tag) or "0").strip() == "1"
-
-
-def read_rgb(path: Path, expected_width: int | None = None, expected_height: int | None = None) -> np.ndarray:
-    """Decode an image fully (so a truncated file is caught here) into RGB uint8[H, W, 3]."""
-    if not path.is_file():
-        raise BadInputError(path, "image file is missing")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = np.asarray(image.convert("RGB"))
-    except UnidentifiedImageError:
-        raise BadInputError(path, "not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadInputError(path, f"image is truncated or corrupt ({exc})") from None
-    height, width = rgb.shape[:2]
-    if expected_width is not None and (width, height) != (expected_width, expected_height):
-        raise BadInputError(path, f"image is {width}x{height} but its annotation says "
-                                  f"{expected_width}x{expected_height}")
-    return rgb
 
 
 def read_mask(path: Path, width: int, height: int, num_classes: int) -> np.ndarray:

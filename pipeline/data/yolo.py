@@ -27,8 +27,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import coco
-from pipeline.data.reader import AnnotatedImages, category_problem, check_image_id
-from pipeline.data.voc import VOCAnnotation, VOCObject
+from pipeline.data.reader import AnnotatedImages, VOCAnnotation, VOCObject, category_problem, check_image_id
 from pipeline.engine.cache import write_bytes
 from pipeline.engine.errors import BadInputError, DataSetError
 
