@@ -7,6 +7,7 @@ The svm and bbox stages write their fitted models as `.npz` files, one per task 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +16,37 @@ from torchvision.ops import batched_nms
 
 from pipeline.engine.cache import StageCache
 from pipeline.engine.stage import Shard
-from pipeline.features import layer_features
+from pipeline.features import as_stored, layer_features, pool5_features
+from pipeline.roi import conv5_at_scales, pyramid_features
+from pipeline.timing import Clock
+
+
+@dataclass
+class RegionModels:
+    """What R-CNN and SPP-net detect with: the fine-tuned network, its SVMs and its box regressors."""
+    net: object
+    backbone: Mapping
+    classes: list[str]
+    svms: dict
+    regressors: dict
+
+
+def region_features(spp: bool, models: RegionModels, rgb: np.ndarray, proposals: np.ndarray, params: Mapping,
+                    device: str, clock: Clock) -> np.ndarray:
+    """What the SVMs and box regressors of R-CNN (pool5 of each warped proposal) or SPP-net (each proposal's
+    pyramid on conv5 at its best scale) read, rounded to features.dtype as their training features were."""
+    if spp:
+        maps = conv5_at_scales(models.net.trunk, rgb, params["scales"], device, amp=False)
+        clock.lap("conv5 at every scale")
+        features = pyramid_features(maps, proposals, params["levels"], models.net.trunk_stride,
+                                    models.backbone["input_size"])
+        clock.lap("pyramid pooling")
+    else:
+        features = pool5_features(models.net, rgb, proposals, models.backbone, params["crops_per_batch"], device,
+                                  amp=False, clock=clock)
+    features = as_stored(features, params["feature_dtype"])
+    clock.lap("rounding to features.dtype")
+    return features
 
 
 def class_groups(num_classes: int, per_task: int) -> list[Shard]:
@@ -29,6 +60,18 @@ def load_svms(cache: StageCache, num_classes: int) -> dict:
     any centring and scaling in) and the layer they were trained on."""
     parts = [np.load(path) for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}"))]
     return {**stack_by_class(parts, ("weights", "biases"), num_classes), "layer": str(parts[0]["layer"])}
+
+
+def load_hardest_negatives(cache: StageCache) -> dict[int, list[tuple[str, np.ndarray, float]]]:
+    """class index -> (training image id, box, final SVM score) of the hardest negatives the svm stage kept
+    from each class's cache, hardest first (stages/svm.py)."""
+    hardest: dict[int, list] = {}
+    for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+        with np.load(path) as part:
+            for class_index, image_id, box, score in zip(part["hardest_class"], part["hardest_image"],
+                                                         part["hardest_box"], part["hardest_score"]):
+                hardest.setdefault(int(class_index), []).append((str(image_id), box, float(score)))
+    return hardest
 
 
 def load_regressors(cache: StageCache, num_classes: int) -> dict:
@@ -72,21 +115,11 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
     pool5 (or pyramid) features[R, P], per variant asked for:
         svm_bbox (the R-CNN result), svm (no box regression), softmax_bbox and softmax (the fine-tuned
         network's own (N + 1)-way softmax instead of the SVMs).
-    Box regression uses the regressors' features (pool5); NMS per class at params["nms_iou"], then the
+    Scores and boxes come from region_scores; NMS per class at params["nms_iou"], then the
     params["max_per_image"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
-    layer) and "SVM + bbox + NMS". The work after fc7 is done in torch on the CPU, so that numpy's BLAS
-    threads do not compete with torch's for the same cores (docs/speed.md, bench/rcnn_test_time.py)."""
-    svm_features = torch.from_numpy(layer_features(net, features, svms["layer"], device))
-    if clock is not None:
-        clock.lap("fc6 + fc7")
-    scores = {"svm": svm_features @ torch.from_numpy(svms["weights"]).T + torch.from_numpy(svms["biases"]).float()}
-    if any(variant.startswith("softmax") for variant in variants):
-        fc7 = svm_features if svms["layer"] == "fc7" else torch.from_numpy(layer_features(net, features, "fc7", device))
-        with torch.no_grad():
-            scores["softmax"] = torch.softmax(net.head(fc7.to(device)), dim=1)[:, 1:].cpu()
-    refined = apply_regressors(regressors, features, boxes)
-    refined[..., 0::2] = refined[..., 0::2].clamp(0, width)
-    refined[..., 1::2] = refined[..., 1::2].clamp(0, height)
+    layer) and "SVM + bbox + NMS"."""
+    softmax = any(variant.startswith("softmax") for variant in variants)
+    scores, refined = region_scores(net, svms, regressors, boxes, features, width, height, device, softmax, clock)
     plain = torch.from_numpy(boxes)[:, None, :].expand_as(refined)
     detections = {variant: per_class_nms(refined if variant.endswith("_bbox") else plain,
                                          scores[variant.split("_")[0]], params["nms_iou"], params["max_per_image"])
@@ -96,12 +129,41 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
     return detections
 
 
+def region_scores(net, svms: dict, regressors: dict, boxes: np.ndarray, features: np.ndarray, width: int,
+                  height: int, device: str, softmax: bool, clock=None) -> tuple[dict, torch.Tensor]:
+    """Every class's score of every region, {"svm": [R, N]} (and "softmax": [R, N] when asked), and every
+    class's regressed box of every region, clipped to the image: [R, N, 4]. The SVMs score their layer's
+    features (fc6 / fc7 through the fine-tuned fc layers); box regression uses the regressors' features (pool5).
+    The work after fc7 is done in torch on the CPU, so that numpy's BLAS threads do not compete with torch's
+    for the same cores (docs/speed.md, bench/rcnn_test_time.py)."""
+    svm_features = torch.from_numpy(layer_features(net, features, svms["layer"], device))
+    if clock is not None:
+        clock.lap("fc6 + fc7")
+    scores = {"svm": svm_features @ torch.from_numpy(svms["weights"]).T + torch.from_numpy(svms["biases"]).float()}
+    if softmax:
+        fc7 = svm_features if svms["layer"] == "fc7" else torch.from_numpy(layer_features(net, features, "fc7", device))
+        with torch.no_grad():
+            scores["softmax"] = torch.softmax(net.head(fc7.to(device)), dim=1)[:, 1:].cpu()
+    refined = apply_regressors(regressors, features, boxes)
+    refined[..., 0::2] = refined[..., 0::2].clamp(0, width)
+    refined[..., 1::2] = refined[..., 1::2].clamp(0, height)
+    return scores, refined
+
+
 def per_class_nms(class_boxes, scores, nms_iou: float, max_detections: int) -> np.ndarray:
     """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); the best
     max_detections overall."""
+    flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
+    flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    keep = per_class_keep(class_boxes, scores, nms_iou, max_detections)
+    classes = keep % scores.shape[1]
+    return torch.cat([flat_boxes[keep], flat_scores[keep, None], classes[:, None].float()], dim=1).numpy()
+
+
+def per_class_keep(class_boxes, scores, nms_iou: float, max_detections: int) -> torch.Tensor:
+    """What per_class_nms keeps, best first, as flat indices region * N + class into scores[R, N]."""
     num_regions, num_classes = scores.shape
     flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
     flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     classes = torch.arange(num_classes).repeat(num_regions)
-    keep = batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score
-    return torch.cat([flat_boxes[keep], flat_scores[keep, None], classes[keep, None].float()], dim=1).numpy()
+    return batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.data.convert import TARGETS, convert
 from pipeline.data.formats import open_dataset
-from pipeline.data.reader import IMAGE_SUFFIXES, ON_BAD_INPUT
+from pipeline.data.reader import IMAGE_SUFFIXES, ON_BAD_INPUT, read_rgb
 from pipeline.data.shapes import FORMATS as SHAPES_FORMATS
 from pipeline.data.shapes import write_shapes
 from pipeline.engine.config import DEFAULT_PRESET, load_config
@@ -23,10 +23,11 @@ from pipeline.engine.interrupt import Interrupted, stopping_on_signals
 from pipeline.engine.memory import use_tensor_friendly_malloc
 from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_in_turn, run_stages
 from pipeline.engine.status import plan_each, status_row, verify
+from pipeline.explain.page import Scene, write_pictures
 from pipeline.methods import METHODS, TASKS
 from pipeline.predictions import FORMATS, write_predictions
 from stages import ALL_TARGETS, ENDS, REGISTRY
-from stages.predict import PredictImages, prediction_plans, read_predictions
+from stages.predict import PredictImages, prediction_plans, read_explained, read_predictions
 from stages.timing_table import NOT_RETIMED, TimingTable, timing_targets
 
 log = logging.getLogger("rcnn")
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=command_verify)
 
     add_predict_parser(commands)
+    add_explain_parser(commands)
     return parser
 
 
@@ -209,6 +211,25 @@ def add_predict_parser(commands) -> None:
     predict.add_argument("--train", action="store_true",
                          help="train the method first when it is not cached (otherwise that is an error)")
     predict.set_defaults(handler=command_predict)
+
+
+def add_explain_parser(commands) -> None:
+    explain = commands.add_parser(
+        "explain", help="the lecture's pictures of each step of a method, on your images",
+        description="Draw each step of a trained method on the images given, from what the pipeline computes for "
+                    "them: proposals, the warped regions the CNN sees, SVM scores before and after NMS, hard "
+                    "negatives, box regression, RoI pooling on the feature map, anchors and the RPN, ... Writes "
+                    "<reports>/<config>/explain/<image>/index.html and its pictures; explaining another method on "
+                    "the same image adds to that page. Intermediate results are cached by image content.")
+    explain.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="an image id of the test split (its ground truth is drawn too), an image file "
+                              "(jpg, jpeg, png) or a folder of them")
+    explain.add_argument("--method", choices=list(METHODS), default="rcnn",
+                         help="the detection method whose steps to draw (default: rcnn)")
+    add_common_options(explain, force_help=None)
+    explain.add_argument("--train", action="store_true",
+                         help="train the method first when it is not cached (otherwise that is an error)")
+    explain.set_defaults(handler=command_explain)
 
 
 def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
@@ -361,6 +382,55 @@ def command_predict(args) -> int:
     print(f"{method.title}: {written} images, {metrics['seconds_per_image']:.3f} s per image (detector, without "
           f"proposals); score >= {threshold:g} kept; files in {args.out.resolve()}")
     return 0
+
+
+def command_explain(args) -> int:
+    ctx = make_context(args)
+    method = METHODS[args.method]
+    named = explained_images(args.images, ctx)  # stem -> (path, ground truth or None)
+    images = PredictImages([path for path, _ in named.values()], ctx.config["data"]["on_bad_input"])
+    plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain=True)
+    if untrained and not args.train:
+        raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
+                        f"train it with `{rerun_command(args, method.name)}`, or pass --train")
+    summaries = run_stages(plans, ctx, ctx.config["scheduler"])
+    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
+                    {plan.stage.name: plan.stage for plan in plans})
+    explained, by_name = plans[-1], {plan.stage.name: plan for plan in plans}
+    classes = explained.cache.manifest()["metrics"]["classes"]
+    trained = {role: by_name[stage].cache for role, stage in method.model_stages.items()}
+    params = {**explained.context.params, "score_threshold": method.score_threshold}
+    digest_of = {path: digest for digest, path in images.path_of.items()}
+    for stem, (path, ground_truth) in named.items():
+        scene = Scene(read_rgb(path), read_explained(explained.cache, digest_of[path]), classes, ground_truth,
+                      trained, ctx.dataset, params, ctx.device)
+        page = write_pictures(ctx.reports_root / "explain" / stem, method.name, method.explainer.title,
+                              {"image": str(path), "config": ctx.config["config_name"], "key": explained.key},
+                              method.explainer.draw(scene))
+        print(f"{stem}: {page.resolve()}")
+    return 0
+
+
+def explained_images(names: list[str], ctx: RunContext) -> dict[str, tuple[Path, tuple | None]]:
+    """stem -> (image path, (boxes, class indices) of its ground truth or None) of what `rcnn explain` was
+    given: ids of the test split (with their ground truth), image files and folders (without)."""
+    test_ids = set(ctx.dataset.image_ids(ctx.splits["test"]))
+    named, files = {}, []
+    for name in names:
+        if not Path(name).exists() and name not in test_ids:
+            raise UserError(f"{name}: neither an image id of the test split ({ctx.splits['test']}) nor an image "
+                            f"file or folder")
+        if name in test_ids and not Path(name).exists():
+            boxes, labels, _ = ctx.dataset.ground_truth(name)
+            named[name] = (ctx.dataset.image_path(name), (boxes, labels))
+        else:
+            files.append(Path(name))
+    for path in image_paths(files) if files else []:
+        if path.stem in named:
+            raise UserError(f"{path} and the test image {path.stem} would share explain/{path.stem}/: explain them "
+                            f"in separate runs")
+        named[path.stem] = (path, None)
+    return named
 
 
 def image_paths(paths: list[Path]) -> list[Path]:

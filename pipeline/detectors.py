@@ -174,12 +174,14 @@ def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
 
 
 def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.Tensor] | None,
-           clock: Clock) -> list[dict]:
+           clock: Clock, seen: dict | None = None) -> list[dict]:
     """Test-time detection (model in eval mode): boxes, scores and labels (1..N) per image, in its pixels.
 
     Fast R-CNN is given `proposals` (boxes in each image's pixels); Faster R-CNN's RPN makes its own.
     The clock's laps get the seconds of each part: "conv" (resize + trunk), "proposal" (the RPN, or
     scaling the given boxes) and "region-wise" (RoI pooling, heads, NMS): Faster R-CNN's Table 5.
+    `seen`, if given, receives what the steps in between computed (`rcnn explain` draws them): the resized
+    images ("image_list"), the feature maps ("features") and the proposals in the resized images' pixels.
     """
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     with torch.no_grad():
@@ -191,6 +193,8 @@ def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.T
         else:
             proposals = resized_proposals(proposals, original_sizes, image_list.image_sizes)
         clock.lap("proposal")
+        if seen is not None:
+            seen.update(image_list=image_list, features=features, proposals=proposals)
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         clock.lap("region-wise")

@@ -20,16 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.classifiers import load_regressors, load_svms, score_regions
+from pipeline.classifiers import RegionModels, load_regressors, load_svms, region_features, score_regions
 from pipeline.detections import NO_DETECTIONS, detection_rows
 from pipeline.detectors import LATER_OPTIONS, build_detection_model, load_detection_model, with_truncated_svd
 from pipeline.detectors import detect as detect_with
 from pipeline.engine.cache import StageCache
 from pipeline.engine.config import register_neutral_option
-from pipeline.features import as_stored, pool5_features
+from pipeline.explain.networks import FAST_RCNN_EXPLAINER, FASTER_RCNN_EXPLAINER, SLIDING_WINDOW_EXPLAINER
+from pipeline.explain.page import Explainer
+from pipeline.explain.regions import RCNN_EXPLAINER, SPPNET_EXPLAINER
 from pipeline.models import on_device
 from pipeline.regions import image_tensor, normalised
-from pipeline.roi import conv5_at_scales, pyramid_features, spp_dim
+from pipeline.roi import spp_dim
 from pipeline.sliding_window import classify_windows, grid_windows
 from pipeline.timing import Clock
 from pipeline.weights import initial_net, load_finetuned
@@ -86,6 +88,7 @@ class Method:
     section: str | None = None                 # its own config section, when it has one
     end_to_end: bool = False                   # trained by `<name>-train` from its section (network_method)
     reference: bool = False                    # the 1x of the speedups (R-CNN, as in the papers)
+    explainer: Explainer | None = None         # what `rcnn explain` draws of its steps (pipeline.explain)
 
     @property
     def detect_stage(self) -> str:
@@ -103,10 +106,13 @@ class Method:
     def timed_variants(self) -> tuple[Variant, ...]:
         return tuple(variant for variant in self.variants if variant.timed)
 
+    def models(self, inputs: dict[str, StageCache], params: Mapping, device: str):
+        """What its detector runs, loaded from the outputs of its trained stages (inputs: stage name -> output)."""
+        return self.load({role: inputs[stage] for role, stage in self.model_stages.items()}, params, device)
+
     def detector(self, inputs: dict[str, StageCache], params: Mapping, device: str) -> Detector:
         """The detector, from the outputs of its trained stages (inputs: stage name -> output)."""
-        trained = {role: inputs[stage] for role, stage in self.model_stages.items()}
-        return self.assemble(self.load(trained, params, device), params, device)
+        return self.assemble(self.models(inputs, params, device), params, device)
 
     def fresh_detector(self, settings: Mapping, classes: list[str], params: Mapping, device: str) -> Detector:
         """The same detector on untrained models (`rcnn timing-table --test-only`): settings hold the
@@ -136,16 +142,6 @@ def network_test_params(section: str) -> Callable[[dict], dict]:
 
 
 # ---- the detectors: what each runs (loaded from its trained outputs, or fresh), and how -------------------
-@dataclass
-class RegionModels:
-    """What R-CNN and SPP-net detect with: the fine-tuned network, its SVMs and its box regressors."""
-    net: object
-    backbone: Mapping
-    classes: list[str]
-    svms: dict
-    regressors: dict
-
-
 def load_region_models(trained: dict[str, StageCache], params: Mapping, device: str) -> RegionModels:
     net, backbone, classes = load_finetuned(trained["finetune"], device)
     return RegionModels(net, backbone, classes, load_svms(trained["svm"], len(classes)),
@@ -180,23 +176,12 @@ def svm_detector(spp: bool) -> Callable[[RegionModels, Mapping, str], Detector]:
     (pipeline.classifiers.score_regions). Features are rounded to features.dtype (pipeline.features.as_stored),
     as the SVMs' training features were stored."""
     def assemble(models: RegionModels, params: Mapping, device: str) -> Detector:
-        net, backbone = models.net, models.backbone
-
         def detect(rgb, proposals, variants, clock):
             if not len(proposals):
                 return {variant: NO_DETECTIONS for variant in variants}
-            if spp:
-                maps = conv5_at_scales(net.trunk, rgb, params["scales"], device, amp=False)
-                clock.lap("conv5 at every scale")
-                features = pyramid_features(maps, proposals, params["levels"], net.trunk_stride, backbone["input_size"])
-                clock.lap("pyramid pooling")
-            else:
-                features = pool5_features(net, rgb, proposals, backbone, params["crops_per_batch"], device, amp=False,
-                                          clock=clock)
-            features = as_stored(features, params["feature_dtype"])
-            clock.lap("rounding to features.dtype")
-            return score_regions(net, models.svms, models.regressors, proposals, features, rgb.shape[1], rgb.shape[0],
-                                 params, device, variants, clock)
+            features = region_features(spp, models, rgb, proposals, params, device, clock)
+            return score_regions(models.net, models.svms, models.regressors, proposals, features, rgb.shape[1],
+                                 rgb.shape[0], params, device, variants, clock)
         return Detector(models.classes, detect)
     return assemble
 
@@ -280,7 +265,8 @@ def describe_network(test: Mapping, trained: Mapping) -> str:
         + own_proposals
 
 
-def network_method(name: str, title: str, uses_proposals: bool, variants: tuple[Variant, ...]) -> Method:
+def network_method(name: str, title: str, uses_proposals: bool, variants: tuple[Variant, ...],
+                   explainer: Explainer) -> Method:
     """A network trained end to end by its stage `<name>-train` (stages/detector_train.py) from its config
     section (`name` with underscores), built by pipeline.detectors.build_detection_model(name, ...)."""
     section = name.replace("-", "_")
@@ -289,7 +275,7 @@ def network_method(name: str, title: str, uses_proposals: bool, variants: tuple[
     return Method(name, title, training_stages=(f"{name}-train",), model_stages={"model": f"{name}-train"},
                   uses_proposals=uses_proposals, variants=variants, test_params=network_test_params(section),
                   load=load_network, fresh=fresh_network(name, section), assemble=network_detector,
-                  describe=describe_network, section=section, end_to_end=True)
+                  describe=describe_network, section=section, end_to_end=True, explainer=explainer)
 
 
 # ---- the methods ---------------------------------------------------------------------------------------
@@ -307,13 +293,14 @@ SLIDING_WINDOW = Method(
     variants=(Variant("sliding_window", "sliding window: R-CNN's fine-tuned classifier on a grid of windows",
                       timed="Sliding window", published=Published(None, None, None)),),
     test_params=lambda config: dict(config["sliding_window"]), load=load_classifier, fresh=fresh_classifier,
-    assemble=sliding_window_detector, describe=describe_sliding_window, section="sliding_window")
+    assemble=sliding_window_detector, describe=describe_sliding_window, section="sliding_window",
+    explainer=SLIDING_WINDOW_EXPLAINER)
 RCNN = Method(
     "rcnn", "R-CNN", training_stages=("finetune", "features", "svm", "bbox"),
     model_stages={"finetune": "finetune", "svm": "svm", "bbox": "bbox"}, uses_proposals=True,
     variants=RCNN_VARIANTS, test_params=rcnn_test_params, load=load_region_models,
     fresh=fresh_region_models(spp=False), assemble=svm_detector(spp=False), describe=describe_rcnn,
-    score_threshold=0.0, reference=True)
+    score_threshold=0.0, reference=True, explainer=RCNN_EXPLAINER)
 SPPNET = Method(
     "sppnet", "SPP-net",
     training_stages=("sppnet-conv5", "sppnet-features", "sppnet-finetune", "sppnet-svm", "sppnet-bbox"),
@@ -321,17 +308,20 @@ SPPNET = Method(
     variants=(Variant("svm_bbox", "SPP-net: SVM + bbox regression", timed="SPP-net",
                       published=Published(25.0, 2.3, 63.1)), *RCNN_VARIANTS[1:]),
     test_params=sppnet_test_params, load=load_region_models, fresh=fresh_region_models(spp=True),
-    assemble=svm_detector(spp=True), describe=describe_sppnet, score_threshold=0.0, section="sppnet")
+    assemble=svm_detector(spp=True), describe=describe_sppnet, score_threshold=0.0, section="sppnet",
+    explainer=SPPNET_EXPLAINER)
 FAST_RCNN = network_method(
     "fast-rcnn", "Fast R-CNN", uses_proposals=True,
     variants=(Variant("fast_rcnn", "Fast R-CNN", timed="Fast R-CNN", published=Published(9.5, 0.32, 66.9),
                       published_small=Published(1.2, 0.10, 57.1)),
               Variant("svd", "Fast R-CNN, truncated SVD of fc6 and fc7", metric="svd", timed="Fast R-CNN (SVD)",
-                      published=Published(9.5, 0.22, 66.6), published_small=Published(1.2, 0.06, 56.5))))
+                      published=Published(9.5, 0.22, 66.6), published_small=Published(1.2, 0.06, 56.5))),
+    explainer=FAST_RCNN_EXPLAINER)
 FASTER_RCNN = network_method(
     "faster-rcnn", "Faster R-CNN", uses_proposals=False,
     variants=(Variant("faster_rcnn", "Faster R-CNN (RPN + Fast R-CNN, shared conv5)", timed="Faster R-CNN",
-                      published=Published(None, 0.198, 69.9), published_small=Published(None, 0.059, None)),))
+                      published=Published(None, 0.198, 69.9), published_small=Published(None, 0.059, None)),),
+    explainer=FASTER_RCNN_EXPLAINER)
 
 # in the lecture's order: each method answers the cost of the one before
 METHODS = {method.name: method for method in (SLIDING_WINDOW, RCNN, SPPNET, FAST_RCNN, FASTER_RCNN)}

@@ -34,6 +34,29 @@ def pool_regions(feature_map: torch.Tensor, boxes: list[torch.Tensor], output_si
     raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLINGS)}")
 
 
+def pooling_bins(box, output_size: int, spatial_scale: float,
+                 method: str = "roi_pool") -> tuple[np.ndarray, np.ndarray]:
+    """Where pool_regions pools each of the output_size x output_size bins of a box (x1, y1, x2, y2 in image
+    pixels) on a map at spatial_scale: (x spans, y spans), each float[output_size, 2] of (start, end) in map
+    cells, cell k covering [k, k + 1). roi_pool (torchvision's Caffe rule) rounds the box to whole cells and
+    takes whole cells per bin, floor to ceil, so neighbouring bins can share a cell (a bin also stops at the map's
+    edge, which these spans do not clip); roi_align (aligned=True) divides the box exactly, in continuous
+    coordinates."""
+    x1, y1, x2, y2 = (float(value) for value in box)
+    if method == "roi_pool":
+        starts = np.floor(np.array([x1, y1]) * spatial_scale + 0.5)  # C++ std::round of positive values
+        ends = np.floor((np.array([x2, y2]) - 1) * spatial_scale + 0.5)  # pool_regions names the last pixel
+        sizes = np.maximum(ends - starts + 1, 1) / output_size
+        bins = np.arange(output_size)
+        return tuple(np.stack([np.floor(bins * size) + start, np.ceil((bins + 1) * size) + start], axis=1)
+                     for start, size in zip(starts, sizes))
+    if method == "roi_align":
+        starts, ends = np.array([x1, y1]) * spatial_scale, np.array([x2, y2]) * spatial_scale
+        edges = [start + (end - start) * np.arange(output_size + 1) / output_size for start, end in zip(starts, ends)]
+        return tuple(np.stack([edge[:-1], edge[1:]], axis=1) for edge in edges)
+    raise ValueError(f"pooling {method!r}: expected one of {', '.join(POOLINGS)}")
+
+
 def spatial_pyramid_pool(feature_map: torch.Tensor, boxes: list[torch.Tensor], levels: list[int],
                          spatial_scale: float) -> torch.Tensor:
     """SPP-net's pyramid: each region max-pooled into l x l bins for every level l, flattened and

@@ -1,13 +1,16 @@
-"""`rcnn predict`: a trained method's detector on images outside the data set, as two stages built per call.
+"""`rcnn predict` and `rcnn explain`: a trained method's detector on given images, as stages built per call.
 
     predict-proposals   region proposals of the given images with the config's own settings
                         (pipeline.proposals.propose, as the proposals stage), cached by image content.
     <method>-predict    the method's detector (pipeline.methods: the one its detect stage evaluates) on each
                         image, the method's result variant: float32[D, 6] rows per image, with the seconds
                         it took, cached by image content, the detector's trained outputs and its settings.
-Both key the images by their content (sha256), so the same pictures under other names or folders reuse
-the results, and neither depends on the data set the detector was trained on except through the keys of
-the trained outputs. The shard files hold one dataset per image, named by its digest.
+    <method>-explain    the steps in between that the method's explainer keeps (pipeline.explain: scores
+                        before NMS, the feature map, the RPN's objectness, ...): one HDF5 group per image,
+                        arrays as datasets and scalars as attributes, drawn by `rcnn explain`.
+All key the images by their content (sha256), so the same pictures under other names or folders reuse
+the results, and none depends on the data set the detector was trained on except through the keys of
+the trained outputs. The shard files hold one dataset (or group) per image, named by its digest.
 """
 from __future__ import annotations
 
@@ -141,12 +144,60 @@ class Predict(Stage):
                             for path, problem in r["metrics"]["skipped"].items()}}
 
 
+class Explain(Predict):
+    """What a method's explainer keeps of its detector's steps on each image, for `rcnn explain` to draw."""
+
+    version = "1"
+    headline_metrics = ("images",)
+
+    def __init__(self, method: Method, images: PredictImages):
+        super().__init__(method, images)
+        self.name = f"{method.name}-explain"
+
+    def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
+        models = self.method.models(inputs, ctx.params, ctx.device)
+        proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
+        images, skipped = 0, {}
+        with hdf5_file(out.path) as shard_file:
+            for digest in shard.items:
+                rgb, problem = self.images.read(digest)
+                skipped.update(problem)
+                if rgb is None or (self.method.uses_proposals and digest not in proposals):
+                    continue
+                group = shard_file.create_group(digest)
+                for name, value in self.method.explainer.compute(models, rgb, proposals.get(digest), ctx.params,
+                                                                 ctx.device).items():
+                    if isinstance(value, np.ndarray):
+                        group[name] = value
+                    else:
+                        group.attrs[name] = value
+                images += 1
+        return {"images": images, "classes": models.classes, "skipped": skipped}
+
+    def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
+        return {"images": sum(record["metrics"]["images"] for record in records.values()),
+                "classes": next(iter(records.values()))["metrics"]["classes"],
+                "skipped": {path: problem for r in records.values()
+                            for path, problem in r["metrics"]["skipped"].items()}}
+
+
+def read_explained(cache: StageCache, digest: str) -> dict:
+    """The arrays and scalars an explain output holds for one image (by its content digest)."""
+    for path in sorted(cache.dir.glob(f"*{cache.shard_suffix}")):
+        with h5py.File(path, "r") as shard_file:
+            if digest in shard_file:
+                group = shard_file[digest]
+                return {**{name: dataset[()] for name, dataset in group.items()}, **dict(group.attrs)}
+    raise KeyError(digest)
+
+
 def prediction_plans(method: Method, images: PredictImages, registry: dict[str, Stage],
-                     run: RunContext) -> tuple[list[StagePlan], list[str]]:
-    """The plans of `<method>-predict` on these images (its proposals, the method's trained stages, then the
-    prediction last), and the trained stages that are not cached yet."""
-    stages = {stage.name: stage for stage in (PredictProposals(images), Predict(method, images))}
-    plans = plan_stages([f"{method.name}-predict"], {**registry, **stages}, run)
+                     run: RunContext, explain: bool = False) -> tuple[list[StagePlan], list[str]]:
+    """The plans of `<method>-predict` (or with `explain`, `<method>-explain`) on these images (their proposals,
+    the method's trained stages, then the prediction last), and the trained stages that are not cached yet."""
+    last = Explain(method, images) if explain else Predict(method, images)
+    stages = {stage.name: stage for stage in (PredictProposals(images), last)}
+    plans = plan_stages([last.name], {**registry, **stages}, run)
     untrained = [plan.stage.name for plan in plans if plan.stage.name in registry and not plan.cache.is_complete()]
     return plans, untrained
 

@@ -18,7 +18,9 @@ retrain_after + regions of one image, a task of k classes therefore holds at mos
 
 whatever the size of the feature cache (bench/svm_memory.py measures it). Classes are trained in parallel Dask tasks of
 classes_per_task classes; each task reads the feature cache once for all of its classes.
-Output per task: `<task>.npz` with class_indices, weights[k, D], biases[k], scale and layer.
+Output per task: `<task>.npz` with class_indices, weights[k, D], biases[k] and layer, and the hardest
+negatives of each class's final cache (at most HARDEST_KEPT per class, hardest first; what `rcnn explain`
+shows): hardest_class[M] (class index), hardest_image[M] (image id), hardest_box[M, 4], hardest_score[M].
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class SVM(PrefixedStage):
     """Per-class linear SVMs on cached features, with hard negative mining."""
 
     base_name = "svm"
-    version = "4"
+    version = "5"  # 5: the hardest negatives recorded
     base_inputs = ("features", "finetune")
     shard_suffix = ".npz"
     headline_metrics = ("classes", "mean_cached_negatives", "retrains")
@@ -84,10 +86,11 @@ class SVM(PrefixedStage):
         # each class: the treatment whose fit ranks the held-back images best (a tie: the first listed)
         chosen = {class_index: max(params["center"], key=lambda center: checks[center].get(class_index, {})
                                    .get("held_back_auc", 0.0) if checks else 0.0) for class_index in shard.items}
-        stats, weights, biases = {}, {}, {}
+        stats, weights, biases, hardest = {}, {}, {}, []
         for center, treatment in treatments.items():
             classes_of = tuple(c for c in shard.items if chosen[c] == center)
             for class_index, cache in fit_svms(reader, image_ids, classes_of, treatment, ctx.classes, params).items():
+                hardest += hardest_negatives(cache, class_index, image_ids, reader)
                 # the SVM scores the layer's features as they come: its weights and bias fold the treatment in
                 weights[class_index] = cache.weights * treatment.scale
                 biases[class_index] = cache.bias - float(treatment.scale * np.sum(treatment.mean * cache.weights))
@@ -97,8 +100,11 @@ class SVM(PrefixedStage):
                 if checks and class_index in checks[center]:
                     stats[ctx.classes[class_index]]["held_back_auc"] = checks[center][class_index]["held_back_auc"]
         buffer = io.BytesIO()
+        class_of, image_of, box_of, score_of = zip(*hardest) if hardest else ((), (), np.zeros((0, 4)), ())
         np.savez(buffer, class_indices=np.array(shard.items), layer=params["layer"],
-                 weights=np.stack([weights[c] for c in shard.items]), biases=np.array([biases[c] for c in shard.items]))
+                 weights=np.stack([weights[c] for c in shard.items]), biases=np.array([biases[c] for c in shard.items]),
+                 hardest_class=np.array(class_of, np.int64), hardest_image=np.array(image_of, str),
+                 hardest_box=np.array(box_of, np.float32).reshape(-1, 4), hardest_score=np.array(score_of, np.float32))
         write_bytes(out.path, buffer.getvalue())
         return stats
 
@@ -141,6 +147,26 @@ class ClassSVM:
         return {"positives": len(self.positives), "cached_negatives": len(self.negatives),
                 "hard_negatives_seen": self.hard_negatives_seen, "retrains": self.retrains,
                 "unconverged_fits": self.unconverged_fits}
+
+
+HARDEST_KEPT = 32
+
+
+def hardest_negatives(cache: ClassSVM, class_index: int, image_ids: list[str],
+                      reader: FeatureReader) -> list[tuple[int, str, np.ndarray, float]]:
+    """(class, image id, box, score) of the class's highest-scoring cached negatives after the last retrain,
+    hardest first: the mistakes the SVM was trained hardest on."""
+    if not cache.negatives:
+        return []
+    scores = cache.scores(np.stack(cache.negatives))
+    hardest, boxes_of = [], {}
+    for row in np.argsort(-scores, kind="stable")[:HARDEST_KEPT]:
+        image_index, region = cache.keys[row]
+        image_id = image_ids[image_index]
+        if image_id not in boxes_of:
+            boxes_of[image_id] = reader.regions(image_id).boxes
+        hardest.append((class_index, image_id, boxes_of[image_id][region], float(scores[row])))
+    return hardest
 
 
 CHECK_EXPLAINED = (

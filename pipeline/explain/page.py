@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,31 @@ class Picture:
     slide: str         # the lecture's step it shows, as the slides name it
     caption: str       # what is drawn, in words (colours, numbers)
     image: np.ndarray  # RGB uint8[H, W, 3]
+
+
+@dataclass
+class Scene:
+    """What an explainer draws from: the image, the arrays its `compute` cached for it, the method's classes,
+    the image's ground truth (boxes[G, 4], class indices[G]) when it is a data-set image, the trained outputs
+    (role -> StageCache), the data set (training images, for the hard negatives) and the detector's params."""
+    rgb: np.ndarray
+    arrays: dict
+    classes: list[str]
+    ground_truth: tuple[np.ndarray, np.ndarray] | None
+    trained: Mapping
+    dataset: object
+    params: Mapping
+    device: str
+
+
+@dataclass(frozen=True)
+class Explainer:
+    """What a method can draw. compute(models, rgb, proposals or None, params, device) -> named arrays and
+    scalars, cached per image by the explain stage (the steps in between that its detector does not keep);
+    draw(scene) -> its pictures, in the lecture's order."""
+    title: str
+    compute: Callable[[object, np.ndarray, np.ndarray | None, Mapping, str], dict]
+    draw: Callable[[Scene], list[Picture]]
 
 
 def write_pictures(folder: Path, method: str, title: str, about: dict, pictures: list[Picture]) -> Path:
