@@ -24,6 +24,7 @@ from pipeline.engine.memory import use_tensor_friendly_malloc
 from pipeline.engine.runner import VERIFIED, RunContext, plan_stages, run_in_turn, run_stages
 from pipeline.engine.status import plan_each, status_row, verify
 from pipeline.explain.page import Scene, write_pictures
+from pipeline.explain.segmentation import explain_fcn
 from pipeline.methods import METHODS, TASKS
 from pipeline.predictions import FORMATS, write_predictions
 from stages import ALL_TARGETS, ENDS, REGISTRY
@@ -224,8 +225,9 @@ def add_explain_parser(commands) -> None:
     explain.add_argument("images", nargs="+", metavar="IMAGE",
                          help="an image id of the test split (its ground truth is drawn too), an image file "
                               "(jpg, jpeg, png) or a folder of them")
-    explain.add_argument("--method", choices=list(METHODS), default="rcnn",
-                         help="the detection method whose steps to draw (default: rcnn)")
+    explain.add_argument("--method", choices=[*METHODS, "fcn"], default="rcnn",
+                         help="the detection method whose steps to draw, or fcn: the lecture's upsampling examples "
+                              "and each trained FCN upsampling variant's mask on the image (default: rcnn)")
     add_common_options(explain, force_help=None)
     explain.add_argument("--train", action="store_true",
                          help="train the method first when it is not cached (otherwise that is an error)")
@@ -386,8 +388,10 @@ def command_predict(args) -> int:
 
 def command_explain(args) -> int:
     ctx = make_context(args)
-    method = METHODS[args.method]
     named = explained_images(args.images, ctx)  # stem -> (path, ground truth or None)
+    if args.method == "fcn":
+        return explain_segmentation(args, ctx, named)
+    method = METHODS[args.method]
     images = PredictImages([path for path, _ in named.values()], ctx.config["data"]["on_bad_input"])
     plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain=True)
     if untrained and not args.train:
@@ -407,6 +411,19 @@ def command_explain(args) -> int:
         page = write_pictures(ctx.reports_root / "explain" / stem, method.name, method.explainer.title,
                               {"image": str(path), "config": ctx.config["config_name"], "key": explained.key},
                               method.explainer.draw(scene))
+        print(f"{stem}: {page.resolve()}")
+    return 0
+
+
+def explain_segmentation(args, ctx: RunContext, named: dict) -> int:
+    """`rcnn explain --method fcn`: the worked examples and every trained upsampling variant on each image."""
+    if args.train:
+        print_summaries(run_stages(plan_stages(["fcn-train"], REGISTRY, ctx), ctx, ctx.config["scheduler"]))
+    for stem, (path, ground_truth) in named.items():
+        truth = ctx.dataset.read_segmentation(stem) if ground_truth is not None else None
+        title, pictures = explain_fcn(ctx, REGISTRY, read_rgb(path), truth)
+        page = write_pictures(ctx.reports_root / "explain" / stem, "fcn", title,
+                              {"image": str(path), "config": ctx.config["config_name"]}, pictures)
         print(f"{stem}: {page.resolve()}")
     return 0
 

@@ -28,6 +28,9 @@ class Picture:
     image: np.ndarray  # RGB uint8[H, W, 3]
 
 
+DISPLAY_WIDTH = 400
+
+
 @dataclass
 class Scene:
     """What an explainer draws from: the image, the arrays its `compute` cached for it, the method's classes,
@@ -68,6 +71,10 @@ def write_pictures(folder: Path, method: str, title: str, about: dict, pictures:
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
+    """The picture as PNG; one narrower than DISPLAY_WIDTH (a small image's) enlarged by a whole factor first."""
+    factor = -(-DISPLAY_WIDTH // rgb.shape[1])
+    if factor > 1:
+        rgb = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
     temporary = temporary_path(path)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
     if not ok:

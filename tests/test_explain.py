@@ -1,0 +1,131 @@
+"""`rcnn explain`: each method's pictures drawn from its own detector's steps, on the tiny generated set."""
+import json
+import shutil
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+from test_rcnn_pipeline import status
+from tiny import METHOD_TINY
+from tiny import method_options as options
+from torchvision.ops import box_iou
+
+from pipeline.classifiers import load_hardest_negatives
+from pipeline.cli import main
+from pipeline.data.voc import VOCDataset
+from pipeline.detections import read_detections
+from pipeline.engine.cache import StageCache
+from pipeline.explain.regions import detections_of, recall_curve, regression_examples
+from pipeline.methods import METHODS
+from pipeline.roi import pool_regions, pooling_bins
+from stages.predict import read_explained
+
+
+@pytest.mark.parametrize("method", ["roi_pool", "roi_align"])
+def test_the_roi_grids_bins_are_where_torchvision_pools(method):
+    """On a map whose value is its column (row) index, roi_pool's output is the last column (row) of each bin and
+    roi_align's the bin's centre (in sample coordinates, half a cell before the cell edges'): the grid drawn is
+    the grid pooled."""
+    rng = np.random.default_rng(0)
+    columns = torch.arange(40.0).view(1, 1, 1, 40).expand(1, 1, 40, 40).contiguous()
+    rows = columns.transpose(2, 3).contiguous()
+    for _ in range(100):
+        x1, y1 = rng.uniform(32, 300, 2)
+        width, height = rng.uniform(20, 300, 2)
+        box = torch.tensor([[x1, y1, min(x1 + width, 630), min(y1 + height, 630)]], dtype=torch.float32)
+        xs, ys = pooling_bins(box[0].numpy(), 7, 1 / 16, method)
+        pooled_x = pool_regions(columns, [box], 7, 1 / 16, method)[0, 0, 0].numpy()
+        pooled_y = pool_regions(rows, [box], 7, 1 / 16, method)[0, 0, :, 0].numpy()
+        if method == "roi_pool":
+            np.testing.assert_array_equal(pooled_x, np.minimum(xs[:, 1], 40) - 1)
+            np.testing.assert_array_equal(pooled_y, np.minimum(ys[:, 1], 40) - 1)
+        else:
+            np.testing.assert_allclose(pooled_x, xs.mean(axis=1) - 0.5, atol=1e-4)
+            np.testing.assert_allclose(pooled_y, ys.mean(axis=1) - 0.5, atol=1e-4)
+
+
+def test_recall_counts_an_object_once_a_proposal_covers_it():
+    truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    proposals = np.array([[50, 50, 60, 60], [0, 0, 10, 11], [21, 20, 30, 30]], np.float32)
+    np.testing.assert_allclose(recall_curve(proposals, truth, 0.5), [0.0, 0.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def explained(timing_run, tmp_path_factory):
+    """Every method (and the FCN's worked examples) explained on the first test image, on a copy of the tiny
+    timing run's cache."""
+    data, cache, _ = timing_run
+    work = tmp_path_factory.mktemp("explain")
+    shutil.copytree(cache, work / "cache")
+    image_id = VOCDataset(data).image_ids("test")[0]
+    for method in [*METHODS, "fcn"]:
+        assert main_explain(image_id, method, data, work) == 0
+    return data, work, image_id
+
+
+def main_explain(image_id, method, data, work):
+    return main(["explain", image_id, "--method", method, *options(data, work / "cache", work / "reports")])
+
+
+@pytest.mark.slow
+def test_every_method_has_its_pictures_on_the_images_page(explained):
+    _, work, image_id = explained
+    folder = work / "reports" / "demo" / "explain" / image_id
+    page = (folder / "index.html").read_text()
+    for method in [*METHODS, "fcn"]:
+        record = json.loads((folder / f"{method}.json").read_text())
+        assert record["pictures"], method
+        for entry in record["pictures"]:
+            picture = cv2.imread(str(folder / entry["file"]))
+            assert picture is not None and picture.size, entry["file"]
+            assert f'src="{entry["file"]}"' in page
+
+
+def explained_arrays(data, work, capsys, method, image_id):
+    rows = status(data, work / "cache", work / "reports", capsys, *METHOD_TINY)
+    explain_key = json.loads((work / "reports" / "demo" / "explain" / image_id / f"{method}.json").read_text())["key"]
+    cache = StageCache(work / "cache", f"{method}-explain", explain_key)
+    digest = next(iter(h5_names(cache)))
+    return read_explained(cache, digest), rows
+
+
+def h5_names(cache):
+    for path in sorted(cache.dir.glob("*.h5")):
+        with h5py.File(path, "r") as shard_file:
+            yield from shard_file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rcnn", "sppnet", "fast-rcnn", "faster-rcnn"])
+def test_the_explained_detections_are_the_detectors_own(explained, capsys, method):
+    """What the pictures show as the result (and R-CNN's regression arrows end at) is what the method's detect
+    stage found on the same image."""
+    data, work, image_id = explained
+    arrays, rows = explained_arrays(data, work, capsys, method, image_id)
+    detect = StageCache(work / "cache", f"{method}-detect", rows[f"{method}-detect"]["key"])
+    expected = read_detections(detect, METHODS[method].result)[image_id]
+    shown = detections_of(arrays) if "keep" in arrays else arrays["detections"]
+    np.testing.assert_allclose(shown, expected, rtol=1e-4, atol=1e-3)
+    if "keep" in arrays:
+        regressed = np.stack([example["regressed"] for example in regression_examples(arrays)])
+        np.testing.assert_allclose(regressed, expected[:, :4], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_hard_negatives_shown_are_negatives_from_the_svms_cache(explained, capsys):
+    data, work, _ = explained
+    rows = status(data, work / "cache", work / "reports", capsys, *METHOD_TINY)
+    hardest = load_hardest_negatives(StageCache(work / "cache", "svm", rows["svm"]["key"], ".npz"))
+    dataset = VOCDataset(data)
+    assert hardest
+    for class_index, negatives in hardest.items():
+        scores = [score for _, _, score in negatives]
+        assert scores == sorted(scores, reverse=True)
+        for image_id, box, _ in negatives:
+            assert image_id in dataset.image_ids("trainval")  # the demo's training split
+            gt_boxes, gt_labels, _ = dataset.ground_truth(image_id)
+            of_class = gt_boxes[gt_labels == class_index]
+            if len(of_class):
+                assert box_iou(torch.from_numpy(box[None]), torch.from_numpy(of_class)).max() < 0.3  # negative_iou
