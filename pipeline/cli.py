@@ -27,6 +27,7 @@ from pipeline.explain.page import Scene, write_pictures
 from pipeline.explain.segmentation import explain_fcn
 from pipeline.methods import METHODS, TASKS
 from pipeline.predictions import FORMATS, write_predictions
+from pipeline.report_page import write_page
 from stages import ALL_TARGETS, ENDS, REGISTRY
 from stages.predict import PredictImages, prediction_plans, read_explained, read_predictions
 from stages.timing_table import NOT_RETIMED, TimingTable, timing_targets
@@ -329,6 +330,7 @@ def command_run(args) -> int:
             raise ConfigError(f"--force {' '.join(sorted(unknown))}: not a stage of this command "
                               f"(stages: {', '.join(plan.stage.name for plan in plans)})")
     print_summaries(run_stages(plans, ctx, ctx.config["scheduler"], force))
+    write_report_page(ctx)
     print(f"reports: {ctx.reports_root.resolve()}")
     return 0
 
@@ -354,6 +356,7 @@ def command_timing_table(args) -> int:
         return names - set(NOT_RETIMED) if args.fresh else forced & names
     for target, summaries in run_in_turn(timing_targets(), REGISTRY, ctx, ctx.config["scheduler"], force_of):
         print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] == target])
+    write_report_page(ctx)
     report = ctx.reports_root / "timing-table"
     print(f"\n{(report / 'timing.md').read_text().split('## Protocol')[0]}")
     print(f"report: {report.resolve()}")
@@ -485,6 +488,25 @@ def print_summaries(summaries: list[dict], registry: dict = REGISTRY) -> None:
                             for name in stage.headline_metrics if name in summary["metrics"])
         state = "computed" if summary["computed"] else "cached"
         print(f"{summary['stage']:<24} {state:<9} {summary['key']}  {headline}")
+
+
+def write_report_page(ctx: RunContext) -> Path | None:
+    """Rebuild reports/<config>/index.html (pipeline.report_page) from every stage's status, as `rcnn status` sees
+    it without hashing the shards; every command that publishes reports calls it last. The page says which parts it
+    could not read; one it cannot write at all is a warning, never a failed command. Returns its path, if written."""
+    about = {"config": ctx.config["config_name"], "data": str(ctx.dataset.root), "cache": str(ctx.cache_root)}
+    rows = []
+    try:
+        plans, unavailable = plan_each(ALL_TARGETS, REGISTRY, ctx)
+        rows = [status_row(plan, memo=None) for plan in plans] + unavailable
+    except UserError as error:
+        about["problem"] = str(error)
+    try:
+        return write_page(ctx.reports_root, ctx.cache_root, rows,
+                          {name: stage.headline_metrics for name, stage in REGISTRY.items()}, about)
+    except OSError as error:
+        log.warning("the report page was not written: %s", one_line(error))
+        return None
 
 
 def command_status(args) -> int:

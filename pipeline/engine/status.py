@@ -22,13 +22,17 @@ def plan_each(targets: list[str], registry: dict[str, Stage], run: RunContext) -
     return [plans[name] for name in registry if name in plans], unavailable
 
 
-def status_row(plan: StagePlan, memo: Path) -> dict:
+def status_row(plan: StagePlan, memo: Path | None) -> dict:
     """The stage's state (cached | partial | running | stale | missing), key, size, shards and, when cached,
     its metrics. A recorded shard whose file or record differs from what was recorded (sha256 remembered in `memo`
     by size and mtime) is listed in its problems, and makes a cached output partial: what `rcnn run` would recompute
-    and `rcnn verify` forgets."""
+    and `rcnn verify` forgets. With memo None, only the cheap check: each recorded shard's record and file there, of
+    the size recorded (the report page, rebuilt after every run, does not hash what the run just wrote)."""
     state = plan.state()
-    problems = plan.problems(memo) if state in ("cached", "partial") else {}
+    problems = {}
+    if state in ("cached", "partial"):
+        problems = plan.problems(memo) if memo else plan.cache.problems(
+            [shard.id for shard in plan.shards if plan.cache.shard_done(shard.id)], deep=False)
     state = "partial" if problems and state == "cached" else state
     return {"stage": plan.stage.name, "state": state, "key": plan.key, "size_bytes": plan.cache.size_bytes(),
             "shards_done": len(plan.shards) - len(plan.missing_shards), "shards": len(plan.shards),
