@@ -415,6 +415,7 @@ def command_explain(args) -> int:
                               {"image": str(path), "config": ctx.config["config_name"], "key": explained.key},
                               method.explainer.draw(scene))
         print(f"{stem}: {page.resolve()}")
+    write_report_page(ctx)
     return 0
 
 
@@ -428,6 +429,7 @@ def explain_segmentation(args, ctx: RunContext, named: dict) -> int:
         page = write_pictures(ctx.reports_root / "explain" / stem, "fcn", title,
                               {"image": str(path), "config": ctx.config["config_name"]}, pictures)
         print(f"{stem}: {page.resolve()}")
+    write_report_page(ctx)
     return 0
 
 

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from browser import check_page, needs_browser
 from test_rcnn_pipeline import status
 from tiny import METHOD_TINY
 from tiny import method_options as options
@@ -129,3 +130,14 @@ def test_the_hard_negatives_shown_are_negatives_from_the_svms_cache(explained, c
             of_class = gt_boxes[gt_labels == class_index]
             if len(of_class):
                 assert box_iou(torch.from_numpy(box[None]), torch.from_numpy(of_class)).max() < 0.3  # negative_iou
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_explain_page_and_the_run_page_open_in_a_browser(explained):
+    """Every picture of the image's page loads in Chromium, every link resolves, and the run's page links to it."""
+    _, work, image_id = explained
+    root = work / "reports" / "demo"
+    assert check_page(root / "explain" / image_id / "index.html") == []
+    assert check_page(root / "index.html") == []
+    assert f"explain/{image_id}/index.html" in (root / "index.html").read_text()
