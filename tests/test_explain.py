@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.data.voc import VOCDataset
 from pipeline.detections import read_detections
 from pipeline.engine.cache import StageCache
-from pipeline.explain.regions import detections_of, recall_curve, regression_examples
+from pipeline.explain.regions import detections_of, recall_curve, regression_examples, verdict
 from pipeline.methods import METHODS
 from pipeline.roi import pool_regions, pooling_bins
 from stages.predict import read_explained
@@ -51,6 +51,14 @@ def test_recall_counts_an_object_once_a_proposal_covers_it():
     truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
     proposals = np.array([[50, 50, 60, 60], [0, 0, 10, 11], [21, 20, 30, 30]], np.float32)
     np.testing.assert_allclose(recall_curve(proposals, truth, 0.5), [0.0, 0.5, 1.0])
+
+
+def test_the_regression_targets_read_as_the_slides_examples():
+    """The slide's targets: (0, 0, 0, 0) a good proposal, (.25, 0, 0, 0) one too far to left, (0, 0, -0.125, 0)
+    one too wide."""
+    assert verdict(np.zeros(4)) == "is good"
+    assert verdict(np.array([0.25, 0, 0, 0])) == "too far to left"
+    assert verdict(np.array([0, 0, -0.125, 0])) == "too wide"
 
 
 @pytest.fixture(scope="module")

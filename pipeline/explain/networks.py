@@ -44,6 +44,7 @@ def network_arrays(models, rgb: np.ndarray, proposals: np.ndarray | None, params
     stride = 1.0 / pooler.spatial_scale if hasattr(pooler, "spatial_scale") else \
         image_list.tensors.shape[-1] / features["0"].shape[-1]
     arrays = {"detections": rows, "ratio": ratio, "conv_summary": features["0"][0].mean(0).cpu().numpy(),
+              "channels": features["0"].shape[1],
               "pool_box": (regions[region].cpu().numpy() / ratio) if len(regions) else np.zeros(4, np.float32),
               "pooled": pooled[0].mean(0).cpu().numpy(), "stride": stride,
               "pooling": models.params.get("pooling", "roi_pool"),
@@ -90,12 +91,16 @@ def roi_pooling_picture(scene: Scene, method: str) -> Picture:
         how = {"roi_pool": "RoI max pooling", "roi_align": "RoIAlign"}[str(arrays["pooling"])]
     image = pooling_picture(arrays["conv_summary"], box / stride, [bins], [cells],
                             [f"{cells.shape[0]} x {cells.shape[1]} bins"])
+    channels, (height, width) = int(arrays["channels"]), arrays["conv_summary"].shape
+    region_w, region_h = (box[2:] - box[:2]) / stride
     return Picture("roi-pooling", "RoI pooling on the conv feature map", f"{method}: RoI pooling",
-                   f"The conv feature map of the whole image, computed once (resized so its shorter side is the "
-                   f"model's min_size; mean over channels), one region (white: the one best overlapping the top "
-                   f"detection) projected onto it at 1/{stride:g} of its pixels, divided into {cells.shape[0]} x "
-                   f"{cells.shape[1]} bins (red) by {how}; below, the pooled cells (mean over channels) that fc6 "
-                   f"reads.", image)
+                   f"Hi-res conv features of the whole image, computed once: {channels} x {height} x {width} (the "
+                   f"image resized so its shorter side is the model's min_size; shown: the mean over channels). One "
+                   f"region (white: the one best overlapping the top detection) projected onto them at 1/{stride:g} "
+                   f"of its pixels is {channels} x {region_h:.1f} x {region_w:.1f} (varies per proposal); {how} "
+                   f"divides it into {cells.shape[0]} x {cells.shape[1]} bins (red), giving the RoI conv features "
+                   f"{channels} x {cells.shape[0]} x {cells.shape[1]} (below, mean over channels) that the "
+                   f"fully-connected layers expect.", image)
 
 
 def anchors_picture(scene: Scene) -> Picture:

@@ -247,7 +247,8 @@ def box_regression(scene: Scene) -> Picture:
     return Picture("box-regression", "Bounding-box regression", "R-CNN: bounding-box regression",
                    "Each best detection: its proposal (blue), the box the class's regressor moves it to (green: the "
                    "detection), the ground truth (white, for a data-set image); below, the regression's "
-                   "(dx, dy, dw, dh): centre shifts in proposal widths / heights, log scale changes.",
+                   "(dx, dy, dw, dh): centre shifts in proposal widths / heights and log scale changes, as the "
+                   "slide's (.25, 0, 0, 0) for a proposal too far to left and (0, 0, -0.125, 0) for one too wide.",
                    tile(panels, columns=3) if panels else scene.rgb)
 
 
@@ -281,7 +282,16 @@ def regression_panel(scene: Scene, example: dict) -> np.ndarray:
     panel = crop_window(canvas, window, 220)
     dx, dy, dw, dh = example["deltas"]
     return labelled(panel, [f"{scene.classes[example['class']]} {example['score']:.2f}",
-                            f"dx {dx:+.2f} dy {dy:+.2f}", f"dw {dw:+.2f} dh {dh:+.2f}"])
+                            f"dx {dx:+.2f} dy {dy:+.2f}", f"dw {dw:+.2f} dh {dh:+.2f}",
+                            "proposal " + verdict(example["deltas"])])
+
+
+def verdict(deltas: np.ndarray, margin: float = 0.05) -> str:
+    """The slide's words for what the regression corrects: "too far to left" for dx > 0, "too wide" for dw < 0..."""
+    words = [word for value, (positive, negative) in zip(deltas, (
+        ("too far to left", "too far to right"), ("too high", "too low"), ("too narrow", "too wide"),
+        ("too short", "too tall"))) if abs(value) > margin for word in [positive if value > 0 else negative]]
+    return ", ".join(words[:2]) or "is good"
 
 
 def nearest_truth(ground_truth, box: np.ndarray) -> np.ndarray | None:
