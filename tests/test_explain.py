@@ -149,3 +149,16 @@ def test_the_explain_page_and_the_run_page_open_in_a_browser(explained):
     assert check_page(root / "explain" / image_id / "index.html") == []
     assert check_page(root / "index.html") == []
     assert f"explain/{image_id}/index.html" in (root / "index.html").read_text()
+
+
+def test_an_unknown_image_is_one_line_naming_it(rcnn, capsys):
+    assert rcnn("explain", "no-such-image", "--method", "rcnn") == 2
+    assert capsys.readouterr().err.strip() == ("rcnn: error: no-such-image: neither an image id of the test split "
+                                               "(test) nor an image file or folder")
+
+
+def test_an_untrained_method_is_one_line_naming_the_command_that_trains_it(rcnn, shapes_root, capsys):
+    image_id = VOCDataset(shapes_root).image_ids("test")[0]
+    assert rcnn("explain", image_id, "--method", "fast-rcnn") == 2
+    error = capsys.readouterr().err
+    assert "Fast R-CNN is not trained" in error and "rcnn run --methods fast-rcnn" in error and "--train" in error
