@@ -210,8 +210,7 @@ def add_predict_parser(commands) -> None:
     predict.add_argument("--format", action="append", choices=FORMATS, default=[],
                          help="also write voc (Annotations/<stem>.xml, pre-labels for an annotation tool) or coco "
                               "(detections.json in the COCO results format, images.json beside it); repeatable")
-    predict.add_argument("--train", action="store_true",
-                         help="train the method first when it is not cached (otherwise that is an error)")
+    add_train_option(predict)
     predict.set_defaults(handler=command_predict)
 
 
@@ -230,9 +229,13 @@ def add_explain_parser(commands) -> None:
                          help="the detection method whose steps to draw, or fcn: the lecture's upsampling examples "
                               "and each trained FCN upsampling variant's mask on the image (default: rcnn)")
     add_common_options(explain, force_help=None)
-    explain.add_argument("--train", action="store_true",
-                         help="train the method first when it is not cached (otherwise that is an error)")
+    add_train_option(explain)
     explain.set_defaults(handler=command_explain)
+
+
+def add_train_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", action="store_true",
+                        help="train the method first when it is not cached (otherwise that is an error)")
 
 
 def add_common_options(parser: argparse.ArgumentParser, force_help: str | None) -> None:
@@ -369,9 +372,7 @@ def command_predict(args) -> int:
     method = METHODS[args.method]
     images = PredictImages(image_paths(args.paths), on_bad_input or ctx.config["data"]["on_bad_input"])
     plans, untrained = prediction_plans(method, images, REGISTRY, ctx)
-    if untrained and not args.train:
-        raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
-                        f"train it with `{rerun_command(args, method.name)}`, or pass --train")
+    refuse_untrained(args, method, untrained)
     summaries = run_stages(plans, ctx, ctx.config["scheduler"])
     print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
                     {plan.stage.name: plan.stage for plan in plans})
@@ -397,9 +398,7 @@ def command_explain(args) -> int:
     method = METHODS[args.method]
     images = PredictImages([path for path, _ in named.values()], ctx.config["data"]["on_bad_input"])
     plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain=True)
-    if untrained and not args.train:
-        raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
-                        f"train it with `{rerun_command(args, method.name)}`, or pass --train")
+    refuse_untrained(args, method, untrained)
     summaries = run_stages(plans, ctx, ctx.config["scheduler"])
     print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
                     {plan.stage.name: plan.stage for plan in plans})
@@ -453,6 +452,13 @@ def explained_images(names: list[str], ctx: RunContext) -> dict[str, tuple[Path,
                             f"in separate runs")
         named[path.stem] = (path, None)
     return named
+
+
+def refuse_untrained(args, method, untrained: list[str]) -> None:
+    """Without --train, a method whose trained stages are not all cached is a one-line error saying how to train it."""
+    if untrained and not args.train:
+        raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
+                        f"train it with `{rerun_command(args, method.name)}`, or pass --train")
 
 
 def image_paths(paths: list[Path]) -> list[Path]:

@@ -93,8 +93,7 @@ class PredictProposals(Stage):
         images = sum(record["metrics"]["images"] for record in records.values())
         return {"images": images,
                 "proposals_per_image": sum(r["metrics"]["boxes"] for r in records.values()) / max(images, 1),
-                "skipped": {path: problem for r in records.values()
-                            for path, problem in r["metrics"]["skipped"].items()}}
+                "skipped": skipped_of(records)}
 
 
 class Predict(Stage):
@@ -117,18 +116,23 @@ class Predict(Stage):
     def shards(self, ctx: StageContext) -> list[Shard]:
         return self.images.shards()
 
+    def readable_images(self, shard: Shard, inputs: dict, skipped: dict):
+        """(digest, RGB image, its proposals or None) of each readable image of the shard; the problems of those
+        skipped for bad input go into `skipped`."""
+        proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
+        for digest in shard.items:
+            rgb, problem = self.images.read(digest)
+            skipped.update(problem)
+            if rgb is not None and (digest in proposals or not self.method.uses_proposals):
+                yield digest, rgb, proposals.get(digest)
+
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         detector = self.method.detector(inputs, ctx.params, ctx.device)
-        proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
         images, detections, seconds, skipped = 0, 0, 0.0, {}
         with hdf5_file(out.path) as shard_file:
-            for digest in shard.items:
-                rgb, problem = self.images.read(digest)
-                skipped.update(problem)
-                if rgb is None or (self.method.uses_proposals and digest not in proposals):
-                    continue
+            for digest, rgb, proposals in self.readable_images(shard, inputs, skipped):
                 clock = Clock(ctx.device)
-                rows = detector(rgb, proposals.get(digest), (self.method.result,), clock)[self.method.result]
+                rows = detector(rgb, proposals, (self.method.result,), clock)[self.method.result]
                 shard_file[digest] = rows
                 shard_file[digest].attrs.update(seconds=clock.total(), width=rgb.shape[1], height=rgb.shape[0])
                 images, detections, seconds = images + 1, detections + len(rows), seconds + clock.total()
@@ -140,8 +144,7 @@ class Predict(Stage):
         return {"images": images, "classes": next(iter(records.values()))["metrics"]["classes"],
                 "detections_per_image": sum(r["metrics"]["detections"] for r in records.values()) / max(images, 1),
                 "seconds_per_image": sum(r["metrics"]["seconds"] for r in records.values()) / max(images, 1),
-                "skipped": {path: problem for r in records.values()
-                            for path, problem in r["metrics"]["skipped"].items()}}
+                "skipped": skipped_of(records)}
 
 
 class Explain(Predict):
@@ -156,16 +159,11 @@ class Explain(Predict):
 
     def run_shard(self, ctx: StageContext, shard: Shard, inputs: dict, out: ShardOutput) -> dict:
         models = self.method.models(inputs, ctx.params, ctx.device)
-        proposals = read_proposals(inputs[PredictProposals.name], shard.items) if self.method.uses_proposals else {}
         images, skipped = 0, {}
         with hdf5_file(out.path) as shard_file:
-            for digest in shard.items:
-                rgb, problem = self.images.read(digest)
-                skipped.update(problem)
-                if rgb is None or (self.method.uses_proposals and digest not in proposals):
-                    continue
+            for digest, rgb, proposals in self.readable_images(shard, inputs, skipped):
                 group = shard_file.create_group(digest)
-                for name, value in self.method.explainer.compute(models, rgb, proposals.get(digest), ctx.params,
+                for name, value in self.method.explainer.compute(models, rgb, proposals, ctx.params,
                                                                  ctx.device).items():
                     if isinstance(value, np.ndarray):
                         group[name] = value
@@ -176,9 +174,12 @@ class Explain(Predict):
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
         return {"images": sum(record["metrics"]["images"] for record in records.values()),
-                "classes": next(iter(records.values()))["metrics"]["classes"],
-                "skipped": {path: problem for r in records.values()
-                            for path, problem in r["metrics"]["skipped"].items()}}
+                "classes": next(iter(records.values()))["metrics"]["classes"], "skipped": skipped_of(records)}
+
+
+def skipped_of(records: dict) -> dict[str, str]:
+    """path -> problem of every image the shards skipped for bad input."""
+    return {path: problem for record in records.values() for path, problem in record["metrics"]["skipped"].items()}
 
 
 def read_explained(cache: StageCache, digest: str) -> dict:
