@@ -99,13 +99,19 @@ def box_coder():
 def apply_regressors(regressors: dict, features, boxes):
     """Refined boxes float32[R, N, 4] for each class (a tensor), from the regressors' features[R, D] of
     boxes[R, 4] (tensors or arrays)."""
-    features, boxes = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(boxes, dtype=torch.float32)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    deltas = regression_deltas(regressors, features)
+    return box_coder().decode_single(deltas.reshape(len(boxes), -1), boxes).view(len(boxes), -1, 4)
+
+
+def regression_deltas(regressors: dict, features) -> torch.Tensor:
+    """Every class's (dx, dy, dw, dh) float32[R, N, 4] for regions of features[R, D]."""
+    features = torch.as_tensor(features, dtype=torch.float32)
     coef = torch.from_numpy(regressors["coef"])
     # [R, D] x [D, N * 4]: every class's standardised deltas in one matrix product, then (dx, dy, dw, dh)
-    deltas = ((features * regressors["scale"]) @ coef.flatten(0, 1).T).view(len(boxes), *coef.shape[:2])
-    deltas = ((deltas + torch.from_numpy(regressors["intercept"])) * torch.from_numpy(regressors["target_std"])
-              + torch.from_numpy(regressors["target_mean"]))
-    return box_coder().decode_single(deltas.reshape(len(boxes), -1), boxes).view(len(boxes), -1, 4)
+    deltas = ((features * regressors["scale"]) @ coef.flatten(0, 1).T).view(len(features), *coef.shape[:2])
+    return ((deltas + torch.from_numpy(regressors["intercept"])) * torch.from_numpy(regressors["target_std"])
+            + torch.from_numpy(regressors["target_mean"]))
 
 
 def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features: np.ndarray, width: int,

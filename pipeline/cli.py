@@ -16,6 +16,7 @@ from pipeline.data.formats import open_dataset
 from pipeline.data.reader import IMAGE_SUFFIXES, ON_BAD_INPUT, read_rgb
 from pipeline.data.shapes import FORMATS as SHAPES_FORMATS
 from pipeline.data.shapes import write_shapes
+from pipeline.engine.cache import sha256_of
 from pipeline.engine.config import DEFAULT_PRESET, load_config
 from pipeline.engine.errors import BadInputError, ConfigError, UserError
 from pipeline.engine.graph import parse_scheduler
@@ -391,25 +392,29 @@ def command_predict(args) -> int:
 
 
 def command_explain(args) -> int:
+    on_bad_input, args.on_bad_input = args.on_bad_input, None  # for the images given, not the model's data set
     ctx = make_context(args)
     named = explained_images(args.images, ctx)  # stem -> (path, ground truth or None)
     if args.method == "fcn":
         return explain_segmentation(args, ctx, named)
     method = METHODS[args.method]
-    images = PredictImages([path for path, _ in named.values()], ctx.config["data"]["on_bad_input"])
+    images = PredictImages([path for path, _ in named.values()], on_bad_input or ctx.config["data"]["on_bad_input"])
     plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain=True)
     refuse_untrained(args, method, untrained)
     summaries = run_stages(plans, ctx, ctx.config["scheduler"])
     print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
                     {plan.stage.name: plan.stage for plan in plans})
     explained, by_name = plans[-1], {plan.stage.name: plan for plan in plans}
-    classes = explained.cache.manifest()["metrics"]["classes"]
+    metrics = explained.cache.manifest()["metrics"]
     trained = {role: by_name[stage].cache for role, stage in method.model_stages.items()}
     params = {**explained.context.params, "score_threshold": method.score_threshold}
-    digest_of = {path: digest for digest, path in images.path_of.items()}
+    for path, problem in metrics["skipped"].items():
+        print(f"skipped {path}: {problem}")
     for stem, (path, ground_truth) in named.items():
-        scene = Scene(read_rgb(path), read_explained(explained.cache, digest_of[path]), classes, ground_truth,
-                      trained, ctx.dataset, params, ctx.device)
+        if str(path) in metrics["skipped"]:
+            continue
+        scene = Scene(read_rgb(path), read_explained(explained.cache, sha256_of(path)), metrics["classes"],
+                      ground_truth, trained, ctx.dataset, params)
         page = write_pictures(ctx.reports_root / "explain" / stem, method.name, method.explainer.title,
                               {"image": str(path), "config": ctx.config["config_name"], "key": explained.key},
                               method.explainer.draw(scene))
@@ -420,10 +425,14 @@ def command_explain(args) -> int:
 
 def explain_segmentation(args, ctx: RunContext, named: dict) -> int:
     """`rcnn explain --method fcn`: the worked examples and every trained upsampling variant on each image."""
-    if args.train:
+    if args.train and ctx.dataset.has_segmentation(ctx.splits["train"]):
         print_summaries(run_stages(plan_stages(["fcn-train"], REGISTRY, ctx), ctx, ctx.config["scheduler"]))
-    for stem, (path, ground_truth) in named.items():
-        truth = ctx.dataset.read_segmentation(stem) if ground_truth is not None else None
+    elif args.train:
+        print("fcn: this data set has no segmentation masks to train on: the worked examples only")
+    test = ctx.splits["test"]
+    masked = set(ctx.dataset.segmentation_ids(test)) if ctx.dataset.has_segmentation(test) else set()
+    for stem, (path, ground_truth) in named.items():  # a test image (it has ground truth) may have a mask
+        truth = ctx.dataset.read_segmentation(stem) if ground_truth is not None and stem in masked else None
         title, pictures = explain_fcn(ctx, REGISTRY, read_rgb(path), truth)
         page = write_pictures(ctx.reports_root / "explain" / stem, "fcn", title,
                               {"image": str(path), "config": ctx.config["config_name"]}, pictures)
@@ -442,8 +451,8 @@ def explained_images(names: list[str], ctx: RunContext) -> dict[str, tuple[Path,
             raise UserError(f"{name}: neither an image id of the test split ({ctx.splits['test']}) nor an image "
                             f"file or folder")
         if name in test_ids and not Path(name).exists():
-            boxes, labels, _ = ctx.dataset.ground_truth(name)
-            named[name] = (ctx.dataset.image_path(name), (boxes, labels))
+            boxes, labels, difficult = ctx.dataset.ground_truth(name)
+            named[name] = (ctx.dataset.image_path(name), (boxes[~difficult], labels[~difficult]))
         else:
             files.append(Path(name))
     for path in image_paths(files) if files else []:

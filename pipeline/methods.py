@@ -32,7 +32,7 @@ from pipeline.explain.regions import RCNN_EXPLAINER, SPPNET_EXPLAINER
 from pipeline.models import on_device
 from pipeline.regions import image_tensor, normalised
 from pipeline.roi import spp_dim
-from pipeline.sliding_window import classify_windows, grid_windows
+from pipeline.sliding_window import detect_by_windows
 from pipeline.timing import Clock
 from pipeline.weights import initial_net, load_finetuned
 
@@ -236,8 +236,7 @@ def fresh_classifier(settings: Mapping, classes: list[str], device: str) -> Regi
 def sliding_window_detector(models: RegionModels, params: Mapping, device: str) -> Detector:
     """R-CNN's fine-tuned classifier on a grid of windows (pipeline.sliding_window)."""
     def detect(rgb, _proposals, variants, clock):
-        windows = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
-        rows = classify_windows(models.net, models.backbone, rgb, windows, params, device)
+        _, rows = detect_by_windows(models.net, models.backbone, rgb, params, device)
         clock.lap("warp + CNN on every window + NMS")
         return {variant: rows for variant in variants}
     return Detector(models.classes, detect)

@@ -39,6 +39,14 @@ def _positions(extent: float, side: float, step: float) -> np.ndarray:
     return (extent - side - (count - 1) * step) / 2 + step * np.arange(count)
 
 
+def detect_by_windows(net, backbone: Mapping, rgb: np.ndarray, params: Mapping,
+                      device: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image's grid of windows (params: sizes, aspect_ratios, step) and the detections classify_windows
+    makes of them."""
+    windows = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
+    return windows, classify_windows(net, backbone, rgb, windows, params, device)
+
+
 def classify_windows(net, backbone: Mapping, rgb: np.ndarray, boxes: np.ndarray, params: Mapping,
                      device: str) -> np.ndarray:
     """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image from its windows[W, 4]."""

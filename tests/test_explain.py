@@ -13,14 +13,16 @@ from tiny import METHOD_TINY
 from tiny import method_options as options
 from torchvision.ops import box_iou
 
-from pipeline.classifiers import load_hardest_negatives
+from pipeline.classifiers import load_hardest_negatives, load_svms
 from pipeline.cli import main
 from pipeline.data.voc import VOCDataset
 from pipeline.detections import read_detections
 from pipeline.engine.cache import StageCache
 from pipeline.explain.regions import detections_of, recall_curve, regression_examples, verdict
+from pipeline.features import FeatureReader, layer_features
 from pipeline.methods import METHODS
 from pipeline.roi import pool_regions, pooling_bins
+from pipeline.weights import load_finetuned
 from stages.predict import read_explained
 
 
@@ -39,9 +41,11 @@ def test_the_roi_grids_bins_are_where_torchvision_pools(method):
         xs, ys = pooling_bins(box[0].numpy(), 7, 1 / 16, method)
         pooled_x = pool_regions(columns, [box], 7, 1 / 16, method)[0, 0, 0].numpy()
         pooled_y = pool_regions(rows, [box], 7, 1 / 16, method)[0, 0, :, 0].numpy()
-        if method == "roi_pool":
+        if method == "roi_pool":  # max of the column index: a bin's last column; of minus it: its first
             np.testing.assert_array_equal(pooled_x, np.minimum(xs[:, 1], 40) - 1)
             np.testing.assert_array_equal(pooled_y, np.minimum(ys[:, 1], 40) - 1)
+            np.testing.assert_array_equal(-pool_regions(-columns, [box], 7, 1 / 16, method)[0, 0, 0].numpy(), xs[:, 0])
+            np.testing.assert_array_equal(-pool_regions(-rows, [box], 7, 1 / 16, method)[0, 0, :, 0].numpy(), ys[:, 0])
         else:
             np.testing.assert_allclose(pooled_x, xs.mean(axis=1) - 0.5, atol=1e-4)
             np.testing.assert_allclose(pooled_y, ys.mean(axis=1) - 0.5, atol=1e-4)
@@ -124,14 +128,26 @@ def test_the_explained_detections_are_the_detectors_own(explained, capsys, metho
 
 @pytest.mark.slow
 def test_the_hard_negatives_shown_are_negatives_from_the_svms_cache(explained, capsys):
+    """Each recorded hard negative is a training region of the feature cache, IoU < 0.3 with every box of its class,
+    and the final SVM scores it as recorded (hardest first)."""
     data, work, _ = explained
     rows = status(data, work / "cache", work / "reports", capsys, *METHOD_TINY)
-    hardest = load_hardest_negatives(StageCache(work / "cache", "svm", rows["svm"]["key"], ".npz"))
+    cache_of = {stage: StageCache(work / "cache", stage, rows[stage]["key"], suffix)
+                for stage, suffix in (("svm", ".npz"), ("features", ".h5"), ("finetune", ".pt"))}
+    hardest = load_hardest_negatives(cache_of["svm"])
+    net, _, classes = load_finetuned(cache_of["finetune"], "cpu")
+    svms, reader = load_svms(cache_of["svm"], len(classes)), FeatureReader(cache_of["features"])
     dataset = VOCDataset(data)
     assert hardest
     for class_index, negatives in hardest.items():
         scores = [score for _, _, score in negatives]
         assert scores == sorted(scores, reverse=True)
+        for image_id, box, score in negatives[:3]:
+            region = reader.read(image_id)
+            row = int(np.flatnonzero((region.boxes == box).all(axis=1))[0])
+            feature = layer_features(net, region.features[[row]], svms["layer"], "cpu")[0]
+            rescored = feature @ svms["weights"][class_index] + svms["biases"][class_index]
+            assert rescored == pytest.approx(score, abs=1e-3)
         for image_id, box, _ in negatives:
             assert image_id in dataset.image_ids("trainval")  # the demo's training split
             gt_boxes, gt_labels, _ = dataset.ground_truth(image_id)
@@ -162,3 +178,24 @@ def test_an_untrained_method_is_one_line_naming_the_command_that_trains_it(rcnn,
     assert rcnn("explain", image_id, "--method", "fast-rcnn") == 2
     error = capsys.readouterr().err
     assert "Fast R-CNN is not trained" in error and "rcnn run --methods fast-rcnn" in error and "--train" in error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rcnn", "fast-rcnn"])
+def test_odd_images_are_explained_or_skipped_by_name(explained, tmp_path, capsys, method):
+    """A flat image (no proposals, no detections), the same picture under two names and an unreadable file with
+    --on-bad-input skip: a page for each readable one, the bad one listed."""
+    data, work, _ = explained
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "flat.png"), np.full((48, 64, 3), 128, np.uint8))
+    shutil.copy(next((data / "JPEGImages").iterdir()), folder / "a.jpg")
+    shutil.copy(folder / "a.jpg", folder / "b.jpg")
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    capsys.readouterr()
+    assert main(["explain", str(folder), "--method", method, "--on-bad-input", "skip",
+                 *options(data, work / "cache", work / "reports")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "broken.jpg" in out
+    for stem in ("flat", "a", "b"):
+        assert (work / "reports" / "demo" / "explain" / stem / f"{method}.json").is_file(), stem

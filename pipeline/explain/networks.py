@@ -20,7 +20,7 @@ from pipeline.explain.page import Explainer, Picture, Scene
 from pipeline.explain.regions import final_detections, proposal_pictures
 from pipeline.regions import image_tensor, normalised
 from pipeline.roi import pooling_bins
-from pipeline.sliding_window import classify_windows, grid_windows
+from pipeline.sliding_window import detect_by_windows
 from pipeline.timing import Clock
 
 RPN_BOXES_SHOWN = 20
@@ -36,51 +36,63 @@ def network_arrays(models, rgb: np.ndarray, proposals: np.ndarray | None, params
     resized = np.array(image_list.image_sizes[0], np.float32)  # (height, width) the transform resized to
     ratio = np.tile(resized[::-1] / np.array(rgb.shape[1::-1], np.float32), 2)  # image pixels -> resized pixels
     regions = seen["proposals"][0]
-    region = int(box_iou(regions, torch.from_numpy(rows[:1, :4]).to(regions.device) * torch.from_numpy(ratio).to(
-        regions.device)).argmax()) if len(rows) and len(regions) else 0
     pooler = model.roi_heads.box_roi_pool
-    pooled = pooler(features, [regions[region:region + 1]], image_list.image_sizes)
     # RoIPooler pools at 1 / the trunk's stride; a pyramid's MultiScaleRoIAlign picks a level per region
     stride = 1.0 / pooler.spatial_scale if hasattr(pooler, "spatial_scale") else \
         image_list.tensors.shape[-1] / features["0"].shape[-1]
-    arrays = {"detections": rows, "ratio": ratio, "conv_summary": features["0"][0].mean(0).cpu().numpy(),
-              "channels": features["0"].shape[1],
-              "pool_box": (regions[region].cpu().numpy() / ratio) if len(regions) else np.zeros(4, np.float32),
-              "pooled": pooled[0].mean(0).cpu().numpy(), "stride": stride,
+    # the map's cells over the image, not over the padding the transform adds to batch images
+    inside = [int(np.ceil(side / stride)) for side in resized]
+    arrays = {"detections": rows, "ratio": ratio, "stride": stride, "channels": features["0"].shape[1],
+              "conv_summary": features["0"][0].mean(0)[:inside[0], :inside[1]].cpu().numpy(),
               "pooling": models.params.get("pooling", "roi_pool"),
-              "feature_pyramid": bool(models.params.get("feature_pyramid", False))}
+              "feature_pyramid": bool(models.params.get("feature_pyramid", False)),
+              "proposals": proposals if proposals is not None else np.zeros((0, 4), np.float32)}
+    if len(regions):
+        arrays.update(pooled_region(pooler, features, image_list, regions, rows, ratio))
     if proposals is None:
-        arrays.update(rpn_arrays(model, image_list, features, regions, ratio))
-    else:
-        arrays["proposals"] = proposals
+        arrays.update(rpn_arrays(model, image_list, features, regions, ratio, inside))
     return arrays
 
 
-def rpn_arrays(model, image_list, features: dict, rpn_boxes: torch.Tensor, ratio: np.ndarray) -> dict:
-    """The RPN on the finest map: the objectness of its best anchor at each position, every anchor at the
-    position scoring highest, and its top proposals, in image pixels."""
+def pooled_region(pooler, features: dict, image_list, regions: torch.Tensor, rows: np.ndarray,
+                  ratio: np.ndarray) -> dict:
+    """One region (the one best overlapping the top detection, or the first when there is none) in image pixels,
+    and its cells as the model's RoI pooling layer pools them (mean over channels)."""
+    scaled = torch.from_numpy(rows[:1, :4] * ratio).to(regions.device)
+    region = int(box_iou(regions, scaled).argmax()) if len(rows) else 0
+    pooled = pooler(features, [regions[region:region + 1]], image_list.image_sizes)
+    return {"pool_box": regions[region].cpu().numpy() / ratio, "pooled": pooled[0].mean(0).cpu().numpy(),
+            "pool_of_detection": bool(len(rows))}
+
+
+def rpn_arrays(model, image_list, features: dict, rpn_boxes: torch.Tensor, ratio: np.ndarray,
+               inside: list[int]) -> dict:
+    """The RPN on the finest map: the objectness of its best anchor at each position over the image, every
+    anchor at the position scoring highest, and its top proposals, in image pixels."""
     maps = list(features.values())
     with torch.no_grad():
         objectness, _ = model.rpn.head(maps)
         anchors = model.rpn.anchor_generator(image_list, maps)[0]
-    best = torch.sigmoid(objectness[0][0]).amax(0)  # [h, w]
-    per_position = objectness[0].shape[1]
-    position = int(best.flatten().argmax())
-    return {"objectness": best.cpu().numpy(),
+    best = torch.sigmoid(objectness[0][0]).amax(0)  # [h, w], the padding included
+    per_position, width = objectness[0].shape[1], best.shape[1]
+    row, column = divmod(int(best[:inside[0], :inside[1]].flatten().argmax()), inside[1])
+    position = row * width + column
+    return {"objectness": best[:inside[0], :inside[1]].cpu().numpy(),
             "anchors": anchors[position * per_position:(position + 1) * per_position].cpu().numpy() / ratio,
-            "anchor_cell": np.array(divmod(position, best.shape[1])),  # (row, column) on the map
-            "rpn_boxes": rpn_boxes[:RPN_BOXES_SHOWN].cpu().numpy() / ratio}
+            "anchor_cell": np.array([row, column]), "rpn_boxes": rpn_boxes[:RPN_BOXES_SHOWN].cpu().numpy() / ratio}
 
 
 def sliding_window_arrays(models, rgb: np.ndarray, proposals, params: Mapping, device: str) -> dict:
-    windows = grid_windows(rgb.shape[1], rgb.shape[0], params["sizes"], params["aspect_ratios"], params["step"])
-    return {"windows": windows, "detections": classify_windows(models.net, models.backbone, rgb, windows, params,
-                                                               device)}
+    windows, rows = detect_by_windows(models.net, models.backbone, rgb, params, device)
+    return {"windows": windows, "detections": rows}
 
 
-def roi_pooling_picture(scene: Scene, method: str) -> Picture:
-    """conv5 of the whole image, one region projected onto it, its pooling grid and the pooled cells."""
+def roi_pooling_picture(scene: Scene, method: str) -> list[Picture]:
+    """conv5 of the whole image, one region projected onto it, its pooling grid and the pooled cells (none when
+    the image has no region to pool)."""
     arrays = scene.arrays
+    if "pooled" not in arrays:
+        return []
     stride, box = float(arrays["stride"]), arrays["pool_box"] * arrays["ratio"]
     cells = arrays["pooled"]
     if arrays["feature_pyramid"]:  # MultiScaleRoIAlign picks a level per region: the grid is not drawn
@@ -93,14 +105,15 @@ def roi_pooling_picture(scene: Scene, method: str) -> Picture:
                             [f"{cells.shape[0]} x {cells.shape[1]} bins"])
     channels, (height, width) = int(arrays["channels"]), arrays["conv_summary"].shape
     region_w, region_h = (box[2:] - box[:2]) / stride
-    return Picture("roi-pooling", "RoI pooling on the conv feature map", f"{method}: RoI pooling",
+    which = "the one best overlapping the top detection" if arrays["pool_of_detection"] else "the first proposal"
+    return [Picture("roi-pooling", "RoI pooling on the conv feature map", f"{method}: RoI pooling",
                    f"Hi-res conv features of the whole image, computed once: {channels} x {height} x {width} (the "
                    f"image resized so its shorter side is the model's min_size; shown: the mean over channels). One "
-                   f"region (white: the one best overlapping the top detection) projected onto them at 1/{stride:g} "
+                   f"region (white: {which}) projected onto them at 1/{stride:g} "
                    f"of its pixels is {channels} x {region_h:.1f} x {region_w:.1f} (varies per proposal); {how} "
                    f"divides it into {cells.shape[0]} x {cells.shape[1]} bins (red), giving the RoI conv features "
                    f"{channels} x {cells.shape[0]} x {cells.shape[1]} (below, mean over channels) that the "
-                   f"fully-connected layers expect.", image)
+                   f"fully-connected layers expect.", image)]
 
 
 def anchors_picture(scene: Scene) -> Picture:
@@ -146,12 +159,12 @@ def windows_picture(scene: Scene) -> Picture:
 
 
 def draw_fast_rcnn(scene: Scene) -> list[Picture]:
-    return [*proposal_pictures(scene), roi_pooling_picture(scene, "Fast R-CNN"),
+    return [*proposal_pictures(scene), *roi_pooling_picture(scene, "Fast R-CNN"),
             final_detections(scene, "Fast R-CNN", scene.arrays["detections"])]
 
 
 def draw_faster_rcnn(scene: Scene) -> list[Picture]:
-    return [anchors_picture(scene), objectness_picture(scene), roi_pooling_picture(scene, "Faster R-CNN"),
+    return [anchors_picture(scene), objectness_picture(scene), *roi_pooling_picture(scene, "Faster R-CNN"),
             final_detections(scene, "Faster R-CNN", scene.arrays["detections"])]
 
 

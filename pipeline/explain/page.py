@@ -43,7 +43,6 @@ class Scene:
     trained: Mapping
     dataset: object
     params: Mapping
-    device: str
 
 
 @dataclass(frozen=True)

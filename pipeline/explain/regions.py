@@ -17,11 +17,11 @@ from torchvision.ops import box_iou
 
 from pipeline.classifiers import (
     RegionModels,
-    box_coder,
     load_hardest_negatives,
     per_class_keep,
     region_features,
     region_scores,
+    regression_deltas,
 )
 from pipeline.explain.drawing import (
     COLOURS,
@@ -57,17 +57,21 @@ def region_arrays(spp: bool):
         if not len(proposals):
             return {"proposals": proposals, "svm_scores": np.zeros((0, num_classes), np.float32),
                     "refined": np.zeros((0, num_classes, 4), np.float32), "keep": np.zeros(0, np.int64),
+                    "kept_deltas": np.zeros((0, 4), np.float32),
                     "input_size": models.backbone["input_size"], "context_pad": models.backbone["context_pad"]}
         features = region_features(spp, models, rgb, proposals, params, device, Clock(device))
         scores, refined = region_scores(models.net, models.svms, models.regressors, proposals, features, rgb.shape[1],
                                         rgb.shape[0], device, softmax=False)
         keep = per_class_keep(refined, scores["svm"], params["nms_iou"], params["max_per_image"])
+        regions, classes = keep // num_classes, keep % num_classes
+        kept_deltas = regression_deltas(models.regressors, features[regions.numpy()])[torch.arange(len(keep)), classes]
         arrays = {"proposals": proposals, "svm_scores": scores["svm"].numpy(), "refined": refined.numpy(),
-                  "keep": keep.numpy(), "input_size": models.backbone["input_size"],
+                  "keep": keep.numpy(), "kept_deltas": kept_deltas.numpy(), "input_size": models.backbone["input_size"],
                   "context_pad": models.backbone["context_pad"]}
         if spp:
             region = int(keep[0]) // num_classes if len(keep) else 0
-            arrays.update(pyramid_arrays(models, rgb, proposals[region], params, device))
+            arrays.update(pyramid_arrays(models, rgb, proposals[region], params, device),
+                          pool_of_detection=len(keep) > 0)
         return arrays
     return compute
 
@@ -97,13 +101,13 @@ def detections_of(arrays: dict) -> np.ndarray:
 
 # ---- the pictures ------------------------------------------------------------------------------------------------
 def draw_rcnn(scene: Scene) -> list[Picture]:
-    return [*proposal_pictures(scene), warped_regions(scene), *class_pictures(scene), box_regression(scene),
-            final_detections(scene, "R-CNN")]
+    return [*proposal_pictures(scene), warped_regions(scene), *class_pictures(scene, warped=True),
+            *box_regression(scene), final_detections(scene, "R-CNN")]
 
 
 def draw_sppnet(scene: Scene) -> list[Picture]:
-    return [*proposal_pictures(scene), pyramid_picture(scene), *class_pictures(scene), box_regression(scene),
-            final_detections(scene, "SPP-net")]
+    return [*proposal_pictures(scene), *pyramid_picture(scene), *class_pictures(scene, warped=False),
+            *box_regression(scene), final_detections(scene, "SPP-net")]
 
 
 def proposal_pictures(scene: Scene) -> list[Picture]:
@@ -166,7 +170,7 @@ def shown_regions(proposals: np.ndarray, best_iou: np.ndarray | None) -> np.ndar
     partial = order[(best_iou[order] >= 0.1) & (best_iou[order] < 0.5)]
     background = order[best_iou[order] < 0.1]
     chosen = np.concatenate([order[:third], partial[:third], background[:third]])
-    return np.unique(chosen)[:WARPED_SHOWN] if len(chosen) else order[:WARPED_SHOWN]
+    return np.array(list(dict.fromkeys(chosen.tolist()))[:WARPED_SHOWN], int) if len(chosen) else order[:WARPED_SHOWN]
 
 
 def warped_regions(scene: Scene) -> Picture:
@@ -198,40 +202,47 @@ def classes_by_score(arrays: dict) -> list[int]:
     return list(dict.fromkeys(classes.tolist()))[:CLASSES_SHOWN]
 
 
-def class_pictures(scene: Scene) -> list[Picture]:
+def class_pictures(scene: Scene, warped: bool) -> list[Picture]:
+    """For each class with the best detections: its scores before and after NMS, and its hardest negatives (as
+    the network saw them: warped crops for R-CNN, plain crops for SPP-net, which pools them from conv5)."""
     pictures = []
     hardest = load_hardest_negatives(scene.trained["svm"])
     for class_index in classes_by_score(scene.arrays):
         pictures.append(nms_picture(scene, class_index))
         if hardest.get(class_index):
-            pictures.append(hard_negatives_picture(scene, class_index, hardest[class_index]))
+            pictures.append(hard_negatives_picture(scene, class_index, hardest[class_index], warped))
     return pictures
 
 
 def nms_picture(scene: Scene, class_index: int) -> Picture:
-    """A class's best-scoring regions (regressed) before NMS, beside what per-class NMS kept."""
+    """A class's best-scoring regions (regressed) before NMS, beside those of them that per-class NMS kept."""
     arrays, name = scene.arrays, scene.classes[class_index]
     scores, boxes = arrays["svm_scores"][:, class_index], arrays["refined"][:, class_index]
     before = np.argsort(-scores, kind="stable")[:REGIONS_PER_CLASS]
-    kept = detections_of(arrays)
-    kept = kept[kept[:, 5] == class_index]
+    num_classes = arrays["svm_scores"].shape[1]
+    kept_regions = {int(flat) // num_classes for flat in arrays["keep"] if int(flat) % num_classes == class_index}
+    after = [region for region in before if region in kept_regions]
     left = draw_boxes(scene.rgb, boxes[before], COLOURS["detection"], 1, [f"{score:.2f}" for score in scores[before]])
-    right = draw_boxes(scene.rgb, kept[:, :4], COLOURS["detection"], 2, [f"{score:.2f}" for score in kept[:, 4]])
+    right = draw_boxes(scene.rgb, boxes[after], COLOURS["detection"], 2, [f"{score:.2f}" for score in scores[after]])
     return Picture(f"class-{class_index}-nms", f"{name}: SVM scores before and after NMS",
                    "R-CNN: classify regions with SVMs; non-maximum suppression",
                    f"Left: the {len(before)} regions the {name} SVM scores highest (after box regression), with their "
-                   f"scores. Right: the {len(kept)} that per-class NMS keeps (IoU {scene.params['nms_iou']}).",
+                   f"scores. Right: the {len(after)} of them that per-class NMS keeps (IoU {scene.params['nms_iou']}): "
+                   f"each suppresses the lower-scoring ones it overlaps.",
                    np.hstack([left, np.full((scene.rgb.shape[0], 6, 3), 255, np.uint8), right]))
 
 
-def hard_negatives_picture(scene: Scene, class_index: int, hardest: list[tuple[str, np.ndarray, float]]) -> Picture:
+def hard_negatives_picture(scene: Scene, class_index: int, hardest: list[tuple[str, np.ndarray, float]],
+                           warped: bool) -> Picture:
     """The highest-scoring negatives in the class's SVM cache at the end of training, cut from the training images."""
     crops = []
     for image_id, box, score in hardest[:HARD_NEGATIVES_SHOWN]:
         rgb = scene.dataset.read_image(image_id)
-        if rgb is not None:
-            crop = warped_crops(rgb, box[None], int(scene.arrays["input_size"]), float(scene.arrays["context_pad"]))[0]
-            crops.append(labelled(crop, [f"score {score:.2f}", image_id[:16]]))
+        if rgb is None:
+            continue
+        crop = warped_crops(rgb, box[None], int(scene.arrays["input_size"]), float(scene.arrays["context_pad"]))[0] \
+            if warped else box_crop(rgb, box)
+        crops.append(labelled(crop, [f"score {score:.2f}", image_id[:16]]))
     name = scene.classes[class_index]
     return Picture(f"class-{class_index}-hard-negatives", f"{name}: the hardest negatives its SVM mined",
                    "R-CNN: hard negative mining",
@@ -240,28 +251,37 @@ def hard_negatives_picture(scene: Scene, class_index: int, hardest: list[tuple[s
                    f"final SVM's score.", tile(crops, columns=8) if crops else scene.rgb)
 
 
-def box_regression(scene: Scene) -> Picture:
-    """For each of the best detections: its proposal, the regressed box (the detection) and the nearest ground
-    truth, with the (dx, dy, dw, dh) that move the one onto the other."""
+def box_crop(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The box's pixels, resized to CROP_SIDE x CROP_SIDE."""
+    x1, y1 = (int(value) for value in np.floor(box[:2]))
+    x2, y2 = (max(int(value), start + 1) for value, start in zip(np.ceil(box[2:]), (x1, y1)))
+    return cv2.resize(np.ascontiguousarray(rgb[y1:y2, x1:x2]), (CROP_SIDE, CROP_SIDE), interpolation=cv2.INTER_LINEAR)
+
+
+def box_regression(scene: Scene) -> list[Picture]:
+    """For each of the best detections: its proposal, the regressed box (the detection) and the ground truth it
+    overlaps most, with the (dx, dy, dw, dh) the regressor predicted (none without detections)."""
     panels = [regression_panel(scene, example) for example in regression_examples(scene.arrays)[:REGRESSIONS_SHOWN]]
-    return Picture("box-regression", "Bounding-box regression", "R-CNN: bounding-box regression",
+    if not panels:
+        return []
+    return [Picture("box-regression", "Bounding-box regression", "R-CNN: bounding-box regression",
                    "Each best detection: its proposal (blue), the box the class's regressor moves it to (green: the "
                    "detection), the ground truth (white, for a data-set image); below, the regression's "
                    "(dx, dy, dw, dh): centre shifts in proposal widths / heights and log scale changes, as the "
                    "slide's (.25, 0, 0, 0) for a proposal too far to left and (0, 0, -0.125, 0) for one too wide.",
-                   tile(panels, columns=3) if panels else scene.rgb)
+                   tile(panels, columns=3))]
 
 
 def regression_examples(arrays: dict) -> list[dict]:
-    """Per detection (best first): its class, score, proposal, regressed box and their (dx, dy, dw, dh)."""
+    """Per detection (best first): its class, score, proposal, regressed box (clipped to the image) and the
+    (dx, dy, dw, dh) its class's regressor predicted."""
     num_classes = arrays["svm_scores"].shape[1]
     examples = []
-    for flat in arrays["keep"]:
+    for flat, deltas in zip(arrays["keep"], arrays["kept_deltas"]):
         region, class_index = int(flat) // num_classes, int(flat) % num_classes
-        proposal, regressed = arrays["proposals"][region], arrays["refined"][region, class_index]
-        deltas = box_coder().encode_single(torch.from_numpy(regressed[None]), torch.from_numpy(proposal[None]))[0]
         examples.append({"class": class_index, "score": float(arrays["svm_scores"][region, class_index]),
-                         "proposal": proposal, "regressed": regressed, "deltas": deltas.numpy()})
+                         "proposal": arrays["proposals"][region], "regressed": arrays["refined"][region, class_index],
+                         "deltas": deltas})
     return examples
 
 
@@ -294,26 +314,30 @@ def verdict(deltas: np.ndarray, margin: float = 0.05) -> str:
     return ", ".join(words[:2]) or "is good"
 
 
-def nearest_truth(ground_truth, box: np.ndarray) -> np.ndarray | None:
+def nearest_truth(ground_truth, box: np.ndarray, min_iou: float = 0.1) -> np.ndarray | None:
+    """The ground-truth box the box overlaps most, if it overlaps one by at least min_iou."""
     if ground_truth is None or not len(ground_truth[0]):
         return None
     overlaps = box_iou(torch.from_numpy(box[None]).float(), torch.from_numpy(ground_truth[0]).float())[0]
-    return ground_truth[0][int(overlaps.argmax())]
+    return ground_truth[0][int(overlaps.argmax())] if overlaps.max() >= min_iou else None
 
 
-def pyramid_picture(scene: Scene) -> Picture:
+def pyramid_picture(scene: Scene) -> list[Picture]:
     arrays = scene.arrays
+    if "pool_box" not in arrays:  # no proposals
+        return []
     factor, stride = float(arrays["pool_factor"]), int(arrays["pool_stride"])
     box = arrays["pool_box"] * factor
     levels = [int(level) for level in arrays["levels"]]
+    which = "the region of the best detection" if arrays["pool_of_detection"] else "the first proposal"
     bins = [pooling_bins(box, level, 1.0 / stride, "roi_pool") for level in levels]
     image = pooling_picture(arrays["conv_summary"], box / stride, bins, [arrays[f"pooled_{level}"] for level in levels],
                             [f"{level} x {level} bins" for level in levels])
-    return Picture("spatial-pyramid", "The spatial pyramid on conv5", "SPP-net: spatial pyramid pooling",
+    return [Picture("spatial-pyramid", "The spatial pyramid on conv5", "SPP-net: spatial pyramid pooling",
                    f"conv5 of the whole image, computed once at the scale nearest the region's size (the image resized "
-                   f"by {factor:.2f}; mean over channels), the region of the best detection projected onto it (white, "
+                   f"by {factor:.2f}; mean over channels), {which} projected onto it (white, "
                    f"1/{stride} of its pixels) and each pyramid level's bins (red). Below: each level's max-pooled "
-                   f"cells (mean over channels), concatenated into one fixed-length vector for fc6.", image)
+                   f"cells (mean over channels), concatenated into one fixed-length vector for fc6.", image)]
 
 
 def final_detections(scene: Scene, title: str, rows: np.ndarray | None = None) -> Picture:
