@@ -14,7 +14,7 @@ from pipeline.engine.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # programs a page may show that are not this project's (fetching data, a cluster's processes, a shell)
-OTHER_PROGRAMS = {"git", "dask", "cat", "pip"}
+OTHER_PROGRAMS = {"git", "dask", "cat", "pip", "source"}
 CODE_BLOCK = re.compile(r"^```(?:sh|bash)\n(.*?)^```", re.M | re.S)  # shell blocks only
 
 
@@ -44,7 +44,10 @@ def makefile_targets() -> set[str]:
 
 @pytest.mark.parametrize("command", list(every_shown_command()))
 def test_a_shown_command_parses(command):
-    program, *arguments = shlex.split(command)
+    words = shlex.split(command)
+    while "=" in words[0] and len(words) > 1:  # VAR=value before the program
+        words = words[1:]
+    program, *arguments = words
     if program == "rcnn":
         try:
             args = build_parser().parse_args(arguments)
@@ -56,6 +59,8 @@ def test_a_shown_command_parses(command):
         assert set(arguments) <= makefile_targets(), f"{command!r}: no such Makefile target"
     elif program == "python":
         assert (ROOT / arguments[0]).is_file(), f"{command!r}: no such script"
+    elif program == "jupyter":
+        assert (ROOT / arguments[-1]).is_file(), f"{command!r}: no such notebook"
     else:
         assert program in OTHER_PROGRAMS, f"{command!r}: a program the pages are not expected to show"
 
