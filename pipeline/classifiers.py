@@ -159,11 +159,9 @@ def region_scores(net, svms: dict, regressors: dict, boxes: np.ndarray, features
 def per_class_nms(class_boxes, scores, nms_iou: float, max_detections: int) -> np.ndarray:
     """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); the best
     max_detections overall."""
-    flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
-    flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-    keep = per_class_keep(class_boxes, scores, nms_iou, max_detections)
-    classes = keep % scores.shape[1]
-    return torch.cat([flat_boxes[keep], flat_scores[keep, None], classes[:, None].float()], dim=1).numpy()
+    class_boxes = torch.as_tensor(class_boxes, dtype=torch.float32)
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    return kept_rows(class_boxes, scores, per_class_keep(class_boxes, scores, nms_iou, max_detections))
 
 
 def per_class_keep(class_boxes, scores, nms_iou: float, max_detections: int) -> torch.Tensor:
@@ -173,3 +171,14 @@ def per_class_keep(class_boxes, scores, nms_iou: float, max_detections: int) -> 
     flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     classes = torch.arange(num_classes).repeat(num_regions)
     return batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score
+
+
+def kept_rows(class_boxes, scores, keep) -> np.ndarray:
+    """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of the flat indices `keep` (region * N + class)
+    into class_boxes[R, N, 4] and scores[R, N] (tensors or arrays)."""
+    class_boxes = torch.as_tensor(class_boxes, dtype=torch.float32)
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    keep = torch.as_tensor(keep, dtype=torch.int64)
+    regions, classes = keep // scores.shape[1], keep % scores.shape[1]
+    return torch.cat([class_boxes[regions, classes], scores[regions, classes, None], classes[:, None].float()],
+                     dim=1).numpy()

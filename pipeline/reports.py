@@ -8,6 +8,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.data.voc import voc_palette
+
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub-flavoured markdown table; floats are shown with 3 decimals."""
@@ -71,3 +73,13 @@ def draw_detections(rgb, rows, classes: list[str], min_score: float, ground_trut
         cv2.putText(canvas, f"{classes[int(class_index)]} {score:.2f}", (int(x1), max(int(y1) - 3, 10)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
     return canvas
+
+
+def mask_palette() -> np.ndarray:
+    """uint8[256, 3]: the RGB colour of each label of a mask (VOC's palette; 255, void, included)."""
+    return np.array(voc_palette(), np.uint8).reshape(256, 3)
+
+
+def overlay_mask(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A mask's colours blended over its RGB image."""
+    return cv2.addWeighted(np.ascontiguousarray(rgb), 0.45, mask_palette()[mask], 0.55, 0)

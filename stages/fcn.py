@@ -28,11 +28,10 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.data.voc import voc_palette
 from pipeline.engine.cache import StageCache, hdf5_file, save_torch
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards, thaw
 from pipeline.regions import normalised
-from pipeline.reports import markdown_table, new_figure, save_figure
+from pipeline.reports import markdown_table, new_figure, overlay_mask, save_figure
 from pipeline.segmentation import build_fcn, confusion_matrix, load_fcn, predict_mask, segmentation_metrics
 from pipeline.segmentation_data import load_segmentation_set, load_training_masks, random_crops, segment_by_windows
 from pipeline.timing import Clock
@@ -212,7 +211,6 @@ def plot_confusion(path, confusion: np.ndarray, labels: list[str], title: str) -
 
 def draw_overlays(ctx: StageContext, cache: StageCache, folder) -> None:
     """<image id>.png: the image, then the truth and each method's labels blended over it (VOC colours)."""
-    palette = np.array(voc_palette(), np.uint8).reshape(256, 3)
     folder.mkdir(exist_ok=True)
     image_ids = ctx.dataset.segmentation_ids(ctx.test_split)[:ctx.params["pictures"]]
     with_masks = {}
@@ -225,8 +223,7 @@ def draw_overlays(ctx: StageContext, cache: StageCache, folder) -> None:
         rgb, truth = ctx.dataset.read_image(image_id), ctx.dataset.read_segmentation(image_id)
         if rgb is None or truth is None or image_id not in with_masks:
             continue
-        panels = [rgb.copy()] + [cv2.addWeighted(rgb, 0.45, palette[mask], 0.55, 0)
-                          for mask in (truth, *with_masks[image_id].values())]
+        panels = [rgb.copy()] + [overlay_mask(rgb, mask) for mask in (truth, *with_masks[image_id].values())]
         titles = ["image", "truth", *with_masks[image_id]]
         for panel, title in zip(panels, titles):
             cv2.putText(panel, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)

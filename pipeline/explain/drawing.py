@@ -64,7 +64,7 @@ def labelled(crop: np.ndarray, lines: list[str]) -> np.ndarray:
 
 
 def crop_window(rgb: np.ndarray, window: np.ndarray, side: int) -> np.ndarray:
-    """The square window (x1, y1, x2, y2, may reach outside the image: padded grey) resized to side x side."""
+    """The window (x1, y1, x2, y2; it may reach outside the image: padded grey) resized to side x side."""
     x1, y1, x2, y2 = (int(round(value)) for value in window)
     pad = max(0, -x1, -y1, x2 - rgb.shape[1], y2 - rgb.shape[0])
     padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))

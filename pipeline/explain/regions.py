@@ -17,6 +17,7 @@ from torchvision.ops import box_iou
 
 from pipeline.classifiers import (
     RegionModels,
+    kept_rows,
     load_hardest_negatives,
     per_class_keep,
     region_features,
@@ -92,11 +93,7 @@ def pyramid_arrays(models: RegionModels, rgb: np.ndarray, box: np.ndarray, param
 
 def detections_of(arrays: dict) -> np.ndarray:
     """The detector's rows float32[D, 6] (x1, y1, x2, y2, score, class), from the cached scores and keep."""
-    keep, num_classes = arrays["keep"], arrays["svm_scores"].shape[1]
-    regions, classes = keep // num_classes, keep % num_classes
-    boxes = arrays["refined"][regions, classes]
-    return np.concatenate([boxes, arrays["svm_scores"][regions, classes][:, None], classes[:, None]],
-                          axis=1).astype(np.float32)
+    return kept_rows(arrays["refined"], arrays["svm_scores"], arrays["keep"])
 
 
 # ---- the pictures ------------------------------------------------------------------------------------------------
@@ -241,7 +238,7 @@ def hard_negatives_picture(scene: Scene, class_index: int, hardest: list[tuple[s
         if rgb is None:
             continue
         crop = warped_crops(rgb, box[None], int(scene.arrays["input_size"]), float(scene.arrays["context_pad"]))[0] \
-            if warped else box_crop(rgb, box)
+            if warped else crop_window(rgb, box, CROP_SIDE)
         crops.append(labelled(crop, [f"score {score:.2f}", image_id[:16]]))
     name = scene.classes[class_index]
     return Picture(f"class-{class_index}-hard-negatives", f"{name}: the hardest negatives its SVM mined",
@@ -249,13 +246,6 @@ def hard_negatives_picture(scene: Scene, class_index: int, hardest: list[tuple[s
                    f"The {len(crops)} highest-scoring background regions (IoU < the SVM's negative_iou with every "
                    f"{name}) in the {name} SVM's cache at the end of training, from the training images, with the "
                    f"final SVM's score.", tile(crops, columns=8) if crops else scene.rgb)
-
-
-def box_crop(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """The box's pixels, resized to CROP_SIDE x CROP_SIDE."""
-    x1, y1 = (int(value) for value in np.floor(box[:2]))
-    x2, y2 = (max(int(value), start + 1) for value, start in zip(np.ceil(box[2:]), (x1, y1)))
-    return cv2.resize(np.ascontiguousarray(rgb[y1:y2, x1:x2]), (CROP_SIDE, CROP_SIDE), interpolation=cv2.INTER_LINEAR)
 
 
 def box_regression(scene: Scene) -> list[Picture]:

@@ -14,18 +14,17 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import cv2
 import numpy as np
 import torch
 from matplotlib.patches import Patch
 from torch import nn
 
-from pipeline.data.voc import voc_palette
 from pipeline.engine.cache import StageCache
 from pipeline.engine.runner import RunContext, plan_stages
 from pipeline.explain.drawing import figure, figure_image
 from pipeline.explain.page import Picture
 from pipeline.regions import image_tensor, normalised
+from pipeline.reports import mask_palette, overlay_mask
 from pipeline.segmentation import (
     FCN,
     UPSAMPLINGS,
@@ -116,28 +115,19 @@ def fcn_pictures(rgb: np.ndarray, truth: np.ndarray | None, predictions: dict[st
 def mask_panels(rgb: np.ndarray, truth: np.ndarray | None, predictions: dict[str, np.ndarray],
                 labels: list[str]) -> list[tuple[str, np.ndarray]]:
     """(title, RGB) of each panel of fcn_pictures: the image, the truth when there is one, each prediction."""
-    panels = [("image", rgb)] + ([("ground truth", overlay(rgb, truth))] if truth is not None else [])
+    panels = [("image", rgb)] + ([("ground truth", overlay_mask(rgb, truth))] if truth is not None else [])
     for kind, mask in predictions.items():
         score = "" if truth is None else (
             f"\nmean IoU {segmentation_metrics(confusion_matrix(truth, mask, len(labels)))['mean_iou']:.2f}")
-        panels.append((f"{kind}{score}", overlay(rgb, mask)))
+        panels.append((f"{kind}{score}", overlay_mask(rgb, mask)))
     return panels
-
-
-def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The mask's VOC colours blended over the image, as fcn-evaluate's pictures draw them."""
-    return cv2.addWeighted(np.ascontiguousarray(rgb), 0.45, palette()[mask], 0.55, 0)
-
-
-def palette() -> np.ndarray:
-    return np.array(voc_palette(), np.uint8).reshape(256, 3)
 
 
 def label_patches(masks: list[np.ndarray], labels: list[str]) -> list[Patch]:
     """A legend entry in its VOC colour for each label (and void) some mask holds."""
     present = sorted(set().union(*(np.unique(mask).tolist() for mask in masks)))
     names = {**dict(enumerate(labels)), VOID: "void"}
-    return [Patch(color=palette()[label] / 255, label=names.get(label, str(label))) for label in present]
+    return [Patch(color=mask_palette()[label] / 255, label=names.get(label, str(label))) for label in present]
 
 
 # ---- the worked examples: numbers ----------------------------------------------------------------
