@@ -16,7 +16,6 @@ from pipeline.data.formats import open_dataset
 from pipeline.data.reader import IMAGE_SUFFIXES, ON_BAD_INPUT, read_rgb
 from pipeline.data.shapes import FORMATS as SHAPES_FORMATS
 from pipeline.data.shapes import write_shapes
-from pipeline.engine.cache import sha256_of
 from pipeline.engine.config import DEFAULT_PRESET, load_config
 from pipeline.engine.errors import BadInputError, ConfigError, UserError
 from pipeline.engine.graph import parse_scheduler
@@ -372,11 +371,7 @@ def command_predict(args) -> int:
     ctx = make_context(args)
     method = METHODS[args.method]
     images = PredictImages(image_paths(args.paths), on_bad_input or ctx.config["data"]["on_bad_input"])
-    plans, untrained = prediction_plans(method, images, REGISTRY, ctx)
-    refuse_untrained(args, method, untrained)
-    summaries = run_stages(plans, ctx, ctx.config["scheduler"])
-    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
-                    {plan.stage.name: plan.stage for plan in plans})
+    plans = run_on_images(args, ctx, method, images, explain=False)
     predict = plans[-1]
     metrics = predict.cache.manifest()["metrics"]
     about = {"method": method.name, "config": ctx.config["config_name"], "key": predict.key}
@@ -399,11 +394,7 @@ def command_explain(args) -> int:
         return explain_segmentation(args, ctx, named)
     method = METHODS[args.method]
     images = PredictImages([path for path, _ in named.values()], on_bad_input or ctx.config["data"]["on_bad_input"])
-    plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain=True)
-    refuse_untrained(args, method, untrained)
-    summaries = run_stages(plans, ctx, ctx.config["scheduler"])
-    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
-                    {plan.stage.name: plan.stage for plan in plans})
+    plans = run_on_images(args, ctx, method, images, explain=True)
     explained, by_name = plans[-1], {plan.stage.name: plan for plan in plans}
     metrics = explained.cache.manifest()["metrics"]
     trained = {role: by_name[stage].cache for role, stage in method.model_stages.items()}
@@ -413,7 +404,7 @@ def command_explain(args) -> int:
     for stem, (path, ground_truth) in named.items():
         if str(path) in metrics["skipped"]:
             continue
-        scene = Scene(read_rgb(path), read_explained(explained.cache, sha256_of(path)), metrics["classes"],
+        scene = Scene(read_rgb(path), read_explained(explained.cache, images.digest_of[path]), metrics["classes"],
                       ground_truth, trained, ctx.dataset, params)
         page = write_pictures(ctx.reports_root / "explain" / stem, method.name, method.explainer.title,
                               {"image": str(path), "config": ctx.config["config_name"], "key": explained.key},
@@ -447,14 +438,14 @@ def explained_images(names: list[str], ctx: RunContext) -> dict[str, tuple[Path,
     test_ids = set(ctx.dataset.image_ids(ctx.splits["test"]))
     named, files = {}, []
     for name in names:
-        if not Path(name).exists() and name not in test_ids:
-            raise UserError(f"{name}: neither an image id of the test split ({ctx.splits['test']}) nor an image "
-                            f"file or folder")
-        if name in test_ids and not Path(name).exists():
+        if Path(name).exists():
+            files.append(Path(name))
+        elif name in test_ids:
             boxes, labels, difficult = ctx.dataset.ground_truth(name)
             named[name] = (ctx.dataset.image_path(name), (boxes[~difficult], labels[~difficult]))
         else:
-            files.append(Path(name))
+            raise UserError(f"{name}: neither an image id of the test split ({ctx.splits['test']}) nor an image "
+                            f"file or folder")
     for path in image_paths(files) if files else []:
         if path.stem in named:
             raise UserError(f"{path} and the test image {path.stem} would share explain/{path.stem}/: explain them "
@@ -463,11 +454,17 @@ def explained_images(names: list[str], ctx: RunContext) -> dict[str, tuple[Path,
     return named
 
 
-def refuse_untrained(args, method, untrained: list[str]) -> None:
-    """Without --train, a method whose trained stages are not all cached is a one-line error saying how to train it."""
+def run_on_images(args, ctx: RunContext, method, images: PredictImages, explain: bool) -> list:
+    """Run `<method>-predict` (or `-explain`) on the images, with what it needs; returns the plans, its own last.
+    Without --train, a method whose trained stages are not all cached is a one-line error saying how to train it."""
+    plans, untrained = prediction_plans(method, images, REGISTRY, ctx, explain)
     if untrained and not args.train:
         raise UserError(f"{method.title} is not trained for this config and data ({', '.join(untrained)} not cached); "
                         f"train it with `{rerun_command(args, method.name)}`, or pass --train")
+    summaries = run_stages(plans, ctx, ctx.config["scheduler"])
+    print_summaries([summary for summary in summaries if summary["computed"] or summary["stage"] not in REGISTRY],
+                    {plan.stage.name: plan.stage for plan in plans})
+    return plans
 
 
 def image_paths(paths: list[Path]) -> list[Path]:

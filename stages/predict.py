@@ -33,14 +33,15 @@ IMAGES_PER_SHARD = 10
 
 
 class PredictImages:
-    """The images of one `rcnn predict` call: content digest -> path (the first of equal files), and what
-    to do with an unreadable one (on_bad_input: error | skip)."""
+    """The images of one `rcnn predict` call: path -> content digest, digest -> path (the first of equal files),
+    and what to do with an unreadable one (on_bad_input: error | skip)."""
 
     def __init__(self, paths: list[Path], on_bad_input: str):
         self.on_bad_input = on_bad_input
+        self.digest_of = {path: sha256_of(path) for path in paths}
         self.path_of: dict[str, Path] = {}
-        for path in paths:
-            self.path_of.setdefault(sha256_of(path), path)
+        for path, digest in self.digest_of.items():
+            self.path_of.setdefault(digest, path)
 
     def shards(self) -> list[Shard]:
         return image_shards(list(self.path_of), IMAGES_PER_SHARD)
