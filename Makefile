@@ -41,4 +41,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/proposals_scaling.py
+	$(BIN)/python bench/scale_out.py

@@ -8,7 +8,9 @@ For each size, a generated shapes set of that many images (70 % trainval), or th
 through the methods' stages one at a time, in the graph's order, each in a fresh `rcnn <stage>` process
 (the threaded scheduler, as a user runs it). Per stage it records the stage's wall clock from its
 manifest, the process's peak resident memory (its own `ru_maxrss`, from wait4: what the machine must
-hold while that stage runs, the interpreter and torch included) and the bytes the stage cached. Training
+hold while that stage runs, the interpreter and torch included), the largest of its anonymous resident
+memory sampled every 0.1 s, and the bytes the stage cached. With `--whole-run`, one `rcnn run` process
+computes every stage, as a user runs it, and each stage gets the memory samples taken while it ran. Training
 runs a fixed number of iterations (`TRAINING` below) and proposals are capped, so that only the per-image
 work grows; their time is shown whole. The results go to `<work>/results.json` after each stage: a
 second call skips what was measured and the pipeline's cache resumes a stage that was cut off, so the
@@ -44,33 +46,55 @@ IMAGES_OF = {"proposals": "all", "features": "train", "svm": "train", "bbox": "t
              "rcnn-detect": "test", "rcnn-evaluate": "test", "fast-rcnn-detect": "test", "faster-rcnn-detect": "test"}
 
 
-def peak_anonymous(pid: int) -> int:
-    """Sample the process's anonymous resident memory (RssAnon: not the shared libraries' pages, which the
-    kernel can drop and read again) every 50 ms until it ends; the largest sample, in bytes."""
-    peak = 0
+def run_sampled(command: list[str]) -> tuple[list[tuple[float, int, int]], int]:
+    """Run a command, sampling its resident memory every 0.1 s: samples of (time, VmRSS, RssAnon) in bytes, and
+    its peak resident memory (its own ru_maxrss, from wait4). RssAnon leaves out the shared libraries' pages,
+    which the kernel can drop and read again: the memory the process cannot give back."""
+    process, samples = subprocess.Popen(command), []
     while True:
-        status = Path(f"/proc/{pid}/status").read_text()  # the process stays until wait4 reaps it
-        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), None)
-        if kib is None:  # a zombie: it has ended
-            return peak
-        peak = max(peak, kib * 1024)
-        time.sleep(0.05)
+        status = Path(f"/proc/{process.pid}/status").read_text()  # the process stays until wait4 reaps it
+        fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Rss")
+                  or line.startswith("VmRSS")}
+        if "RssAnon" not in fields:  # a zombie: it has ended
+            break
+        samples.append((time.time(), int(fields["VmRSS"]) * 1024, int(fields["RssAnon"]) * 1024))
+        time.sleep(0.1)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(command)}: exit status {os.waitstatus_to_exitcode(status)}")
+    return samples, usage.ru_maxrss * 1024
+
+
+def stage_output(cache: Path, stage: str) -> tuple[dict, int]:
+    """The stage's newest manifest in this cache, and the bytes of its output."""
+    manifests = sorted((cache / stage).glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
+    return (json.loads(manifests[-1].read_text()),
+            sum(path.stat().st_size for path in manifests[-1].parent.rglob("*") if path.is_file()))
 
 
 def measure_stage(stage: str, args: list[str], cache: Path) -> dict:
     """Run `rcnn <stage>` in a fresh process; its wall clock (manifest), peak memory and cached bytes."""
-    command = [sys.executable, "-m", "pipeline.cli", "-q", stage, *args]
-    process = subprocess.Popen(command)
-    anonymous = peak_anonymous(process.pid)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command)}: exit status {process.returncode}")
-    manifests = sorted((cache / stage).glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
-    manifest = json.loads(manifests[-1].read_text())
-    cached = sum(path.stat().st_size for path in manifests[-1].parent.rglob("*") if path.is_file())
-    return {"seconds": manifest["timings"]["wall_s"], "peak_bytes": usage.ru_maxrss * 1024,
-            "peak_anonymous_bytes": anonymous, "cache_bytes": cached}
+    samples, peak = run_sampled([sys.executable, "-m", "pipeline.cli", "-q", stage, *args])
+    manifest, cached = stage_output(cache, stage)
+    return {"seconds": manifest["timings"]["wall_s"], "peak_bytes": peak,
+            "peak_anonymous_bytes": max(anonymous for _, _, anonymous in samples), "cache_bytes": cached}
+
+
+def measure_whole_run(order: list[str], args: list[str], cache: Path, methods: list[str]) -> dict:
+    """`rcnn run` in one process, as a user runs it: each stage's wall clock and cached bytes, and the largest
+    memory samples taken while one of its shards (or its reduce) ran: stages that overlap share samples."""
+    samples, peak = run_sampled([sys.executable, "-m", "pipeline.cli", "-q", "run", "--methods", *methods, *args])
+    measured = {"whole run": {"seconds": samples[-1][0] - samples[0][0], "peak_bytes": peak,
+                              "peak_anonymous_bytes": max(anonymous for _, _, anonymous in samples), "cache_bytes": 0}}
+    for stage in order:
+        manifest, cached = stage_output(cache, stage)
+        spans = [(record["started"], record["seconds"]) for record in manifest["shards"].values()]
+        spans.append((manifest["timings"]["reduce_started"], manifest["timings"]["reduce_s"]))
+        during = [(rss, anonymous) for moment, rss, anonymous in samples
+                  if any(start <= moment <= start + seconds for start, seconds in spans)] or [(0, 0)]
+        measured[stage] = {"seconds": manifest["timings"]["wall_s"], "peak_bytes": max(rss for rss, _ in during),
+                           "peak_anonymous_bytes": max(anonymous for _, anonymous in during), "cache_bytes": cached}
+    return measured
 
 
 def image_counts(data: Path, config: dict) -> dict[str, int]:
@@ -85,9 +109,17 @@ def measure_size(name: str, data: Path, options: argparse.Namespace, overrides: 
     config = load_config(options.config, [f"data.root={data}", *overrides])
     order = upstream_order([f"{method}-evaluate" if method == "rcnn" else f"{method}-detect"
                             for method in options.methods], REGISTRY, config)
-    cache, measured = options.work / f"cache-{name}", results.setdefault(name, {"images": image_counts(data, config)})
+    cache = options.work / f"cache-{name}"
     stage_args = ["--config", options.config, "--data", str(data), "--cache", str(cache),
                   "--reports", str(options.work / f"reports-{name}"), *[f"--set={item}" for item in overrides]]
+    if options.whole_run:
+        name = f"{name}, one process"
+    measured = results.setdefault(name, {"images": image_counts(data, config)})
+    measured["order"] = ["whole run"] * options.whole_run + order
+    if options.whole_run and "whole run" not in measured:
+        print(f"{name}: rcnn run ...", flush=True)
+        measured.update(measure_whole_run(order, stage_args, cache, options.methods))
+        write_json_atomic(results_path, results)
     for stage in order:
         if stage in measured:
             continue
@@ -105,8 +137,9 @@ def spread(values: list[float]) -> float:
 
 
 def print_tables(results: dict) -> None:
-    sizes = list(results)
-    stages = [stage for stage in results[sizes[-1]] if stage != "images"]
+    sizes = sorted(results, key=lambda size: (results[size]["images"]["all"], size))  # json keeps no order
+    stages = list(dict.fromkeys(stage for size in sizes for stage in results[size].get("order", [])
+                                if stage in results[size]))
     rows, verdicts = [], []
     for stage in stages:
         per = IMAGES_OF.get(stage)
@@ -147,6 +180,9 @@ def main() -> None:
                         help="R-CNN's graph to its evaluation; the others to their detect (default: all three)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every stage (repeatable); a generated set also gets TRAINING")
+    parser.add_argument("--whole-run", action="store_true",
+                        help="one `rcnn run` process for all stages (memory sampled and attributed to the stages "
+                             "running at the time) instead of a process per stage")
     parser.add_argument("--report-only", action="store_true", help="print the tables of what was measured")
     options = parser.parse_args()
     options.work.mkdir(parents=True, exist_ok=True)

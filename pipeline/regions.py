@@ -13,7 +13,10 @@ what roi_align(aligned=True) expects.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,19 +57,52 @@ def warp_regions(image: torch.Tensor, boxes: torch.Tensor, output_size: int, con
 
 
 class ImageBank:
-    """Images kept on the device as uint8, for warping windows drawn from many images at once."""
+    """A split's images as uint8[3, H, W] tensors, for warping windows drawn from many images at once.
 
-    def __init__(self, images_rgb: list[np.ndarray], device: str):
-        self.images = [image_tensor(rgb, device) for rgb in images_rgb]
+    On a GPU they are kept in its memory. On the CPU each is decoded once into a nameless file in
+    `spill_dir` (the stage's cache folder, on the disk the user chose for large data; it vanishes when the
+    bank or the process does, killed or not) and read back when used, so the process holds none of them and
+    the kernel's page cache keeps what the machine's memory allows. Holding them all would cost H x W x 3
+    bytes per image, growing with the data set (a few hundred 12-megapixel phone photos: several GB;
+    docs/speed.md); reading one back is a copy, a small part of warping it.
+    """
+
+    def __init__(self, device: str, spill_dir: Path):
+        self.device, self.spill_dir = device, spill_dir
+        self.on_device: list[torch.Tensor] = []
+        self.placed: list[tuple[int, tuple[int, int, int]]] = []  # where each image lies in the file, its shape
+        self.file = tempfile.TemporaryFile(dir=spill_dir) if torch.device(device).type == "cpu" else None
+
+    def add(self, rgb: np.ndarray) -> None:
+        """Append an RGB uint8[H, W, 3] image (as the data set reads it)."""
+        if self.file is None:
+            self.on_device.append(image_tensor(rgb, self.device))
+            return
+        pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        self.placed.append((self.file.tell(), pixels.shape))
+        self.file.write(pixels.data)
+        self.file.flush()  # read back below the buffer, by position
+
+    def __len__(self) -> int:
+        return len(self.on_device) + len(self.placed)
+
+    def image(self, index: int) -> torch.Tensor:
+        """The index-th image as uint8[3, H, W] on the device."""
+        if self.file is None:
+            return self.on_device[index]
+        offset, shape = self.placed[index]
+        pixels = bytearray(int(np.prod(shape)))
+        if os.preadv(self.file.fileno(), [pixels], offset) != len(pixels):
+            raise OSError(f"{self.spill_dir}: the image bank's file was cut short")
+        return torch.frombuffer(pixels, dtype=torch.uint8).view(shape)
 
     def warp(self, image_index: np.ndarray, boxes: torch.Tensor, output_size: int, context_pad: float) -> torch.Tensor:
         """Crops[K, 3, S, S] for windows given as (image_index[K], boxes[K, 4]), in that order."""
-        device = self.images[0].device
-        crops = torch.empty((len(image_index), 3, output_size, output_size), device=device)
+        crops = torch.empty((len(image_index), 3, output_size, output_size), device=self.device)
         for index in np.unique(image_index):
             rows = torch.from_numpy(np.flatnonzero(image_index == index))  # indexes `boxes`, wherever it lives
-            crops[rows.to(device)] = warp_regions(self.images[index], boxes[rows.to(boxes.device)], output_size,
-                                                  context_pad)
+            crops[rows.to(self.device)] = warp_regions(self.image(index), boxes[rows.to(boxes.device)], output_size,
+                                                       context_pad)
         return crops
 
 
@@ -134,26 +170,27 @@ def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
 
 @dataclass
 class TrainingImages:
-    """A split's images in memory (an ImageBank on the device) and their non-difficult ground truth."""
+    """A split's images (an ImageBank) and their non-difficult ground truth."""
     image_ids: list[str]
     bank: ImageBank
     gt_boxes: list[np.ndarray]   # float32[G, 4] per image
     gt_labels: list[np.ndarray]  # int64[G] per image (class indices)
 
 
-def load_training_images(dataset, split: str, device: str) -> TrainingImages:
-    """Every readable image of `split` (those skipped for bad input left out) with its non-difficult boxes."""
-    image_ids, images, gt_boxes, gt_labels = [], [], [], []
+def load_training_images(dataset, split: str, device: str, spill_dir: Path) -> TrainingImages:
+    """Every readable image of `split` (those skipped for bad input left out) with its non-difficult boxes,
+    in an ImageBank (spilled to a file in `spill_dir` on the CPU)."""
+    image_ids, bank, gt_boxes, gt_labels = [], ImageBank(device, spill_dir), [], []
     for image_id in dataset.image_ids(split):
         rgb = dataset.read_image(image_id)
         if rgb is None:  # skipped for bad input
             continue
         boxes, labels, difficult = dataset.ground_truth(image_id)
         image_ids.append(image_id)
-        images.append(rgb)
+        bank.add(rgb)
         gt_boxes.append(boxes[~difficult])
         gt_labels.append(labels[~difficult])
-    return TrainingImages(image_ids, ImageBank(images, device), gt_boxes, gt_labels)
+    return TrainingImages(image_ids, bank, gt_boxes, gt_labels)
 
 
 def predict_classes(net, bank: ImageBank, image_index: np.ndarray, boxes: torch.Tensor, input_size: int,

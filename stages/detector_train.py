@@ -58,7 +58,7 @@ class DetectorTrain(StartsFromBackbone, TrainingStage):
                                       len(ctx.classes), params)
         if params.get("train_sizes"):
             jitter_training_scale(model, params["train_sizes"])
-        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
+        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device, out.checkpoint.parent)
         proposals = read_proposals(inputs["proposals"]) if self.uses_proposals else None
         next_batch = image_batches(training, proposals, params)
 
@@ -84,7 +84,7 @@ def image_batches(training, proposals: dict | None, params):
                             replace=False)
         images, image_proposals, targets = [], [], []
         for index in chosen:
-            image = normalised(training.bank.images[index])
+            image = normalised(training.bank.image(index))
             device = image.device
             gt_boxes = torch.from_numpy(training.gt_boxes[index]).to(device)
             boxes = (torch.from_numpy(proposals.get(training.image_ids[index], np.zeros((0, 4), np.float32))).to(device)

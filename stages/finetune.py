@@ -43,7 +43,7 @@ class Finetune(StartsFromBackbone, TrainingStage):
         params, backbone = ctx.params, ctx.params["backbone"]
         settings = self.start(params)
         net = initial_net(backbone, len(ctx.classes), inputs)
-        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
+        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device, out.checkpoint.parent)
         windows = training_windows(training, read_proposals(inputs["proposals"]), params["fg_iou"])
         foreground = np.flatnonzero(windows.labels > 0)
         background = np.flatnonzero(windows.labels == 0)

@@ -41,7 +41,7 @@ class Pretrain(TrainingStage):
         settings = SGDSettings.from_config(params)
         torch.manual_seed(settings.seed)
         net = build_region_net(backbone["name"], len(ctx.classes), backbone["input_size"], frozen_batchnorm=False)
-        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device)
+        training = load_training_images(ctx.dataset, ctx.train_split, ctx.device, out.checkpoint.parent)
         windows = np.concatenate([np.full(len(boxes), index) for index, boxes in enumerate(training.gt_boxes)])
         boxes = torch.from_numpy(np.concatenate(training.gt_boxes))
         labels = torch.from_numpy(np.concatenate(training.gt_labels))

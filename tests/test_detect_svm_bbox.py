@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import Ridge
 
 from pipeline.classifiers import apply_regressors, box_coder, per_class_nms
+from stages.bbox import RidgeSums
 from stages.svm import ClassSVM, retrain
 
 SVM_PARAMS = {"C": 1.0, "positive_weight": 2.0, "intercept_scaling": 10.0, "max_iter": 10000,
@@ -72,3 +74,25 @@ def test_regressors_apply_learned_deltas_per_class():
     assert refined.shape == (1, 2, 4)
     assert refined[0, 0].tolist() == pytest.approx(boxes[0].tolist())
     assert refined[0, 1].tolist() == pytest.approx([12.0, 20.0, 36.0, 80.0], abs=1e-4)
+
+
+def test_ridge_from_streamed_sums_is_scikit_learns_ridge_on_the_examples(monkeypatch):
+    monkeypatch.setattr(RidgeSums, "BUFFER_ROWS", 50)  # several folds of the buffer into the sums
+    rng = np.random.default_rng(0)
+    features = rng.random((400, 30)).astype(np.float32) * 5 + 3  # positive and off-centre, as pool5 is
+    targets = (features @ rng.normal(size=(30, 4)) * 0.01 + rng.normal(0.2, 0.1, (400, 4))).astype(np.float32)
+    sums = RidgeSums(30)
+    for start in range(0, 400, 7):
+        sums.add(features[start:start + 7], targets[start:start + 7])
+        assert sum(len(part) for part, _ in sums.waiting) < 50  # never more examples held than the buffer
+    fit = sums.solve(alpha=10.0)
+    exact = targets.astype(np.float64)
+    mean, std = exact.mean(axis=0), exact.std(axis=0) + 1e-6
+    ridge = Ridge(alpha=10.0).fit(features.astype(np.float64), (exact - mean) / std)
+    assert sums.count == 400
+    np.testing.assert_allclose(fit["coef"], ridge.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit["intercept"], ridge.intercept_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit["target_std"], std, rtol=1e-5)
+    residual = ridge.predict(features) * std + mean - exact
+    assert fit["rms_residual"] == pytest.approx(np.sqrt((residual ** 2).mean()), rel=1e-5)
+    assert fit["rms_target"] == pytest.approx(np.sqrt((exact ** 2).mean()), rel=1e-6)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -47,13 +49,36 @@ def test_warp_is_anisotropic():
     assert crop.shape == (1, 3, 8, 8)
 
 
-def test_image_bank_returns_crops_in_window_order():
+def test_image_bank_returns_crops_in_window_order(tmp_path):
     first = np.zeros((8, 8, 3), np.uint8)
     second = np.full((8, 8, 3), 255, np.uint8)
-    bank = ImageBank([first, second], "cpu")
+    bank = ImageBank("cpu", tmp_path)
+    bank.add(first)
+    bank.add(second)
     boxes = torch.tensor([[0.0, 0, 4, 4], [0, 0, 4, 4], [4, 4, 8, 8]])
     crops = bank.warp(np.array([1, 0, 1]), boxes, output_size=2, context_pad=0)
     assert crops[0].mean() > crops[1].mean() and torch.allclose(crops[0], crops[2])
+
+
+def anonymous_resident_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux's /proc")
+def test_image_bank_on_the_cpu_holds_its_images_in_a_file_not_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (600, 800, 3), dtype=np.uint8) for _ in range(3)]
+    before = anonymous_resident_bytes()
+    bank = ImageBank("cpu", tmp_path)
+    for _ in range(20):  # 20 x 3 images of 1.44 MB: 86 MB that a bank in memory would hold
+        for image in images:
+            bank.add(image)
+    grown = anonymous_resident_bytes() - before
+    assert len(bank) == 60 and grown < 20 * 2 ** 20
+    for index in (0, 31, 59):
+        assert torch.equal(bank.image(index), torch.from_numpy(images[index % 3].transpose(2, 0, 1).copy()))
+    assert list(tmp_path.iterdir()) == []  # the file has no name: nothing is left behind, even by a killed run
 
 
 def test_mean_subtracted_image_gives_the_same_crop_as_uint8():
