@@ -29,6 +29,7 @@ import torch
 from pipeline.engine.cache import StageCache
 from pipeline.engine.interrupt import check_stop
 from pipeline.engine.schema import register_choices
+from pipeline.models import in_padded_batch
 from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 
 DTYPES = ("uint8", "float16", "float32")
@@ -157,7 +158,7 @@ def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, b
             crops = warp_regions(image, batch, backbone["input_size"], backbone["context_pad"])
             if clock is not None:
                 clock.lap("warp")
-            outputs.append(net.pool5(crops).flatten(1).float().cpu())
+            outputs.append(in_padded_batch(net.pool5, crops).flatten(1).float().cpu())
             if clock is not None:
                 clock.lap("CNN on every crop")
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
@@ -172,7 +173,7 @@ def layer_features(net, features: np.ndarray, layer: str, device: str, batch_siz
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
             batch = torch.from_numpy(features[start:start + batch_size]).to(device, torch.float32)
-            outputs.append(net.fc(batch, layer).cpu())
+            outputs.append(in_padded_batch(lambda rows: net.fc(rows, layer), batch).cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, net.head.in_features), np.float32)
 
 
