@@ -92,6 +92,7 @@ class RidgeSums:
         self.waiting: list[tuple[np.ndarray, np.ndarray]] = []
 
     def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        self.count += len(features)
         self.waiting.append((features, targets))
         if sum(len(part) for part, _ in self.waiting) >= self.BUFFER_ROWS:
             self.fold()
@@ -102,7 +103,6 @@ class RidgeSums:
         features = np.concatenate([part for part, _ in self.waiting]).astype(np.float64)
         targets = np.concatenate([part for _, part in self.waiting]).astype(np.float64)
         self.waiting = []
-        self.count += len(features)
         self.feature_sum += features.sum(axis=0)
         self.target_sum += targets.sum(axis=0)
         self.gram += features.T @ features
@@ -149,6 +149,7 @@ def regression_sums(reader: FeatureReader, image_ids: list[str], classes, min_io
             rows = np.flatnonzero((best_iou.numpy() > min_iou) & (assigned_class == class_index))
             if len(rows):
                 targets = coder.encode_single(boxes[gt_rows][best[rows]], boxes[rows])
-                class_sums = sums.setdefault(class_index, RidgeSums(image.features.shape[1]))
-                class_sums.add(image.features[rows].astype(np.float32) * scale, targets.numpy())
+                if class_index not in sums:
+                    sums[class_index] = RidgeSums(image.features.shape[1])
+                sums[class_index].add(image.features[rows].astype(np.float32) * scale, targets.numpy())
     return {class_index: sums.get(class_index, RidgeSums(0)) for class_index in classes}
