@@ -185,7 +185,20 @@ def mean_norm_scale(reader: FeatureReader, image_ids: list[str], transform, targ
 def feature_statistics(reader: FeatureReader, image_ids: list[str], transform, target_norm: float,
                        center: bool) -> tuple[np.ndarray | float, float]:
     """(mean, scale) such that (features - mean) * scale have a mean L2 norm of target_norm over these images'
-    regions; the mean is their mean feature when `center`, else 0."""
-    features = np.concatenate([transform(reader.read(image_id).features) for image_id in image_ids])
-    mean = features.mean(axis=0) if center else 0.0
-    return mean, float(target_norm / np.linalg.norm(features - mean, axis=1).mean())
+    regions; the mean is their mean feature when `center`, else 0. Image by image (a pass for the mean, one
+    for the norms), so that memory holds one image's features: the photos preset's 50 images of 1 000 regions
+    of 4 704 pool5 values, held together and copied, were 1.9 GB (the voc2007 preset's 200 of 2 000 would be
+    15 GB)."""
+    mean = 0.0
+    if center:
+        total, count = np.zeros(()), 0
+        for image_id in image_ids:
+            features = transform(reader.read(image_id).features)
+            total, count = total + features.sum(axis=0, dtype=np.float64), count + len(features)
+        mean = (total / count).astype(np.float32)
+    norms, count = 0.0, 0
+    for image_id in image_ids:
+        features = transform(reader.read(image_id).features)
+        norms += float(np.linalg.norm(features - mean, axis=1).sum(dtype=np.float64))
+        count += len(features)
+    return mean, float(target_norm / (norms / count))

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from pipeline.engine.cache import StageCache
-from pipeline.features import FeatureReader, ImageFeatures, as_stored, dequantise, quantise, write_image_features
+from pipeline.features import (
+    FeatureReader,
+    ImageFeatures,
+    as_stored,
+    dequantise,
+    feature_statistics,
+    quantise,
+    write_image_features,
+)
 
 
 def test_quantise_maps_each_row_between_its_minimum_and_maximum():
@@ -61,3 +69,19 @@ def test_uint8_cache_of_post_relu_features_is_under_a_quarter_of_float32(tmp_pat
         group = shard_file["image"]
         stored = sum(group[name].id.get_storage_size() for name in ("features", "feature_offset", "feature_step"))
     assert stored < 0.25 * features.nbytes
+
+
+def test_feature_statistics_image_by_image_equal_those_of_all_features_together(tmp_path):
+    rng = np.random.default_rng(0)
+    stored = {f"im{index}": rng.random((rng.integers(5, 40), 12)).astype(np.float32) * 3 for index in range(6)}
+
+    class Reader:
+        def read(self, image_id):
+            return ImageFeatures(boxes=None, gt_label=None, gt_difficult=None, features=stored[image_id])
+
+    together = np.concatenate(list(stored.values()))
+    for center in (False, True):
+        mean, scale = feature_statistics(Reader(), list(stored), lambda features: features * 2, 20.0, center)
+        expected_mean = (together * 2).mean(axis=0) if center else 0.0
+        np.testing.assert_allclose(mean, expected_mean, rtol=1e-6)
+        assert scale == pytest.approx(20.0 / np.linalg.norm(together * 2 - expected_mean, axis=1).mean(), rel=1e-6)

@@ -66,7 +66,8 @@ def test_test_only_timing_counts_each_methods_multiply_adds_without_training_any
     crops = report["measured"]["proposals_per_image"]
     reference = REFERENCE.timed_variants[0].timed
     measured = report["measured"]["methods"][reference]["multiply_adds"]["CNN on every crop"]
-    assert measured == pytest.approx(crops * counter.get_total_flops() / 2, rel=1e-6)
+    # ... counted as run: each image's last batch padded to a multiple of 32 crops (pipeline.models.in_padded_batch)
+    assert crops <= measured / (counter.get_total_flops() / 2) < crops + 32
     # a network trained end to end runs its conv layers once per image: 80 crops of 48 px (184 k pixels) cost
     # R-CNN more than one 216 px image (about 58 k) costs it, even with its RPN or RoI heads on top
     networks = [variant.timed for method in METHODS.values() if method.end_to_end for variant in method.timed_variants]
