@@ -65,7 +65,7 @@ class Finetune(StartsFromBackbone, TrainingStage):
         sample = np.sort(np.random.default_rng(settings.seed).choice(len(labels), min(len(labels), 4096),
                                                                      replace=False))
         predicted = predict_classes(net, training.bank, windows.image_index[sample], windows.boxes[sample],
-                                    backbone["input_size"], backbone["context_pad"])
+                                    backbone["input_size"], backbone["context_pad"], params["batch_size"])
         save_torch({"model": net.state_dict(), "backbone": backbone_shape(backbone),
                     "classes": ctx.classes, "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])), "foreground_windows": len(foreground),

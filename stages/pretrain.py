@@ -54,7 +54,8 @@ class Pretrain(TrainingStage):
 
         losses = train(net, next_batch, settings, out.checkpoint, ctx.device, threads=ctx.threads,
                        desc="pretrain").losses
-        predicted = predict_classes(net, training.bank, windows, boxes, backbone["input_size"], backbone["context_pad"])
+        predicted = predict_classes(net, training.bank, windows, boxes, backbone["input_size"], backbone["context_pad"],
+                                    params["batch_size"])
         save_torch({"model": net.state_dict(), "losses": losses}, out.path)
         return {"final_loss": float(np.mean(losses[-20:])),
                 "train_accuracy": float((predicted == labels).float().mean()), "gt_crops": len(windows)}
