@@ -2,6 +2,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torchvision.ops import box_iou
 
 from pipeline import proposals
 from pipeline.data.voc import VOCDataset
+from pipeline.engine.cache import StageCache
 from pipeline.engine.config import load_config
 from pipeline.engine.errors import ConfigError
 from pipeline.proposals import SELECTIVE_SEARCH_MODES, defer_near_duplicates, proposal_params, propose, rank_rects
@@ -152,3 +154,22 @@ def test_a_large_photo_is_searched_at_search_side_and_its_boxes_come_back_in_its
     assert searched == [(333, 500, 3)] and boxes.tolist() == [[0.0, 0.0, 6000.0, 3996.0]]  # 333 px x 12
     assert propose(photo[:300, :400], search(search_side=500)).tolist() == [[0.0, 0.0, 400.0, 300.0]]
     assert searched[-1] == (300, 400, 3)  # never enlarged
+
+
+def test_proposals_of_some_images_are_read_from_the_shards_that_hold_them(tmp_path, monkeypatch):
+    cache = StageCache(tmp_path, "proposals", "key")
+    cache.dir.mkdir(parents=True)
+    boxes = {f"im{index}": np.full((index + 1, 4), index, np.float32) for index in range(6)}
+    for shard in range(3):
+        with h5py.File(cache.dir / f"{shard:05d}.h5", "w") as shard_file:
+            for image_id in list(boxes)[2 * shard:2 * shard + 2]:
+                shard_file[image_id] = boxes[image_id]
+    opened = []
+    real_file = h5py.File
+    monkeypatch.setattr(proposals.h5py, "File", lambda path, mode: opened.append(path.name) or real_file(path, mode))
+    assert proposals.read_proposals(cache).keys() == boxes.keys()
+    assert proposals.read_proposals(cache, ["im0"]).keys() == {"im0"}  # lists which shard holds which image, once
+    opened.clear()
+    some = proposals.read_proposals(cache, ["im3", "im2", "missing"])
+    assert some.keys() == {"im2", "im3"} and all((some[i] == boxes[i]).all() for i in some)
+    assert opened == ["00001.h5"]
