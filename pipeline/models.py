@@ -232,7 +232,7 @@ def in_padded_batch(layers: Callable[[torch.Tensor], torch.Tensor], batch: torch
     comes in every size from 1 to the batch size: over a data set the process grew by 0.7 GB in 30 images
     (MobileNetV2, 96 px crops, batches of 128; still growing at the end), and making the primitives cost time.
     Rounded up to a multiple of 32, a stage meets at most batch_size / 32 shapes: memory stays flat, and the
-    pass ran 10 % faster despite the extra rows (docs/speed.md).
+    pass ran 9 % faster despite the extra rows (bench/batch_shapes.py, docs/speed.md).
     """
     rows = len(batch)
     padding = -rows % ROWS_STEP
