@@ -124,9 +124,7 @@ def measure_size(name: str, data: Path, options: argparse.Namespace, overrides: 
         if stage in measured:
             continue
         print(f"{name} images: {stage} ...", flush=True)
-        started = time.perf_counter()
         measured[stage] = measure_stage(stage, stage_args, cache)
-        measured[stage]["process_s"] = time.perf_counter() - started
         write_json_atomic(results_path, results)
 
 

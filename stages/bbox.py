@@ -120,12 +120,12 @@ class RidgeSums:
         centred_targets = self.target_gram - n * np.outer(target_mean, target_mean)
         target_std = np.sqrt(np.maximum(np.diag(centred_targets) / n, 0)) + 1e-6
         centred_gram[np.diag_indices_from(centred_gram)] += alpha
-        coef = np.linalg.solve(centred_gram, centred_cross / target_std).T  # [4, D], standardised targets
-        # residual sum of squares per target, from the sums: t't - 2 w'X't + w'X'Xw on centred data
-        centred_gram[np.diag_indices_from(centred_gram)] -= alpha
-        explained = np.einsum("jd,dj->j", coef, centred_cross / target_std)
-        squares = np.diag(centred_targets) / target_std ** 2 - 2 * explained + np.einsum("jd,de,je->j", coef,
-                                                                                         centred_gram, coef)
+        right = centred_cross / target_std  # X'Z for the standardised targets Z
+        coef = np.linalg.solve(centred_gram, right).T  # [4, D]
+        # residual sum of squares per target, from the sums: Z'Z - 2 w'X'Z + w'X'Xw, where
+        # w'X'Xw = w'(X'X + alpha I)w - alpha w'w = w'X'Z - alpha w'w (w solves the regularised system)
+        explained = np.einsum("jd,dj->j", coef, right)
+        squares = np.diag(centred_targets) / target_std ** 2 - explained - alpha * (coef ** 2).sum(axis=1)
         residual = np.maximum(squares, 0) * target_std ** 2
         return {"coef": coef, "intercept": -coef @ feature_mean, "target_mean": target_mean, "target_std": target_std,
                 "rms_residual": float(np.sqrt(residual.sum() / (4 * n))),
