@@ -42,3 +42,13 @@ def test_validation_split_divides_trainval_into_disjoint_train_and_val(shapes_ro
     train, val = (set((out / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) for split in ("train", "val"))
     assert len(val) == 3 and train | val == trainval and not train & val
     assert VOCDataset(out, class_split="train").image_ids("val") == sorted(val)  # a VOC root through the symlinks
+
+
+def test_validation_split_keeps_each_group_on_one_side(shapes_root, tmp_path):
+    out = tmp_path / "val-root"
+    subprocess.run([sys.executable, str(BENCH / "validation_split.py"), "--data", str(shapes_root), "--out", str(out),
+                    "--val", "1", "--group", "[0-9]$", "--seed", "0"], capture_output=True, text=True, check=True)
+    train, val = ((out / "ImageSets" / "Main" / f"{split}.txt").read_text().split() for split in ("train", "val"))
+    groups_of = {side: {image_id[:-1] for image_id in ids} for side, ids in (("train", train), ("val", val))}
+    assert len(groups_of["val"]) == 1 and not groups_of["train"] & groups_of["val"]
+    assert len(val) > 1  # the whole group went, more than the one image asked for
