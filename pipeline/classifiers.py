@@ -121,14 +121,14 @@ def score_regions(net, svms: dict, regressors: dict, boxes: np.ndarray, features
     pool5 (or pyramid) features[R, P], per variant asked for:
         svm_bbox (the R-CNN result), svm (no box regression), softmax_bbox and softmax (the fine-tuned
         network's own (N + 1)-way softmax instead of the SVMs).
-    Scores and boxes come from region_scores; NMS per class at params["nms_iou"], then the
-    params["max_per_image"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
+    Scores and boxes come from region_scores; NMS per class at params["nms_iou"], then each class's
+    params["max_per_class"] best. A pipeline.timing.Clock, if given, gets the laps "fc6 + fc7" (the SVMs'
     layer) and "SVM + bbox + NMS"."""
     softmax = any(variant.startswith("softmax") for variant in variants)
     scores, refined = region_scores(net, svms, regressors, boxes, features, width, height, device, softmax, clock)
     plain = torch.from_numpy(boxes)[:, None, :].expand_as(refined)
     detections = {variant: per_class_nms(refined if variant.endswith("_bbox") else plain,
-                                         scores[variant.split("_")[0]], params["nms_iou"], params["max_per_image"])
+                                         scores[variant.split("_")[0]], params["nms_iou"], params["max_per_class"])
                   for variant in variants}
     if clock is not None:
         clock.lap("SVM + bbox + NMS")
@@ -156,21 +156,28 @@ def region_scores(net, svms: dict, regressors: dict, boxes: np.ndarray, features
     return scores, refined
 
 
-def per_class_nms(class_boxes, scores, nms_iou: float, max_detections: int) -> np.ndarray:
-    """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); the best
-    max_detections overall."""
+def per_class_nms(class_boxes, scores, nms_iou: float, max_per_class: int) -> np.ndarray:
+    """NMS within each class over class_boxes[R, N, 4] and scores[R, N] (tensors or arrays); each class's
+    max_per_class best, best first overall."""
     class_boxes = torch.as_tensor(class_boxes, dtype=torch.float32)
     scores = torch.as_tensor(scores, dtype=torch.float32)
-    return kept_rows(class_boxes, scores, per_class_keep(class_boxes, scores, nms_iou, max_detections))
+    return kept_rows(class_boxes, scores, per_class_keep(class_boxes, scores, nms_iou, max_per_class))
 
 
-def per_class_keep(class_boxes, scores, nms_iou: float, max_detections: int) -> torch.Tensor:
-    """What per_class_nms keeps, best first, as flat indices region * N + class into scores[R, N]."""
+def per_class_keep(class_boxes, scores, nms_iou: float, max_per_class: int) -> torch.Tensor:
+    """What per_class_nms keeps, best first, as flat indices region * N + class into scores[R, N].
+
+    The cap is per class, as in R-CNN's test (100 per class and image), not over all classes as Fast R-CNN's
+    softmax detector has it: SVM margins are not comparable across classes, so one class whose SVM scores
+    everything high would otherwise take every place (puffin on the aquarium photos: docs/real-photos.md)."""
     num_regions, num_classes = scores.shape
     flat_boxes = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
     flat_scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     classes = torch.arange(num_classes).repeat(num_regions)
-    return batched_nms(flat_boxes, flat_scores, classes, nms_iou)[:max_detections]  # sorted by score
+    keep = batched_nms(flat_boxes, flat_scores, classes, nms_iou)  # sorted by score
+    of_class = torch.nn.functional.one_hot(classes[keep], num_classes)
+    rank_in_class = (of_class.cumsum(0) * of_class).sum(1)  # 1 for each class's best
+    return keep[rank_in_class <= max_per_class]
 
 
 def kept_rows(class_boxes, scores, keep) -> np.ndarray:

@@ -59,5 +59,5 @@ def classify_windows(net, backbone: Mapping, rgb: np.ndarray, boxes: np.ndarray,
     scores = np.where(probabilities[:, 1:] == probabilities[:, 1:].max(1, keepdims=True), probabilities[:, 1:], 0)
     scores = scores[objects]
     class_boxes = torch.from_numpy(boxes[objects])[:, None, :].expand(-1, scores.shape[1], 4)
-    rows = per_class_nms(class_boxes, scores, params["nms_iou"], params["max_per_image"])
+    rows = per_class_nms(class_boxes, scores, params["nms_iou"], params["max_per_class"])
     return rows[rows[:, 4] > 0]

@@ -1,10 +1,13 @@
-"""The benchmark scripts that report results (bench/paired_runs.py) on fabricated detect outputs."""
+"""The scripts that choose settings: paired_runs.py on fabricated detect outputs, validation_split.py, and
+validate_change.py on the tiny generated set."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from pipeline.data.voc import VOCDataset
 
@@ -52,3 +55,23 @@ def test_validation_split_keeps_each_group_on_one_side(shapes_root, tmp_path):
     groups_of = {side: {image_id[:-1] for image_id in ids} for side, ids in (("train", train), ("val", val))}
     assert len(groups_of["val"]) == 1 and not groups_of["train"] & groups_of["val"]
     assert len(val) > 1  # the whole group went, more than the one image asked for
+
+
+def test_validate_change_trains_both_arms_and_reports_their_paired_difference(shapes_root, tmp_path):
+    root = tmp_path / "val-root"
+    subprocess.run([sys.executable, str(BENCH / "validation_split.py"), "--data", str(shapes_root), "--out", str(root),
+                    "--val", "5"], check=True, capture_output=True)
+    sets = [part for value in ("faster_rcnn.iterations=40", "faster_rcnn.checkpoint_every=20")
+            for part in ("--set", value)]
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(BENCH / "validate_change.py"), "--config", "demo", "--roots", str(root),
+                    "--methods", "faster-rcnn", *sets, "--change", "faster_rcnn.nms_iou=0.6", "--ious", "0.5",
+                    "--resamples", "50", "--cache", str(tmp_path / "cache"), "--reports", str(tmp_path / "reports"),
+                    "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["set"] == "val-root" and row["preset"] != row["change"]
+    result = row["0.5"]
+    assert result["difference"] == pytest.approx(result["change_map"] - result["preset_map"])
+    assert result["ci95"][0] <= result["difference"] <= result["ci95"][1]
+    trained = list((tmp_path / "cache" / "faster-rcnn-train").iterdir())
+    assert len(trained) == 1  # a test-time change: both arms detect with the one trained model

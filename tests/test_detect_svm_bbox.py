@@ -17,17 +17,19 @@ def test_nms_keeps_highest_scoring_of_overlapping_pair_within_a_class():
     boxes[:, 0] = [[0, 0, 10, 10], [1, 0, 11, 10], [40, 40, 50, 50]]  # class 0: two overlapping, one apart
     boxes[:, 1] = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]    # class 1: the same box three times
     scores = np.array([[0.9, 0.1], [0.8, 0.3], [0.7, 0.2]], np.float32)
-    rows = per_class_nms(boxes, scores, nms_iou=0.3, max_detections=10)
+    rows = per_class_nms(boxes, scores, nms_iou=0.3, max_per_class=10)
     assert rows[:, 5].tolist() == [0, 0, 1]  # best first: 0.9 and 0.7 of class 0, then 0.3 of class 1
     assert rows[:, 4].tolist() == pytest.approx([0.9, 0.7, 0.3])
     assert rows[0, :4].tolist() == [0, 0, 10, 10] and rows[1, :4].tolist() == [40, 40, 50, 50]
 
 
-def test_nms_does_not_suppress_across_classes_and_caps_the_count():
-    boxes = np.tile(np.array([0, 0, 10, 10], np.float32), (1, 3, 1))
-    scores = np.array([[0.5, 0.6, 0.7]], np.float32)
-    rows = per_class_nms(boxes, scores, nms_iou=0.3, max_detections=2)
-    assert rows[:, 5].tolist() == [2, 1] and rows[:, 4].tolist() == pytest.approx([0.7, 0.6])
+def test_nms_does_not_suppress_across_classes_and_caps_the_count_of_each_class():
+    boxes = np.zeros((4, 2, 4), np.float32)
+    boxes[:, 0] = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]]  # class 0: four apart
+    boxes[:, 1] = [[0, 0, 10, 10]] * 4                                              # class 1: one box (NMS)
+    scores = np.array([[9.0, 0.5], [8.0, 0.4], [7.0, 0.3], [6.0, 0.2]], np.float32)  # class 1 far below
+    rows = per_class_nms(boxes, scores, nms_iou=0.3, max_per_class=2)
+    assert rows[:, 5].tolist() == [0, 0, 1] and rows[:, 4].tolist() == pytest.approx([9.0, 8.0, 0.5])
 
 
 def test_retrain_separates_the_classes_and_evicts_easy_negatives():

@@ -63,7 +63,7 @@ def region_arrays(spp: bool):
         features = region_features(spp, models, rgb, proposals, params, device, Clock(device))
         scores, refined = region_scores(models.net, models.svms, models.regressors, proposals, features, rgb.shape[1],
                                         rgb.shape[0], device, softmax=False)
-        keep = per_class_keep(refined, scores["svm"], params["nms_iou"], params["max_per_image"])
+        keep = per_class_keep(refined, scores["svm"], params["nms_iou"], params["max_per_class"])
         regions, classes = keep // num_classes, keep % num_classes
         kept_deltas = regression_deltas(models.regressors, features[regions.numpy()])[torch.arange(len(keep)), classes]
         arrays = {"proposals": proposals, "svm_scores": scores["svm"].numpy(), "refined": refined.numpy(),
