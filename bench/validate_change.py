@@ -35,7 +35,10 @@ def rcnn(command: str, root: Path, args, sets: list[str], *extra: str) -> subpro
     arguments = [sys.executable, "-m", "pipeline.cli", "-q", command, "--config", args.config, "--data", str(root),
                  "--cache", str(args.cache), *VALIDATION_SPLITS, *(part for item in sets for part in ("--set", item)),
                  *extra]
-    return subprocess.run(arguments, check=True, capture_output=command == "status", text=True)
+    completed = subprocess.run(arguments, capture_output=command == "status", text=True)
+    if completed.returncode:
+        raise SystemExit(f"rcnn {command} on {root}: exit {completed.returncode} {completed.stderr or '(above)'}")
+    return completed
 
 
 def detect_output(root: Path, args, sets: list[str], method: str) -> Path:
@@ -44,7 +47,7 @@ def detect_output(root: Path, args, sets: list[str], method: str) -> Path:
     rcnn("run", root, args, sets, "--methods", method, "--reports", str(args.reports / root.name))
     print(f"{root.name} {method} {' '.join(sets[len(args.set):]) or '(preset)'}: "
           f"{(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr, flush=True)
-    status = json.loads(rcnn("status", root, args, sets).stdout)
+    status = json.loads(rcnn("status", root, args, sets, "--json").stdout)
     stage = METHODS[method].detect_stage
     key = next(record["key"] for record in status["stages"] if record["stage"] == stage)
     return args.cache / stage / key
