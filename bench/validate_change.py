@@ -41,12 +41,12 @@ def rcnn(command: str, root: Path, args, sets: list[str], *extra: str) -> subpro
     return completed
 
 
-def detect_output(root: Path, args, sets: list[str], method: str) -> Path:
-    """Train and test `method` on `root` with `sets` (cached runs are reused); its detect stage's output."""
+def detect_output(root: Path, args, arm: str, sets: list[str], method: str) -> Path:
+    """Train and test `method` on `root` with `sets` (cached runs are reused); its detect stage's output.
+    Reports go to --reports/<root name>/<arm>/."""
     started = time.perf_counter()
-    rcnn("run", root, args, sets, "--methods", method, "--reports", str(args.reports / root.name))
-    print(f"{root.name} {method} {' '.join(sets[len(args.set):]) or '(preset)'}: "
-          f"{(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr, flush=True)
+    rcnn("run", root, args, sets, "--methods", method, "--reports", str(args.reports / root.name / arm))
+    print(f"{root.name} {method} {arm}: {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr, flush=True)
     status = json.loads(rcnn("status", root, args, sets, "--json").stdout)
     stage = METHODS[method].detect_stage
     key = next(record["key"] for record in status["stages"] if record["stage"] == stage)
@@ -54,8 +54,8 @@ def detect_output(root: Path, args, sets: list[str], method: str) -> Path:
 
 
 def compare(root: Path, method: str, args) -> dict:
-    preset = detect_output(root, args, args.set, method)
-    changed = detect_output(root, args, args.set + args.change, method)
+    preset = detect_output(root, args, "preset", args.set, method)
+    changed = detect_output(root, args, "change", args.set + args.change, method)
     dataset = VOCDataset(root, class_split="train")
     row = {"set": root.name, "method": method, "preset": str(preset), "change": str(changed)}
     for iou in args.ious:
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--config", default="photos", help="the preset (default: photos)")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="the cache both arms use (default: cache)")
     parser.add_argument("--reports", type=Path, default=Path("reports/validation"),
-                        help="reports go to DIR/<root name>/ (default: reports/validation)")
+                        help="reports go to DIR/<root name>/<preset or change>/ (default: reports/validation)")
     parser.add_argument("--ious", type=float, nargs="+", default=[0.5, 0.7], help="overlaps to evaluate at")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the validation images")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")

@@ -75,3 +75,5 @@ def test_validate_change_trains_both_arms_and_reports_their_paired_difference(sh
     assert result["ci95"][0] <= result["difference"] <= result["ci95"][1]
     trained = [path for path in (tmp_path / "cache" / "faster-rcnn-train").iterdir() if path.is_dir()]
     assert len(trained) == 1  # a test-time change: both arms detect with the one trained model
+    assert all((tmp_path / "reports" / "val-root" / arm / "demo" / "faster-rcnn-evaluate" / "map.md").is_file()
+               for arm in ("preset", "change"))
