@@ -22,7 +22,7 @@ from pipeline.data.voc import VOCDataset
 from pipeline.detections import read_detections
 from pipeline.engine.cache import StageCache
 from pipeline.evaluation import VOCEvaluator, paired_bootstrap
-from pipeline.reports import markdown_table
+from pipeline.reports import interval_cell, markdown_table
 
 
 def evaluator(dataset: VOCDataset, detect_dir: Path, variant: str, iou: float) -> VOCEvaluator:
@@ -53,9 +53,8 @@ def main() -> None:
     for iou in args.ious:
         result, other = (evaluator(dataset, path, args.variant, iou) for path in (args.result, args.other))
         difference = paired_bootstrap(result, other, args.resamples, seed=0)
-        low, high = difference["ci95"]
         rows.append([f"{iou:g}", result.evaluate()["map_voc07_11pt"], other.evaluate()["map_voc07_11pt"],
-                     f"{difference['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"])
+                     interval_cell(difference)])
     print(markdown_table(["IoU", f"mAP (VOC07 11-pt) {args.result.name}", f"mAP {args.other.name}",
                           "difference, all-point [95 % interval]"], rows))
 

@@ -26,7 +26,7 @@ from paired_runs import evaluator
 from pipeline.data.voc import VOCDataset
 from pipeline.evaluation import paired_bootstrap
 from pipeline.methods import METHODS
-from pipeline.reports import markdown_table
+from pipeline.reports import interval_cell, markdown_table
 
 VALIDATION_SPLITS = ["--set", "data.train_split=train", "--set", "data.test_split=val"]
 
@@ -92,12 +92,8 @@ def main() -> None:
         ["set", "method", f"mAP@{headline} preset / change (all-point)"]
         + [f"difference at IoU {iou:g} [95 % interval]" for iou in args.ious],
         [[row["set"], row["method"], f"{row[headline]['preset_map']:.3f} / {row[headline]['change_map']:.3f}"]
-         + [interval(row[f"{iou:g}"]) for iou in args.ious] for row in rows]))
+         + [interval_cell(row[f"{iou:g}"]) for iou in args.ious] for row in rows]))
 
-
-def interval(result: dict) -> str:
-    low, high = result["ci95"]
-    return f"{result['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 if __name__ == "__main__":
     main()

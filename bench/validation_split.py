@@ -51,16 +51,18 @@ def main() -> None:
     wanted = round(len(ids) / 5) if args.val is None else args.val
     random.Random(args.seed).shuffle(groups)
     val: list[str] = []
+    val_groups = 0
     while len(val) < wanted:
         val += groups.pop(0)
+        val_groups += 1
     train = sorted(i for group in groups for i in group)
     (args.out / "ImageSets" / "Main").mkdir(parents=True)
     for folder in ("Annotations", "JPEGImages"):
         (args.out / folder).symlink_to((args.data / folder).resolve())
     for split, split_ids in (("train", train), ("val", sorted(val))):
         (args.out / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
-    print(f"{args.out}: train {len(train)}, val {len(val)} images in {len(groups)} + "
-          f"{len(grouped(val, args.group))} groups (seed {args.seed})")
+    print(f"{args.out}: train {len(train)}, val {len(val)} images in {len(groups)} + {val_groups} groups "
+          f"(seed {args.seed})")
 
 
 if __name__ == "__main__":

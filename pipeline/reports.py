@@ -20,6 +20,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interval_cell(summary: dict) -> str:
+    """A paired-bootstrap difference (pipeline.evaluation.paired_bootstrap's "difference" and "ci95") as
+    '+0.012 [-0.004, +0.030]'."""
+    low, high = summary["ci95"]
+    return f"{summary['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def new_figure(width: float = 6.0, height: float = 4.0):
     """A matplotlib figure on the non-interactive Agg backend (no display needed)."""
     matplotlib.use("Agg")

@@ -24,7 +24,7 @@ from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext
 from pipeline.evaluation import VOCEvaluator, paired_bootstrap
 from pipeline.methods import Method
 from pipeline.reports import draw_detections as drawn
-from pipeline.reports import markdown_table, new_figure, save_figure
+from pipeline.reports import interval_cell, markdown_table, new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,8 @@ def difference_section(differences: dict, titles: dict[str, str], result_title: 
     if not differences:
         return ""
     resamples = next(iter(differences.values()))[ious[0]]["resamples"]
-    def cell(summary):
-        low, high = summary["ci95"]
-        return f"{summary['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
     table = markdown_table(["compared with"] + [f"difference in mAP@{iou}, all-point [95 % interval]" for iou in ious],
-                           [[titles[variant]] + [cell(by_iou[iou]) for iou in ious]
+                           [[titles[variant]] + [interval_cell(by_iou[iou]) for iou in ious]
                             for variant, by_iou in differences.items()])
     return (f"## {result_title} against each variant\n\nThe result's all-point mAP minus the "
             f"variant's, with a 95 % interval from {resamples} paired bootstrap resamples of the test images: an "
