@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Evaluate(Stage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
-    version = "4"
+    version = "5"
     shard_suffix = ".json"
 
     def __init__(self, method: Method):
@@ -80,7 +80,8 @@ class Evaluate(Stage):
         write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary),
                          cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
-        draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary), cache.report_dir)
+        draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary),
+                        self.method.score_threshold, cache.report_dir)
         svm_stage = self.method.model_stages.get("svm")
         warnings = chance_level_svms(inputs[svm_stage]) if svm_stage else []
         if warnings:
@@ -198,13 +199,15 @@ def plot_pr_curves(path, result: dict, classes: list[str]) -> None:
     save_figure(figure, path)
 
 
-def draw_detections(ctx: StageContext, detections: dict, report_dir) -> None:
-    """The first few test images with ground truth (thin, white) and detections above min_score."""
+def draw_detections(ctx: StageContext, detections: dict, min_score: float, report_dir) -> None:
+    """The first few test images with ground truth (thin, white) and the detections scoring at least the
+    method's own threshold (that of `rcnn predict`: an SVM's margin 0, a softmax's even odds), not all of
+    the up to 100 per class that the evaluation ranks."""
     pictures = report_dir / "detections"
     pictures.mkdir(exist_ok=True)
     for image_id in ctx.dataset.image_ids(ctx.test_split)[:ctx.params["pictures"]]:
         rgb = ctx.dataset.read_image(image_id)
         if rgb is not None and image_id in detections:
-            canvas = drawn(rgb, detections[image_id], ctx.classes, ctx.params["picture_min_score"],
+            canvas = drawn(rgb, detections[image_id], ctx.classes, min_score,
                            ctx.dataset.ground_truth(image_id)[0])
             cv2.imwrite(str(pictures / f"{image_id}.jpg"), canvas)

@@ -1,8 +1,13 @@
 """The VOC evaluator against hand-worked examples (devkit semantics, VOC07 11-point and all-point AP)."""
+from types import SimpleNamespace
+
+import cv2
 import numpy as np
 import pytest
 
 from pipeline.evaluation import VOCEvaluator, all_point_ap, paired_bootstrap, voc07_11pt_ap
+from pipeline.methods import METHODS
+from stages.evaluate import draw_detections
 
 BOX_A = [0, 0, 10, 10]
 BOX_B = [20, 20, 30, 30]
@@ -165,3 +170,17 @@ def test_detections_added_after_an_evaluation_count_in_the_next():
     assert evaluator.evaluate()["map_all_point"] == pytest.approx(0.5)
     detect(evaluator, "i2", [(BOX_B, 0.8, 0)])
     assert evaluator.evaluate()["map_all_point"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("method", "drawn_boxes"), [("rcnn", 2), ("faster-rcnn", 1)])
+def test_report_pictures_draw_only_detections_above_the_methods_threshold(tmp_path, method, drawn_boxes):
+    """An SVM margin of 0.3 is a detection; a softmax probability of 0.3 is not (the threshold of rcnn
+    predict): the pictures show what the method would report, not every ranked candidate."""
+    dataset = SimpleNamespace(image_ids=lambda split: ["i1"], ground_truth=lambda image_id: (np.zeros((0, 4)),),
+                              read_image=lambda image_id: np.zeros((60, 90, 3), np.uint8))
+    ctx = SimpleNamespace(dataset=dataset, test_split="test", params={"pictures": 1}, classes=["cat"])
+    rows = np.array([[5, 5, 25, 25, 0.9, 0], [50, 20, 80, 50, 0.3, 0], [40, 30, 60, 55, -0.5, 0]], np.float32)
+    draw_detections(ctx, {"i1": rows}, METHODS[method].score_threshold, tmp_path)
+    picture = cv2.imread(str(tmp_path / "detections" / "i1.jpg"))
+    corners_drawn = [picture[y1, x1 + 4].max() > 100 for x1, y1 in ((5, 5), (50, 20), (40, 30))]
+    assert sum(corners_drawn) == drawn_boxes and corners_drawn[0] and not corners_drawn[2]

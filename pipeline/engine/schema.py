@@ -92,7 +92,6 @@ def rules() -> list[tuple[str, Check, str]]:
         ("*.step", open_fraction, "a number in (0, 1]"),
         ("fcn.scale", positive, "a positive number"),
         ("*_threshold", anything, "a number"),
-        ("evaluate.picture_min_score", anything, "a number"),
         ("*seed", non_negative, "a whole number >= 0"),
         ("*.svd_ranks", each(non_negative), "whole numbers >= 0 (0: no truncation)"),
         ("*.skips", non_negative, "a whole number >= 0"),
