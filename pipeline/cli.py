@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
                            help="log more detail")
     verbosity.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
-                           help="log only warnings and errors")
+                           help="log only warnings and errors, not the stage-by-stage lines; progress bars (on a "
+                                "terminal) and what a command prints as its result (a run's table of stages, the "
+                                "reports' path) still show")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the Python traceback instead of the one-line message")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
