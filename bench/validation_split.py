@@ -31,7 +31,7 @@ def grouped(ids: list[str], pattern: str | None) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="the VOC-layout root with ImageSets/Main/trainval.txt")
     parser.add_argument("--out", type=Path, required=True, help="the new root (must not exist)")
     parser.add_argument("--val", type=int, help="images in val, at least (default: a fifth of trainval)")
