@@ -184,3 +184,20 @@ def test_report_pictures_draw_only_detections_above_the_methods_threshold(tmp_pa
     picture = cv2.imread(str(tmp_path / "detections" / "i1.jpg"))
     corners_drawn = [picture[y1, x1 + 4].max() > 100 for x1, y1 in ((5, 5), (50, 20), (40, 30))]
     assert sum(corners_drawn) == drawn_boxes and corners_drawn[0] and not corners_drawn[2]
+
+
+
+def test_detections_after_a_class_s_last_hit_change_no_resample_s_ap():
+    """The bootstrap leaves out each class's detections after its last true positive (misses, and a hit on a
+    difficult object): every resample's AP must be what it is with them, here with images dropped and repeated."""
+    evaluator = evaluator_with({f"i{i}": [(BOX_A, 0, False), ([60, 60, 70, 70], 0, True)] for i in range(5)},
+                               classes=("cat",))
+    for image, hit in enumerate([True, False, True, True, False]):
+        detect(evaluator, f"i{image}", [(BOX_A if hit else BOX_B, 0.9 - image / 10, 0), (BOX_B, 0.3 - image / 100, 0),
+                                        ([60, 60, 70, 70], 0.1 - image / 100, 0)])
+    matches = evaluator.class_matches(0)
+    cut = matches.through_last_true_positive()
+    weights = np.vstack([np.ones(5), np.random.default_rng(0).integers(0, 3, (200, 5))])
+    assert len(cut.image) == 4 < len(matches.image) == 15
+    assert np.array_equal(all_point_ap(*cut.curves(weights)), all_point_ap(*matches.curves(weights)))
+    assert np.array_equal(voc07_11pt_ap(*cut.curves(weights)), voc07_11pt_ap(*matches.curves(weights)))
