@@ -77,11 +77,10 @@ class Evaluate(Stage):
         results, differences, coco_results = saved["results"], saved["differences"], saved["coco"]
         main_iou = str(ctx.params["ious"][0])
         write_tables(cache.report_dir, results, differences, coco_results, self.variants, ctx.classes, main_iou)
-        write_coco_files(ctx, read_detections(inputs[self.method.detect_stage], self.primary),
-                         cache.report_dir / "coco")
+        detections = read_detections(inputs[self.method.detect_stage], self.primary)
+        write_coco_files(ctx, detections, cache.report_dir / "coco")
         plot_pr_curves(cache.report_dir / "pr_curves.png", results[self.primary][main_iou], ctx.classes)
-        draw_detections(ctx, read_detections(inputs[self.method.detect_stage], self.primary),
-                        self.method.score_threshold, cache.report_dir)
+        draw_detections(ctx, detections, self.method.score_threshold, cache.report_dir)
         svm_stage = self.method.model_stages.get("svm")
         warnings = chance_level_svms(inputs[svm_stage]) if svm_stage else []
         if warnings:

@@ -186,7 +186,6 @@ def test_report_pictures_draw_only_detections_above_the_methods_threshold(tmp_pa
     assert sum(corners_drawn) == drawn_boxes and corners_drawn[0] and not corners_drawn[2]
 
 
-
 def test_detections_after_a_class_s_last_hit_change_no_resample_s_ap():
     """The bootstrap leaves out each class's detections after its last true positive (misses, and a hit on a
     difficult object): every resample's AP must be what it is with them, here with images dropped and repeated."""
