@@ -18,9 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
-COCO_METRICS = ("ap", "ap50", "ap75")  # AP@[0.5:0.95], AP@0.5, AP@0.75 (COCOeval.stats[0:3])
+# COCOeval.stats[0:6] by name, with their column titles: AP@[0.5:0.95], AP@0.5, AP@0.75, then AP@[0.5:0.95] over
+# the objects of each COCO size, by area in the image's pixels: under 32², 32² to 96², over 96² (Params.areaRng)
+COCO_TITLES = {"ap": "AP@[0.5:0.95]", "ap50": "AP50", "ap75": "AP75", "ap_small": "AP small (area < 32² px)",
+               "ap_medium": "AP medium", "ap_large": "AP large (> 96² px)"}
+COCO_METRICS = tuple(COCO_TITLES)
+SIZE_METRICS = COCO_METRICS[3:]
 
 
 def categories(classes: list[str]) -> list[dict]:
@@ -73,10 +78,19 @@ def ground_truth(dataset, image_ids: list[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": categories(dataset.classes)}
 
 
-def evaluate(truth: dict, detections: list[dict]) -> dict[str, float]:
-    """COCO AP@[0.5:0.95], AP50 and AP75 of the detections (pycocotools.COCOeval, bbox)."""
+def sizes_without_objects(truth: dict) -> set[str]:
+    """The size metrics whose area range holds no ground-truth object that counts (crowd boxes are ignored)."""
+    areas = [annotation["area"] for annotation in truth["annotations"] if not annotation["iscrowd"]]
+    ranges = Params(iouType="bbox").areaRng[1:]  # [0, 32²], [32², 96²], [96², 1e10]: small, medium, large
+    return {name for name, (low, high) in zip(SIZE_METRICS, ranges) if not any(low <= area <= high for area in areas)}
+
+
+def evaluate(truth: dict, detections: list[dict]) -> dict[str, float | None]:
+    """COCO AP@[0.5:0.95], AP50, AP75 and AP by object size of the detections (pycocotools.COCOeval, bbox);
+    None for a size that no ground-truth object has (pycocotools' -1)."""
     if not detections:
-        return dict.fromkeys(COCO_METRICS, 0.0)
+        absent = sizes_without_objects(truth)
+        return {name: None if name in absent else 0.0 for name in COCO_METRICS}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco = COCO()
         coco.dataset = truth
@@ -85,4 +99,4 @@ def evaluate(truth: dict, detections: list[dict]) -> dict[str, float]:
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats[:3])}
+    return {name: None if value < 0 else float(value) for name, value in zip(COCO_METRICS, evaluation.stats)}

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
+from pipeline.coco import COCO_TITLES
 from pipeline.engine.cache import StageCache, commit_file, naming_the_file, temporary_path
 from pipeline.methods import METHODS, TASKS, Method
 
@@ -206,7 +207,7 @@ def map_tables(method: Method, metrics: dict) -> str:
         coco = in_order(coco, titles)
         names = list(next(iter(coco.values())))
         text += "<h3>COCO-style AP</h3>\n" + html_table(
-            ["variant", *names],
+            ["variant", *(COCO_TITLES.get(name, name) for name in names)],
             [[titles.get(name, name), *(number(result.get(n)) for n in names)] for name, result in coco.items()])
     warnings = metrics.get("warnings") or []
     text += "".join(f'<p class="problem">{esc(warning)}</p>\n' for warning in warnings)

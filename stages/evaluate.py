@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Evaluate(Stage):
     """PASCAL VOC AP per class and mAP of each detection variant, with PR curves and pictures."""
 
-    version = "5"
+    version = "6"
     shard_suffix = ".json"
 
     def __init__(self, method: Method):
@@ -154,8 +154,9 @@ def write_tables(report_dir, results: dict, differences: dict, coco_results: dic
         ["method"] + [f"mAP@{iou} ({name})" for iou in ious for name in ("VOC07 11-point", "all-point")],
         [[titles[v]] + [cell(by_iou[iou][f"map_{metric}"]) for iou in ious for metric in ("voc07_11pt", "all_point")]
          for v, by_iou in results.items()])
-    coco_table = markdown_table(["method", "AP@[0.5:0.95]", "AP50", "AP75"],
-                                [[titles[v], r["ap"], r["ap50"], r["ap75"]] for v, r in coco_results.items()])
+    coco_table = markdown_table(
+        ["method", *coco.COCO_TITLES.values()],
+        [[titles[v], *(cell(r[name]) for name in coco.COCO_METRICS)] for v, r in coco_results.items()])
     (report_dir / "map.md").write_text(
         f"# Detection results (PASCAL VOC protocol: a detection is correct when its overlap exceeds the IoU)\n\n"
         f"## mAP by method\n\n{variants}\n{difference_section(differences, titles, titles[first], ious)}"

@@ -28,7 +28,8 @@ EVALUATION = {
                  "svm_bbox": {"map_voc07_11pt@0.5": 0.625, "map_all_point@0.5": 0.59375}},
     "differences": {"svm": {"0.5": {"metric": "all_point", "resamples": 100, "difference": 0.125,
                                     "ci95": [0.0625, 0.1875]}}},
-    "coco": {"svm_bbox": {"ap": 0.3125, "ap50": 0.5625, "ap75": 0.25}}, "warnings": ["the SVM of star ranks ..."]}
+    "coco": {"svm_bbox": {"ap": 0.3125, "ap50": 0.5625, "ap75": 0.25, "ap_small": None, "ap_medium": 0.1875,
+                          "ap_large": 0.4375}}, "warnings": ["the SVM of star ranks ..."]}
 FCN = {"pixel_accuracy": 0.875, "mean_iou": 0.4375, "iou": {"background": 0.9375, "circle": 0.25},
        "upsampling": "bilinear"}
 
@@ -92,6 +93,7 @@ def test_a_cached_evaluation_shows_its_map_tables_pr_curves_and_pictures(run):
     assert "+0.125 [+0.062, +0.188]" in rcnn  # the bootstrap interval
     assert "<td>circle</td><td>0.750</td>" in rcnn and "<td>star</td><td>n/a</td>" in rcnn
     assert "0.312" in rcnn and "the SVM of star ranks" in rcnn  # COCO AP, the warnings
+    assert "AP small (area &lt; 32² px)" in rcnn and "0.438" in rcnn  # by size, titled
     assert 'src="rcnn-evaluate/pr_curves.png"' in rcnn and 'src="rcnn-evaluate/detections/000002.jpg"' in rcnn
     assert 'href="rcnn-evaluate/map.md"' in rcnn
 
