@@ -17,6 +17,7 @@ from torchvision.ops import batched_nms
 from pipeline.engine.cache import StageCache
 from pipeline.engine.stage import Shard
 from pipeline.features import as_stored, layer_features, pool5_features
+from pipeline.precision import test_time_bf16
 from pipeline.roi import conv5_at_scales, pyramid_features
 from pipeline.timing import Clock
 
@@ -43,7 +44,7 @@ def region_features(spp: bool, models: RegionModels, rgb: np.ndarray, proposals:
         clock.lap("pyramid pooling")
     else:
         features = pool5_features(models.net, rgb, proposals, models.backbone, params["crops_per_batch"], device,
-                                  amp=False, clock=clock)
+                                  test_time_bf16(device, params["cpu_amp"]), clock=clock)
     features = as_stored(features, params["feature_dtype"])
     clock.lap("rounding to features.dtype")
     return features

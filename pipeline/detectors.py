@@ -36,6 +36,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.engine.errors import ConfigError
 from pipeline.models import RegionNet, build_region_net, freeze_batchnorm, on_device
+from pipeline.precision import bf16_autocast
 from pipeline.roi import RoIPooler, compress_fc
 from pipeline.timing import Clock
 
@@ -174,7 +175,7 @@ def with_truncated_svd(model: nn.Module, ranks: list[int]) -> nn.Module:
 
 
 def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.Tensor] | None,
-           clock: Clock, seen: dict | None = None) -> list[dict]:
+           clock: Clock, seen: dict | None = None, bf16: bool = False) -> list[dict]:
     """Test-time detection (model in eval mode): boxes, scores and labels (1..N) per image, in its pixels.
 
     Fast R-CNN is given `proposals` (boxes in each image's pixels); Faster R-CNN's RPN makes its own.
@@ -182,11 +183,14 @@ def detect(model: nn.Module, images: list[torch.Tensor], proposals: list[torch.T
     scaling the given boxes) and "region-wise" (RoI pooling, heads, NMS): Faster R-CNN's Table 5.
     `seen`, if given, receives what the steps in between computed (`rcnn explain` draws them): the resized
     images ("image_list"), the feature maps ("features") and the proposals in the resized images' pixels.
+    With `bf16` the backbone runs under bf16 autocast and its maps go on in float32 (pipeline.precision).
     """
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     with torch.no_grad():
         image_list, _ = model.transform(images)
-        features = feature_maps(model.backbone, image_list.tensors)
+        with bf16_autocast(image_list.tensors.device.type, bf16):
+            features = feature_maps(model.backbone, image_list.tensors)
+        features = {name: level.float() for name, level in features.items()}
         clock.lap("conv")
         if proposals is None:
             proposals, _ = model.rpn(image_list, features)

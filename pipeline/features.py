@@ -30,6 +30,7 @@ from pipeline.engine.cache import StageCache
 from pipeline.engine.interrupt import check_stop
 from pipeline.engine.schema import register_choices
 from pipeline.models import in_padded_batch
+from pipeline.precision import bf16_autocast
 from pipeline.regions import image_tensor, mean_subtracted, warp_regions
 
 DTYPES = ("uint8", "float16", "float32")
@@ -147,13 +148,14 @@ def features_summary(records: dict, device: str, dtype: str) -> dict:
 
 
 def pool5_features(net, rgb: np.ndarray, boxes: np.ndarray, backbone: Mapping, batch_size: int, device: str,
-                   amp: bool, clock=None) -> np.ndarray:
-    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches. A
-    pipeline.timing.Clock, if given, gets the laps "warp" and "CNN on every crop" (to pool5)."""
+                   bf16: bool, clock=None) -> np.ndarray:
+    """Flattened pool5 float32[R, D] of boxes[R, 4] in an RGB image, warped and run in batches, the CNN under
+    bf16 autocast where `bf16` (pipeline.precision). A pipeline.timing.Clock, if given, gets the laps "warp"
+    and "CNN on every crop" (to pool5)."""
     image = mean_subtracted(image_tensor(rgb, device))
     boxes = torch.from_numpy(boxes)
     outputs = []
-    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+    with torch.no_grad(), bf16_autocast(device, bf16):
         for batch in boxes.split(batch_size):
             crops = warp_regions(image, batch, backbone["input_size"], backbone["context_pad"])
             if clock is not None:

@@ -30,6 +30,7 @@ from pipeline.explain.networks import FAST_RCNN_EXPLAINER, FASTER_RCNN_EXPLAINER
 from pipeline.explain.page import Explainer
 from pipeline.explain.regions import RCNN_EXPLAINER, SPPNET_EXPLAINER
 from pipeline.models import on_device
+from pipeline.precision import cpu_amp_param, test_time_bf16
 from pipeline.regions import image_tensor, normalised
 from pipeline.roi import spp_dim
 from pipeline.sliding_window import detect_by_windows
@@ -122,9 +123,10 @@ class Method:
 
 # ---- test-time settings each method's detector reads -------------------------------------------------
 def rcnn_test_params(config: dict) -> dict:
-    """R-CNN and SPP-net: NMS and the test split's shards (detect), how pool5 is computed and stored."""
+    """R-CNN and SPP-net: NMS and the test split's shards (detect), how pool5 is computed (R-CNN: in bf16 on a
+    CPU with bf16 units where cpu_amp is on, as the features stage computed it: pipeline.precision) and stored."""
     return {**config["detect"], "crops_per_batch": config["features"]["batch_size"],
-            "feature_dtype": config["features"]["dtype"]}
+            "feature_dtype": config["features"]["dtype"], **cpu_amp_param(config)}
 
 
 def sppnet_test_params(config: dict) -> dict:
@@ -138,7 +140,9 @@ NETWORK_TEST_PARAMS = ("svd_ranks", "nms_iou", "max_per_image", "rpn_pre_nms_tes
 
 
 def network_test_params(section: str) -> Callable[[dict], dict]:
-    return lambda config: {name: value for name, value in config[section].items() if name in NETWORK_TEST_PARAMS}
+    """The section's test-time settings, and whether the trunk may run in bf16 on the CPU (pipeline.precision)."""
+    return lambda config: {**{name: value for name, value in config[section].items() if name in NETWORK_TEST_PARAMS},
+                           **cpu_amp_param(config)}
 
 
 # ---- the detectors: what each runs (loaded from its trained outputs, or fresh), and how -------------------
@@ -214,11 +218,12 @@ def network_detector(models: NetworkModel, params: Mapping, device: str) -> Dete
     the variant svd is the same model with fc6 and fc7 replaced by their truncated SVD (svd_ranks)."""
     model = models.model
     svd = {"svd": with_truncated_svd(model, models.params["svd_ranks"])} if "svd_ranks" in models.params else {}
+    bf16 = test_time_bf16(device, params["cpu_amp"])
 
     def detect(rgb, proposals, variants, clock):
         image = normalised(image_tensor(rgb, device))
         given = [torch.from_numpy(proposals).to(device)] if proposals is not None else None
-        return {variant: detection_rows(detect_with(svd.get(variant, model), [image], given, clock)[0])
+        return {variant: detection_rows(detect_with(svd.get(variant, model), [image], given, clock, bf16=bf16)[0])
                 for variant in variants}
     return Detector(models.classes, detect)
 

@@ -52,7 +52,7 @@ def classify_windows(net, backbone: Mapping, rgb: np.ndarray, boxes: np.ndarray,
     """Detections float32[D, 6] (x1, y1, x2, y2, score, class) of one image from its windows[W, 4]."""
     if not len(boxes):
         return np.zeros((0, 6), np.float32)
-    pool5 = pool5_features(net, rgb, boxes, backbone, params["batch_size"], device, amp=False)
+    pool5 = pool5_features(net, rgb, boxes, backbone, params["batch_size"], device, bf16=False)
     with torch.no_grad():
         probabilities = torch.softmax(net.head(net.fc(torch.from_numpy(pool5).to(device))), dim=1).cpu().numpy()
     objects = probabilities.argmax(1) > 0  # the best label is a class, not background

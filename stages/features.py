@@ -11,6 +11,7 @@ from __future__ import annotations
 from pipeline.engine.cache import StageCache, hdf5_file
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, image_shards
 from pipeline.features import features_summary, image_regions, pool5_features, write_image_features
+from pipeline.precision import cpu_amp_param, features_bf16
 from pipeline.proposals import read_proposals
 from pipeline.weights import load_finetuned
 
@@ -25,7 +26,7 @@ class Features(Stage):
     runs_on_device = True
 
     def params(self, config: dict) -> dict:
-        return {**config["features"], "amp": config["amp"]}
+        return {**config["features"], "amp": config["amp"], **cpu_amp_param(config)}
 
     def shards(self, ctx: StageContext) -> list[Shard]:
         return image_shards(ctx.dataset.image_ids(ctx.train_split), ctx.params["images_per_shard"])
@@ -34,6 +35,7 @@ class Features(Stage):
         params = ctx.params
         net, backbone, _ = load_finetuned(inputs["finetune"], ctx.device)
         proposals = read_proposals(inputs["proposals"], shard.items)
+        bf16 = features_bf16(ctx.device, params["amp"], params["cpu_amp"])
         regions = dim = 0
         with hdf5_file(out.path) as shard_file:
             shard_file.attrs["kind"] = "pool5"
@@ -43,10 +45,11 @@ class Features(Stage):
                     continue
                 regions_of_image = image_regions(ctx.dataset, image_id, proposals[image_id])
                 pool5 = pool5_features(net, rgb, regions_of_image.boxes, backbone, params["batch_size"], ctx.device,
-                                       params["amp"])
+                                       bf16)
                 write_image_features(shard_file, image_id, regions_of_image, pool5, params)
                 regions, dim = regions + len(pool5), pool5.shape[1]
-        return {"regions": regions, "feature_dim": dim}
+        return {"regions": regions, "feature_dim": dim, "trunk_precision": "bf16" if bf16 else "float32"}
 
     def reduce(self, ctx: StageContext, cache: StageCache, records: dict, inputs: dict) -> dict:
-        return features_summary(records, ctx.device, ctx.params["dtype"])
+        precisions = sorted({record["metrics"]["trunk_precision"] for record in records.values()})
+        return {**features_summary(records, ctx.device, ctx.params["dtype"]), "trunk_precision": ", ".join(precisions)}

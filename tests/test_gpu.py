@@ -27,8 +27,8 @@ def test_cuda_bf16_pool5_features_match_cpu_within_bf16_precision():
     net = build_region_net("small", 7, 48).eval()
     rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     boxes = np.array([[10, 5, 90, 60], [100, 40, 150, 119]], np.float32)
-    on_cpu = pool5_features(net, rgb, boxes, BACKBONE, 256, "cpu", amp=False)
-    on_gpu = pool5_features(net.cuda(), rgb, boxes, BACKBONE, 256, "cuda", amp=True)
+    on_cpu = pool5_features(net, rgb, boxes, BACKBONE, 256, "cpu", bf16=False)
+    on_gpu = pool5_features(net.cuda(), rgb, boxes, BACKBONE, 256, "cuda", bf16=True)
     assert np.linalg.norm(on_gpu - on_cpu) / np.linalg.norm(on_cpu) < 2e-2
 
 

@@ -79,5 +79,5 @@ def test_the_network_meets_few_batch_shapes_whatever_the_images_region_counts():
     backbone = {"input_size": 48, "context_pad": 3}
     for regions in np.random.default_rng(1).integers(1, 200, 40):
         boxes = np.tile(np.array([[10, 10, 90, 70]], np.float32), (regions, 1))
-        assert pool5_features(net, rgb, boxes, backbone, batch_size=128, device="cpu", amp=False).shape[0] == regions
+        assert pool5_features(net, rgb, boxes, backbone, batch_size=128, device="cpu", bf16=False).shape[0] == regions
     assert {shape[0] for shape in shapes} <= {32, 64, 96, 128}
