@@ -2,7 +2,8 @@
 
 The SVMs and box regressors train on them (and fc6 / fc7, computed from them through the fine-tuned fc
 layers). Regions are warped on the device with context padding (pipeline.regions) and run through the
-conv layers in batches; the layout is pipeline.features' (one file per image shard, a group per image).
+conv layers in batches (in bf16 with `amp` on CUDA, or `cpu_amp` on a CPU with bf16 units: pipeline.precision;
+the manifest says which); the layout is pipeline.features' (one file per image shard, a group per image).
 The test images' features are computed by R-CNN's detector itself (rcnn-detect), from pixels, so that
 the timed test pass is the evaluated one. The manifest records the bytes stored per region.
 """

@@ -26,6 +26,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.runner import union_seconds
 from pipeline.engine.stage import Shard, ShardOutput, Stage, StageContext, describe_hardware
 from pipeline.methods import FAST_RCNN_TABLE4, FASTER_RCNN_TABLE5, METHODS, PUBLISHED_PROPOSALS_S, REFERENCE
+from pipeline.precision import test_time_bf16
 from pipeline.proposals import proposal_files_digests, proposal_params, proposal_title
 from pipeline.reports import markdown_table, new_figure, save_figure
 from pipeline.timing import time_detector, time_proposals, timing_key_extras
@@ -251,11 +252,13 @@ def table5_here(parts: dict[str, dict], proposals_ms: float) -> str:
 def protocol(ctx: StageContext, measured: dict, manifests: dict, training_hardware: list[str]) -> list[str]:
     params, backbone = ctx.params, ctx.params["backbone"]
     threads = "" if ctx.device == "cuda" else f", {torch.get_num_threads()} torch threads"
+    at_test = ("bf16 trunks for R-CNN, Fast and Faster R-CNN (cpu_amp), float32 elsewhere"
+               if test_time_bf16(ctx.device, params["methods"]["rcnn"]["cpu_amp"]) else "float32 for every method")
     settings = [f"- {method.title}: "
                 f"{method.describe(params['methods'][method.name], trained_params(method, manifests))}"
                 for method in METHODS.values()]
     return [
-        f"- device: {ctx.device}{threads}; dtype float32 for every method at test; training as configured "
+        f"- device: {ctx.device}{threads}; {at_test} at test; training as configured "
         f"(amp: bf16 autocast on cuda when `amp` is on)",
         f"- backbone: {backbone['name']} ({backbone['weights']} weights), {backbone['input_size']} px crops",
         *settings,
