@@ -4,9 +4,10 @@ trunks, and R-CNN's features, on a CPU with bf16 units).
 bf16 keeps float32's exponent and 8 bits of its mantissa: a trunk's activations come out within about 1 % of
 float32's, but a box coordinate of 600 px would be rounded to 4 px, so on the CPU only the trunk runs in bf16
 and what reads boxes (the RPN's decoding, RoI pooling, the heads, NMS, the SVMs) gets its maps back in float32.
-On a CPU, bf16 pays only where it has the units (AVX512_BF16 or AMX, as PyTorch's own kernels dispatch on);
-elsewhere oneDNN emulates it and it is slower, so `cpu_amp` is detected per machine, never assumed. What it buys
-and costs in mAP, and on which CPUs it was measured: docs/speed.md.
+On a CPU without bf16 units (AVX512_BF16 or AMX, as PyTorch's own kernels dispatch on) oneDNN would emulate
+bf16, slowly, so `cpu_amp` asks for it and the units are detected here, never assumed. Even with the units it
+paid on one CPU measured and not on another, so the presets leave it off. What it buys and costs in mAP, and on
+which CPUs it was measured: docs/speed.md.
 """
 from __future__ import annotations
 
