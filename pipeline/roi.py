@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
 from pipeline.engine.schema import register_choices
+from pipeline.precision import bf16_autocast
 from pipeline.regions import image_tensor, normalised
 
 POOLINGS = ("roi_pool", "roi_align")
@@ -120,8 +121,7 @@ def conv5_at_scales(trunk, rgb: np.ndarray, scales, device: str, amp: bool) -> l
         size = (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor))
         resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
         image = normalised(image_tensor(resized, device))
-        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                             enabled=amp and device == "cuda"):
+        with torch.no_grad(), bf16_autocast(device, amp and device == "cuda"):
             maps.append((factor, trunk(image[None])[0].float()))
     return maps
 

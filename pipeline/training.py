@@ -25,6 +25,7 @@ from pipeline.engine.interrupt import STOP, check_stop
 from pipeline.engine.schema import register_choices
 from pipeline.engine.stage import Shard, Stage, StageContext
 from pipeline.models import on_device
+from pipeline.precision import bf16_autocast
 from pipeline.reports import plot_loss, plot_losses
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def train(model: nn.Module, next_batch: BatchSampler, settings: SGDSettings, che
                 _save(checkpoint, model, optimizer, schedule, rng, iteration, losses, parts, threads)
             check_stop()
         batch = next_batch(rng)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with bf16_autocast(device, use_amp):
             loss = loss_of(model, batch)
         if isinstance(loss, dict):
             for name, part in loss.items():
